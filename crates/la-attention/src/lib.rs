@@ -1,0 +1,246 @@
+//! Spatial attention for CNN feature maps.
+//!
+//! [`SpatialAttention`] maps a [b, c, h, w] feature map to one of the same shape: each of the
+//! N = h*w positions is a token, projected to queries and keys (c/r channels) and values (c),
+//! mixed by one of the [`AttentionKind`]s, projected back by `out` and added to the input.
+//! `softmax` is the seed article's module with its intended meaning, exact but computed in
+//! O(N) memory; `linear`, `efficient` and `relu-linear` are O(N) in time as well.
+//! This crate depends on Candle only and can be used without the rest of the workspace.
+
+pub mod efficient;
+pub mod linear;
+pub mod ops;
+pub mod softmax;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Errors from building an attention module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("attention over {channels} channels with reduction {reduction}: {reason}")]
+    InvalidConfig {
+        channels: usize,
+        reduction: usize,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the N tokens of a feature map attend to each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionKind {
+    /// softmax(Q K^T / sqrt(c/r)) V, exact; O(N^2) time, O(N) memory (tiled).
+    Softmax,
+    /// Katharopoulos et al. 2020, phi = elu + 1; O(N) time and memory.
+    Linear,
+    /// Shen et al. 2021, softmax over channels (queries) and positions (keys); O(N).
+    Efficient,
+    /// EfficientViT, phi = relu; O(N).
+    ReluLinear,
+}
+
+impl AttentionKind {
+    pub const ALL: [AttentionKind; 4] = [
+        AttentionKind::Softmax,
+        AttentionKind::Linear,
+        AttentionKind::Efficient,
+        AttentionKind::ReluLinear,
+    ];
+
+    /// The short name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKind::Softmax => "softmax",
+            AttentionKind::Linear => "linear",
+            AttentionKind::Efficient => "efficient",
+            AttentionKind::ReluLinear => "relu-linear",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown attention kind {s:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Everything needed to build one module besides its channel count.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    pub kind: AttentionKind,
+    /// Queries and keys have `channels / reduction` channels (at least one), as the seed's c/8.
+    #[serde(default = "default_reduction")]
+    pub reduction: usize,
+    /// Start the output projection at zero so that a module inserted into a pretrained
+    /// network is the identity at first.
+    #[serde(default)]
+    pub zero_init_out: bool,
+}
+
+fn default_reduction() -> usize {
+    8
+}
+
+impl AttentionConfig {
+    pub fn new(kind: AttentionKind) -> Self {
+        Self {
+            kind,
+            reduction: default_reduction(),
+            zero_init_out: false,
+        }
+    }
+
+    /// Query/key width for a map of `channels` channels.
+    pub fn key_channels(&self, channels: usize) -> usize {
+        (channels / self.reduction).max(1)
+    }
+}
+
+/// Multiply-accumulates of one module on a map of `n` tokens of `c` channels with `d`-channel
+/// queries and keys: the four projections plus the token mixing of the chosen kind.
+pub fn macs(kind: AttentionKind, n: usize, c: usize, d: usize) -> u64 {
+    let (n, c, d) = (n as u64, c as u64, d as u64);
+    let projections = n * c * (2 * d + 2 * c);
+    let mixing = match kind {
+        // Q K^T and A V: the N^2 terms.
+        AttentionKind::Softmax => n * n * (d + c),
+        // phi(K)^T V, phi(Q) context and the normaliser phi(Q) . sum phi(K).
+        AttentionKind::Linear | AttentionKind::ReluLinear => 2 * n * d * c + n * d,
+        // softmax(K)^T V and softmax(Q) context.
+        AttentionKind::Efficient => 2 * n * d * c,
+    };
+    projections + mixing
+}
+
+/// One attention module over a [b, c, h, w] map, residual included:
+/// y = x + out(mix(query(x), key(x), value(x))) applied per position.
+#[derive(Clone, Debug)]
+pub struct SpatialAttention {
+    kind: AttentionKind,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    scale: f64,
+}
+
+impl SpatialAttention {
+    /// Builds (or loads) a module for `channels` channels from `vb` with sub-paths
+    /// `query`, `key`, `value`, `out`. New weights are Kaiming-normal (fan in), biases zero;
+    /// with `zero_init_out` the output projection starts at zero.
+    pub fn new(channels: usize, config: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        if config.reduction == 0 {
+            return Err(Error::InvalidConfig {
+                channels,
+                reduction: 0,
+                reason: "the reduction must be at least 1",
+            });
+        }
+        if channels == 0 {
+            return Err(Error::InvalidConfig {
+                channels,
+                reduction: config.reduction,
+                reason: "a feature map needs at least one channel",
+            });
+        }
+        let d = config.key_channels(channels);
+        let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let out_init = if config.zero_init_out {
+            Init::Const(0.0)
+        } else {
+            kaiming
+        };
+        let linear = |out_dim: usize, name: &str, init: Init| -> Result<Linear> {
+            let vb = vb.pp(name);
+            let weight = vb.get_with_hints((out_dim, channels), "weight", init)?;
+            let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+            Ok(Linear::new(weight, Some(bias)))
+        };
+        Ok(Self {
+            kind: config.kind,
+            query: linear(d, "query", kaiming)?,
+            key: linear(d, "key", kaiming)?,
+            value: linear(channels, "value", kaiming)?,
+            out: linear(channels, "out", out_init)?,
+            scale: (d as f64).powf(-0.5),
+        })
+    }
+
+    pub fn kind(&self) -> AttentionKind {
+        self.kind
+    }
+
+    /// [b, c, h, w] -> tokens [b, h*w, c].
+    fn tokens(x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// The softmax attention weights of the token at `query_index` (= row * w + col) over all
+    /// tokens: [b, h*w], summing to one. Only the `softmax` kind has such weights.
+    pub fn attention_row(&self, x: &Tensor, query_index: usize) -> candle_core::Result<Tensor> {
+        if self.kind != AttentionKind::Softmax {
+            candle_core::bail!("{} attention has no per-query attention weights", self.kind)
+        }
+        let tokens = Self::tokens(x)?;
+        let n = tokens.dim(1)?;
+        if query_index >= n {
+            candle_core::bail!(
+                "query position {query_index} is outside the {n} positions of the map"
+            )
+        }
+        let q = self.query.forward(&tokens.narrow(1, query_index, 1)?)?; // [b, 1, d]
+        let k = self.key.forward(&tokens)?; // [b, n, d]
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        ops::softmax(&scores, 2)?.squeeze(1)
+    }
+}
+
+impl Module for SpatialAttention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = Self::tokens(x)?;
+        let q = self.query.forward(&tokens)?;
+        let k = self.key.forward(&tokens)?;
+        let v = self.value.forward(&tokens)?;
+        let mixed = match self.kind {
+            AttentionKind::Softmax => softmax::softmax_attention(&q, &k, &v, self.scale)?,
+            AttentionKind::Linear => linear::linear_attention(
+                &q,
+                &k,
+                &v,
+                linear::FeatureMap::EluPlusOne,
+                linear::ELU_EPS,
+            )?,
+            AttentionKind::ReluLinear => {
+                linear::linear_attention(&q, &k, &v, linear::FeatureMap::Relu, linear::RELU_EPS)?
+            }
+            AttentionKind::Efficient => efficient::efficient_attention(&q, &k, &v)?,
+        };
+        let out = self.out.forward(&mixed)?; // [b, n, c]
+        x + out.transpose(1, 2)?.reshape((b, c, h, w))?
+    }
+}

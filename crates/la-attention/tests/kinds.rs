@@ -1,0 +1,382 @@
+//! Every attention kind against a plain, loop-by-loop reference written here in f64, and
+//! its gradients against central finite differences.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::VarBuilder;
+use la_attention::{AttentionConfig, AttentionKind, SpatialAttention};
+
+/// Deterministic pseudo-random values in [-1, 1) (a tiny LCG: the tests need no rand crate).
+fn values(count: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Plain matrices of one module, row-major `[out][in]`.
+struct Weights {
+    wq: Vec<Vec<f64>>,
+    bq: Vec<f64>,
+    wk: Vec<Vec<f64>>,
+    bk: Vec<f64>,
+    wv: Vec<Vec<f64>>,
+    bv: Vec<f64>,
+    wo: Vec<Vec<f64>>,
+    bo: Vec<f64>,
+}
+
+fn matrix(rows: usize, cols: usize, seed: u64, gain: f64) -> Vec<Vec<f64>> {
+    values(rows * cols, seed)
+        .chunks(cols)
+        .map(|r| r.iter().map(|x| x * gain).collect())
+        .collect()
+}
+
+impl Weights {
+    fn random(c: usize, d: usize, seed: u64) -> Self {
+        let g = 1.5 / (c as f64).sqrt();
+        Self {
+            wq: matrix(d, c, seed, g),
+            bq: values(d, seed + 1),
+            wk: matrix(d, c, seed + 2, g),
+            bk: values(d, seed + 3),
+            wv: matrix(c, c, seed + 4, g),
+            bv: values(c, seed + 5),
+            wo: matrix(c, c, seed + 6, g),
+            bo: values(c, seed + 7),
+        }
+    }
+
+    fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
+        let dev = Device::Cpu;
+        let mat = |m: &Vec<Vec<f64>>| {
+            let (r, c) = (m.len(), m[0].len());
+            Tensor::from_vec(m.concat(), (r, c), &dev).unwrap()
+        };
+        let vec = |v: &Vec<f64>| Tensor::new(v.as_slice(), &dev).unwrap();
+        let mut map = HashMap::new();
+        for (name, w, b) in [
+            ("query", &self.wq, &self.bq),
+            ("key", &self.wk, &self.bk),
+            ("value", &self.wv, &self.bv),
+            ("out", &self.wo, &self.bo),
+        ] {
+            map.insert(format!("{name}.weight"), mat(w));
+            map.insert(format!("{name}.bias"), vec(b));
+        }
+        VarBuilder::from_tensors(map, dtype, &dev)
+    }
+}
+
+fn project(w: &[Vec<f64>], b: &[f64], x: &[f64]) -> Vec<f64> {
+    w.iter()
+        .zip(b)
+        .map(|(row, bi)| row.iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + bi)
+        .collect()
+}
+
+fn softmax(xs: &[f64]) -> Vec<f64> {
+    let m = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = xs.iter().map(|x| (x - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+/// The module's formula, one token at a time. `x` is [c][n] for one image.
+fn reference(kind: AttentionKind, wts: &Weights, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (c, n) = (x.len(), x[0].len());
+    let tokens: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..c).map(|ch| x[ch][i]).collect())
+        .collect();
+    let q: Vec<_> = tokens
+        .iter()
+        .map(|t| project(&wts.wq, &wts.bq, t))
+        .collect();
+    let k: Vec<_> = tokens
+        .iter()
+        .map(|t| project(&wts.wk, &wts.bk, t))
+        .collect();
+    let v: Vec<_> = tokens
+        .iter()
+        .map(|t| project(&wts.wv, &wts.bv, t))
+        .collect();
+    let d = q[0].len();
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let weighted = |weights: &[f64]| -> Vec<f64> {
+        (0..c)
+            .map(|ch| weights.iter().zip(&v).map(|(w, vj)| w * vj[ch]).sum())
+            .collect()
+    };
+    let mixed: Vec<Vec<f64>> = match kind {
+        AttentionKind::Softmax => {
+            let scale = (d as f64).powf(-0.5);
+            q.iter()
+                .map(|qi| {
+                    weighted(&softmax(
+                        &k.iter().map(|kj| dot(qi, kj) * scale).collect::<Vec<_>>(),
+                    ))
+                })
+                .collect()
+        }
+        AttentionKind::Linear | AttentionKind::ReluLinear => {
+            let (phi, eps): (fn(f64) -> f64, f64) = if kind == AttentionKind::Linear {
+                (|x| if x > 0.0 { x + 1.0 } else { x.exp() }, 1e-6)
+            } else {
+                (|x| x.max(0.0), 1e-15)
+            };
+            q.iter()
+                .map(|qi| {
+                    let pq: Vec<f64> = qi.iter().map(|&x| phi(x)).collect();
+                    let sims: Vec<f64> = k
+                        .iter()
+                        .map(|kj| dot(&pq, &kj.iter().map(|&x| phi(x)).collect::<Vec<_>>()))
+                        .collect();
+                    let den: f64 = sims.iter().sum::<f64>() + eps;
+                    weighted(&sims).into_iter().map(|x| x / den).collect()
+                })
+                .collect()
+        }
+        AttentionKind::Efficient => {
+            // keys: softmax over positions for each channel; queries: softmax over channels.
+            let k_cols: Vec<Vec<f64>> = (0..d)
+                .map(|dd| softmax(&k.iter().map(|kj| kj[dd]).collect::<Vec<_>>()))
+                .collect();
+            q.iter()
+                .map(|qi| {
+                    let sq = softmax(qi);
+                    let weights: Vec<f64> = (0..n)
+                        .map(|j| (0..d).map(|dd| sq[dd] * k_cols[dd][j]).sum())
+                        .collect();
+                    weighted(&weights)
+                })
+                .collect()
+        }
+    };
+    let out: Vec<_> = mixed.iter().map(|m| project(&wts.wo, &wts.bo, m)).collect();
+    (0..c)
+        .map(|ch| (0..n).map(|i| x[ch][i] + out[i][ch]).collect())
+        .collect()
+}
+
+#[test]
+fn every_kind_matches_the_plain_reference() {
+    let (b, c, h, w) = (2, 16, 5, 7);
+    let config = |kind| AttentionConfig {
+        kind,
+        reduction: 4,
+        zero_init_out: false,
+    };
+    let input = values(b * c * h * w, 11);
+    for kind in AttentionKind::ALL {
+        let wts = Weights::random(c, config(kind).key_channels(c), 3);
+        for dtype in [DType::F64, DType::F32] {
+            let module = SpatialAttention::new(c, config(kind), wts.var_builder(dtype)).unwrap();
+            let x = Tensor::from_vec(input.clone(), (b, c, h, w), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let y = module.forward(&x).unwrap();
+            assert_eq!(y.dims(), &[b, c, h, w]);
+            let y: Vec<f64> = y
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
+            for bi in 0..b {
+                let img: Vec<Vec<f64>> = (0..c)
+                    .map(|ch| input[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w].to_vec())
+                    .collect();
+                let want = reference(kind, &wts, &img);
+                for ch in 0..c {
+                    for i in 0..h * w {
+                        let got = y[(bi * c + ch) * h * w + i];
+                        let diff = (got - want[ch][i]).abs();
+                        assert!(
+                            diff < tol * (1.0 + want[ch][i].abs()),
+                            "{kind} {dtype:?}: image {bi} channel {ch} token {i}: got {got}, want {}",
+                            want[ch][i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sum of the module output weighted by fixed random values: a scalar whose gradient
+/// exercises every output element.
+fn loss(module: &SpatialAttention, x: &Tensor, probe: &Tensor) -> Tensor {
+    (module.forward(x).unwrap() * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let (b, c, h, w) = (2, 8, 4, 5);
+    let dev = Device::Cpu;
+    for kind in AttentionKind::ALL {
+        let config = AttentionConfig {
+            kind,
+            reduction: 2,
+            zero_init_out: false,
+        };
+        let wts = Weights::random(c, config.key_channels(c), 5);
+        // Trainable weights: the gradients of the projections are checked too.
+        let varmap = candle_nn::VarMap::new();
+        let module = {
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+            let loaded = wts.var_builder(DType::F64);
+            let m = SpatialAttention::new(c, config, vb).unwrap();
+            // Copy the fixed weights into the trainable variables.
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                let (path, leaf) = name.rsplit_once('.').unwrap();
+                let shape = var.as_tensor().shape().clone();
+                var.set(&loaded.pp(path).get(shape, leaf).unwrap()).unwrap();
+            }
+            m
+        };
+        let x = Var::from_vec(values(b * c * h * w, 21), (b, c, h, w), &dev).unwrap();
+        let probe = Tensor::from_vec(values(b * c * h * w, 22), (b, c, h, w), &dev).unwrap();
+        let grads = loss(&module, x.as_tensor(), &probe).backward().unwrap();
+
+        let eps = 1e-6;
+        let mut checked = 0;
+        // Inputs, then every parameter, a handful of elements each.
+        let mut targets: Vec<(String, Var)> = vec![("input".into(), x.clone())];
+        targets.extend(
+            varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone())),
+        );
+        for (name, var) in targets {
+            let analytic: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{kind}: no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let shape = var.as_tensor().shape().clone();
+            let step = (base.len() / 7).max(1);
+            for idx in (0..base.len()).step_by(step) {
+                let eval = |delta: f64| {
+                    let mut v = base.clone();
+                    v[idx] += delta;
+                    var.set(&Tensor::from_vec(v, shape.clone(), &dev).unwrap())
+                        .unwrap();
+                    let l = loss(&module, x.as_tensor(), &probe)
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), shape.clone(), &dev).unwrap())
+                        .unwrap();
+                    l
+                };
+                let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                let diff = (numeric - analytic[idx]).abs();
+                assert!(
+                    diff < 1e-6 * (1.0 + numeric.abs()),
+                    "{kind}: d loss / d {name}[{idx}]: analytic {}, finite differences {numeric}",
+                    analytic[idx]
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked > 50,
+            "{kind}: only {checked} gradient elements checked"
+        );
+    }
+}
+
+#[test]
+fn zero_initialised_output_projection_is_the_identity() {
+    let dev = Device::Cpu;
+    for kind in AttentionKind::ALL {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let config = AttentionConfig {
+            kind,
+            reduction: 8,
+            zero_init_out: true,
+        };
+        let module = SpatialAttention::new(16, config, vb).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 16, 6, 6), &dev).unwrap();
+        let y = module.forward(&x).unwrap();
+        let diff = (y - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{kind}");
+        // The other projections are Kaiming-initialised, not zero.
+        let wq = varmap.data().lock().unwrap()["query.weight"]
+            .as_tensor()
+            .clone();
+        let std = wq
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!((0.1..1.0).contains(&std), "{kind}: query weight std {std}");
+    }
+}
+
+#[test]
+fn kinds_round_trip_through_their_names() {
+    for kind in AttentionKind::ALL {
+        assert_eq!(kind.name().parse::<AttentionKind>().unwrap(), kind);
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(json, format!("\"{}\"", kind.name()));
+        assert_eq!(serde_json::from_str::<AttentionKind>(&json).unwrap(), kind);
+    }
+    let config: AttentionConfig = serde_json::from_str(r#"{"kind": "relu-linear"}"#).unwrap();
+    assert_eq!(config, AttentionConfig::new(AttentionKind::ReluLinear));
+    let err = "quadratic".parse::<AttentionKind>().unwrap_err();
+    assert!(
+        err.contains("softmax, linear, efficient, relu-linear"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_configs_are_errors_not_panics() {
+    let dev = Device::Cpu;
+    let vb = VarBuilder::zeros(DType::F32, &dev);
+    let config = AttentionConfig {
+        kind: AttentionKind::Softmax,
+        reduction: 0,
+        zero_init_out: false,
+    };
+    let err = SpatialAttention::new(8, config, vb.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reduction"), "{err}");
+    // A map with fewer channels than the reduction still gets one query/key channel.
+    let config = AttentionConfig::new(AttentionKind::Softmax);
+    assert_eq!(config.key_channels(4), 1);
+    assert_eq!(config.key_channels(64), 8);
+}
