@@ -1,1 +1,53 @@
-//! la-vgg
+//! VGG 11/13/16/19 (optionally with BatchNorm) with spatial attention modules from
+//! `la-attention` after the last conv of chosen blocks, as the seed article does.
+//!
+//! - [`config`]: the serde config table (depth, widths, attention sites, head).
+//! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
+//! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
+//! - [`io`]: weights files that carry their config, written atomically.
+//! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.
+
+pub mod config;
+pub mod import;
+pub mod io;
+pub mod model;
+pub mod pool;
+pub mod summary;
+
+use std::path::PathBuf;
+
+pub use config::{HeadConfig, VggConfig};
+pub use io::{load_weights, save_weights, Normalization, WeightsFile};
+pub use model::{Taps, Vgg};
+
+/// Errors of this crate; each names the file or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("tensor `{tensor}` {reason}")]
+    Import { tensor: String, reason: String },
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Attention(#[from] la_attention::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Vgg {
+    /// A model from a loaded weights file, on `device` in `dtype`.
+    pub fn from_weights(
+        weights: &WeightsFile,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        io::check_tensors(&weights.config, &weights.tensors)?;
+        let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), dtype, device);
+        Vgg::new(weights.config.clone(), vb)
+    }
+}

@@ -1,0 +1,507 @@
+//! PyTorch state dicts -> the project's names, and back to the seed's layout.
+//!
+//! Three layouts are read, the architecture inferred from names and shapes:
+//! - torchvision: `features.{i}` (conv, [BatchNorm,] ReLU, ..., MaxPool) and `classifier.{0,3,6}`;
+//! - timm: the same `features.{i}`, `pre_logits.fc1` as a [hidden, c, 7, 7] conv,
+//!   `pre_logits.fc2` as [hidden, hidden, 1, 1], `head.fc`;
+//! - the seed's: torchvision's Sequential with an attention module (`linear_query`,
+//!   `linear_key`, `linear_value`, `out_proj`) before each max-pool, shifting the indices.
+//!
+//! As timm keeps its pretrained-weight filters beside its models, the conversion lives here.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Tensor};
+use la_attention::{AttentionConfig, AttentionKind};
+
+use crate::config::{HeadConfig, VggConfig};
+use crate::{Error, Result};
+
+/// Which PyTorch layout a state dict was in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceLayout {
+    Torchvision,
+    Timm,
+    Seed,
+}
+
+impl SourceLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceLayout::Torchvision => "torchvision",
+            SourceLayout::Timm => "timm",
+            SourceLayout::Seed => "seed",
+        }
+    }
+}
+
+/// A converted state dict: the inferred config and the tensors under the project's names.
+#[derive(Debug)]
+pub struct Imported {
+    pub layout: SourceLayout,
+    pub config: VggConfig,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+fn bad(tensor: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Import {
+        tensor: tensor.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Guesses the layout from the names present.
+pub fn detect_layout(tensors: &HashMap<String, Tensor>) -> Result<SourceLayout> {
+    let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
+    let seed_attention = tensors
+        .keys()
+        .any(|k| k.starts_with("features.") && k.contains(".linear_query."));
+    if has("pre_logits.fc1.") {
+        Ok(SourceLayout::Timm)
+    } else if seed_attention {
+        Ok(SourceLayout::Seed)
+    } else if has("features.") && has("classifier.") {
+        Ok(SourceLayout::Torchvision)
+    } else {
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let first = names
+            .first()
+            .map_or("(no tensors)".to_string(), |s| s.to_string());
+        Err(bad(
+            first,
+            "fits no known layout: expected torchvision (`features.N`, `classifier.N`), timm \
+             (`pre_logits.fc1`, `head.fc`) or the seed's (`features.N.linear_query`)",
+        ))
+    }
+}
+
+/// Converts a PyTorch VGG state dict in any of the three layouts. Floats become f32;
+/// non-finite values, unknown or missing tensors and shapes that do not chain are errors
+/// naming the tensor.
+pub fn import_state_dict(tensors: HashMap<String, Tensor>) -> Result<Imported> {
+    let layout = detect_layout(&tensors)?;
+    let mut pending: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in tensors {
+        if name.ends_with("num_batches_tracked") {
+            continue; // a BatchNorm counter, not a weight
+        }
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(bad(
+                    name,
+                    format!("has dtype {other:?}, expected a float type"),
+                ))
+            }
+        };
+        let finite = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !finite {
+            return Err(bad(name, "contains NaN or infinite values"));
+        }
+        pending.insert(name, t);
+    }
+    let mut out = HashMap::new();
+    let (blocks, batch_norm, attention, c_last) = import_features(&mut pending, &mut out)?;
+    let (head, num_classes) = import_head(layout, &mut pending, &mut out, c_last)?;
+    if let Some((name, t)) = pending.iter().next() {
+        return Err(bad(
+            name.clone(),
+            format!(
+                "{:?}: not part of a VGG in the {} layout",
+                t.dims(),
+                layout.name()
+            ),
+        ));
+    }
+    let attention_blocks = if attention.is_some() {
+        attention_sites(&out, blocks.len())
+    } else {
+        Vec::new()
+    };
+    let config = VggConfig {
+        blocks,
+        batch_norm,
+        attention,
+        attention_blocks,
+        head,
+        num_classes,
+        in_channels: 3,
+    };
+    config.validate()?;
+    Ok(Imported {
+        layout,
+        config,
+        tensors: out,
+    })
+}
+
+fn attention_sites(out: &HashMap<String, Tensor>, blocks: usize) -> Vec<usize> {
+    (0..blocks)
+        .filter(|i| out.contains_key(&format!("blocks.{i}.attention.query.weight")))
+        .collect()
+}
+
+fn take(pending: &mut BTreeMap<String, Tensor>, name: &str, why: &str) -> Result<Tensor> {
+    pending
+        .remove(name)
+        .ok_or_else(|| bad(name, format!("missing ({why})")))
+}
+
+fn expect_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() == want {
+        Ok(())
+    } else {
+        Err(bad(
+            name,
+            format!("has shape {:?}, expected {want:?}", t.dims()),
+        ))
+    }
+}
+
+/// What sits at one index of the `features` Sequential, judged by its tensors.
+enum Slot {
+    Conv,
+    BatchNorm,
+    Attention,
+    /// No tensors: a ReLU or a MaxPool.
+    Empty,
+}
+
+fn slot(pending: &BTreeMap<String, Tensor>, idx: usize) -> Slot {
+    let has = |leaf: &str| pending.contains_key(&format!("features.{idx}.{leaf}"));
+    if has("running_mean") {
+        Slot::BatchNorm
+    } else if has("linear_query.weight") {
+        Slot::Attention
+    } else if has("weight") {
+        Slot::Conv
+    } else {
+        Slot::Empty
+    }
+}
+
+type Features = (Vec<Vec<usize>>, bool, Option<AttentionConfig>, usize);
+
+/// Walks `features.{i}`: conv [BN] ReLU ... [attention] MaxPool, block after block.
+fn import_features(
+    pending: &mut BTreeMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<Features> {
+    let last_index = pending
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("features.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .ok_or_else(|| bad("features.0.weight", "missing (no conv layers at all)"))?;
+    let mut blocks: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut batch_norm = None;
+    let mut attention: Option<AttentionConfig> = None;
+    let mut channels = 3usize;
+    let mut idx = 0;
+    while idx <= last_index {
+        let block = blocks.len();
+        match slot(pending, idx) {
+            Slot::Conv => {
+                let wname = format!("features.{idx}.weight");
+                let w = take(pending, &wname, "conv weight")?;
+                let width = w.dim(0).unwrap_or(0);
+                expect_dims(&wname, &w, &[width, channels, 3, 3])?;
+                let bname = format!("features.{idx}.bias");
+                let b = take(pending, &bname, "conv bias")?;
+                expect_dims(&bname, &b, &[width])?;
+                let j = current.len();
+                out.insert(format!("blocks.{block}.convs.{j}.weight"), w);
+                out.insert(format!("blocks.{block}.convs.{j}.bias"), b);
+                idx += 1;
+                let has_bn = matches!(slot(pending, idx), Slot::BatchNorm);
+                if *batch_norm.get_or_insert(has_bn) != has_bn {
+                    return Err(bad(
+                        format!("features.{idx}"),
+                        "BatchNorm after some convs but not others",
+                    ));
+                }
+                if has_bn {
+                    for leaf in ["weight", "bias", "running_mean", "running_var"] {
+                        let name = format!("features.{idx}.{leaf}");
+                        let t = take(pending, &name, "BatchNorm parameter")?;
+                        expect_dims(&name, &t, &[width])?;
+                        out.insert(format!("blocks.{block}.norms.{j}.{leaf}"), t);
+                    }
+                    idx += 1;
+                }
+                if !matches!(slot(pending, idx), Slot::Empty) {
+                    return Err(bad(
+                        format!("features.{idx}"),
+                        "expected a ReLU (no tensors) after a conv",
+                    ));
+                }
+                idx += 1; // the ReLU
+                current.push(width);
+                channels = width;
+            }
+            Slot::Attention => {
+                if current.is_empty() {
+                    return Err(bad(
+                        format!("features.{idx}.linear_query.weight"),
+                        "attention before any conv of its block",
+                    ));
+                }
+                let config = import_attention(pending, out, idx, block, channels)?;
+                if let Some(previous) = attention {
+                    if previous.reduction != config.reduction {
+                        return Err(bad(
+                            format!("features.{idx}.linear_query.weight"),
+                            format!(
+                                "reduction {} differs from an earlier module's {}",
+                                config.reduction, previous.reduction
+                            ),
+                        ));
+                    }
+                }
+                attention = Some(config);
+                idx += 1;
+            }
+            Slot::Empty => {
+                // A MaxPool closes the block.
+                if current.is_empty() {
+                    // Name the first tensor that the walk cannot place.
+                    let stray = pending
+                        .keys()
+                        .filter(|k| k.starts_with("features."))
+                        .min_by_key(|k| k.split('.').nth(1).and_then(|i| i.parse::<usize>().ok()))
+                        .cloned()
+                        .unwrap_or_else(|| format!("features.{idx}"));
+                    return Err(bad(
+                        stray,
+                        format!("does not fit: a conv was expected at features.{idx}, after a pool (is a conv weight missing?)"),
+                    ));
+                }
+                blocks.push(std::mem::take(&mut current));
+                idx += 1;
+            }
+            Slot::BatchNorm => {
+                return Err(bad(
+                    format!("features.{idx}.running_mean"),
+                    "BatchNorm without a conv before it",
+                ));
+            }
+        }
+    }
+    if !current.is_empty() {
+        blocks.push(current); // its pool has no tensors and may lie past the last index
+    }
+    Ok((blocks, batch_norm.unwrap_or(false), attention, channels))
+}
+
+fn import_attention(
+    pending: &mut BTreeMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+    idx: usize,
+    block: usize,
+    channels: usize,
+) -> Result<AttentionConfig> {
+    let q_name = format!("features.{idx}.linear_query.weight");
+    let d = pending.get(&q_name).map_or(0, |t| t.dim(0).unwrap_or(0));
+    if d == 0 || channels % d != 0 {
+        return Err(bad(
+            q_name,
+            format!("query width {d} does not divide the {channels} channels"),
+        ));
+    }
+    for (seed, ours, rows) in [
+        ("linear_query", "query", d),
+        ("linear_key", "key", d),
+        ("linear_value", "value", channels),
+        ("out_proj", "out", channels),
+    ] {
+        let wname = format!("features.{idx}.{seed}.weight");
+        let w = take(pending, &wname, "attention projection")?;
+        expect_dims(&wname, &w, &[rows, channels])?;
+        let bname = format!("features.{idx}.{seed}.bias");
+        let b = take(pending, &bname, "attention projection bias")?;
+        expect_dims(&bname, &b, &[rows])?;
+        out.insert(format!("blocks.{block}.attention.{ours}.weight"), w);
+        out.insert(format!("blocks.{block}.attention.{ours}.bias"), b);
+    }
+    Ok(AttentionConfig {
+        kind: AttentionKind::Softmax,
+        reduction: channels / d,
+        zero_init_out: false,
+    })
+}
+
+/// The classifier: a chain of Linear layers, the first of which sees the c x p x p pooled map.
+fn import_head(
+    layout: SourceLayout,
+    pending: &mut BTreeMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+    channels: usize,
+) -> Result<(HeadConfig, usize)> {
+    // (source name, weight as [out, in])
+    let mut layers: Vec<(String, Tensor, Tensor)> = Vec::new();
+    match layout {
+        SourceLayout::Timm => {
+            for name in ["pre_logits.fc1", "pre_logits.fc2", "head.fc"] {
+                let w = take(pending, &format!("{name}.weight"), "timm classifier")?;
+                let b = take(pending, &format!("{name}.bias"), "timm classifier")?;
+                let rows = w.dim(0)?;
+                let w = w.reshape((rows, w.elem_count() / rows.max(1)))?;
+                layers.push((name.to_string(), w, b));
+            }
+        }
+        SourceLayout::Torchvision | SourceLayout::Seed => {
+            let mut indices: Vec<usize> = pending
+                .keys()
+                .filter_map(|k| {
+                    k.strip_prefix("classifier.")?
+                        .split('.')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            indices.sort_unstable();
+            indices.dedup();
+            for i in indices {
+                let name = format!("classifier.{i}");
+                let w = take(pending, &format!("{name}.weight"), "classifier Linear")?;
+                let b = take(pending, &format!("{name}.bias"), "classifier Linear")?;
+                if w.rank() != 2 {
+                    return Err(bad(
+                        format!("{name}.weight"),
+                        format!("has shape {:?}, expected a Linear [out, in]", w.dims()),
+                    ));
+                }
+                layers.push((name, w, b));
+            }
+        }
+    }
+    let Some((first_name, first, _)) = layers.first() else {
+        return Err(bad("classifier.0.weight", "missing (no classifier layers)"));
+    };
+    let inputs = first.dim(1)?;
+    let pool =
+        (1..=64)
+            .find(|p| channels * p * p == inputs)
+            .ok_or_else(|| {
+                bad(
+            format!("{first_name}.weight"),
+            format!("takes {inputs} inputs, which is not {channels} channels times a square pool"),
+        )
+            })?;
+    let mut hidden = Vec::new();
+    let mut features = inputs;
+    let count = layers.len();
+    for (k, (name, w, b)) in layers.into_iter().enumerate() {
+        let rows = w.dim(0)?;
+        expect_dims(&format!("{name}.weight"), &w, &[rows, features])?;
+        expect_dims(&format!("{name}.bias"), &b, &[rows])?;
+        let ours = if k + 1 == count {
+            "head.logits".to_string()
+        } else {
+            hidden.push(rows);
+            format!("head.fc{}", k + 1)
+        };
+        out.insert(format!("{ours}.weight"), w);
+        out.insert(format!("{ours}.bias"), b);
+        features = rows;
+    }
+    let dropout = if hidden.is_empty() { 0.0 } else { 0.5 };
+    Ok((
+        HeadConfig {
+            pool,
+            hidden,
+            dropout,
+        },
+        features,
+    ))
+}
+
+/// Our tensors -> the seed's Sequential layout (torchvision's when there is no attention),
+/// loadable by `shared/reference/seed_model.py` (`VGG(cfg, ..., mode="intended")`) or
+/// torchvision. Only the `softmax` kind exists in the seed's PyTorch code.
+pub fn export_seed_layout(
+    config: &VggConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    if let Some(a) = &config.attention {
+        if a.kind != AttentionKind::Softmax && !config.attention_blocks.is_empty() {
+            return Err(Error::Config(format!(
+                "the seed's PyTorch module computes softmax attention; a model with {} attention cannot be exported to its layout",
+                a.kind
+            )));
+        }
+    }
+    let get = |name: String| -> Result<Tensor> {
+        tensors
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| bad(name, "missing from the model being exported"))
+    };
+    let mut out = HashMap::new();
+    let mut idx = 0;
+    for (i, widths) in config.blocks.iter().enumerate() {
+        for j in 0..widths.len() {
+            for leaf in ["weight", "bias"] {
+                out.insert(
+                    format!("features.{idx}.{leaf}"),
+                    get(format!("blocks.{i}.convs.{j}.{leaf}"))?,
+                );
+            }
+            idx += 1;
+            if config.batch_norm {
+                for leaf in ["weight", "bias", "running_mean", "running_var"] {
+                    out.insert(
+                        format!("features.{idx}.{leaf}"),
+                        get(format!("blocks.{i}.norms.{j}.{leaf}"))?,
+                    );
+                }
+                idx += 1;
+            }
+            idx += 1; // ReLU
+        }
+        if config.has_attention(i) {
+            for (seed, ours) in [
+                ("linear_query", "query"),
+                ("linear_key", "key"),
+                ("linear_value", "value"),
+                ("out_proj", "out"),
+            ] {
+                for leaf in ["weight", "bias"] {
+                    out.insert(
+                        format!("features.{idx}.{seed}.{leaf}"),
+                        get(format!("blocks.{i}.attention.{ours}.{leaf}"))?,
+                    );
+                }
+            }
+            idx += 1;
+        }
+        idx += 1; // MaxPool
+    }
+    // torchvision's classifier: Linear, ReLU, Dropout per hidden layer, so indices step by 3.
+    let names: Vec<String> = (1..=config.head.hidden.len())
+        .map(|k| format!("head.fc{k}"))
+        .chain(std::iter::once("head.logits".to_string()))
+        .collect();
+    for (k, name) in names.iter().enumerate() {
+        for leaf in ["weight", "bias"] {
+            out.insert(
+                format!("classifier.{}.{leaf}", 3 * k),
+                get(format!("{name}.{leaf}"))?,
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,255 @@
+//! Weights files: safetensors with the model config (and input normalisation, source) in
+//! the metadata, so that loading needs no architecture flags. Files in a PyTorch layout
+//! (no `config` entry) are converted on load by [`crate::import`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VggConfig;
+use crate::{Error, Result};
+
+/// Per-channel input normalisation the weights were trained with: (x / 255 - mean) / std.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    /// torchvision's ImageNet statistics, which the pretrained VGG weights expect.
+    pub const IMAGENET: Normalization = Normalization {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+}
+
+/// A model's weights under the project's names, with what is needed to use them.
+#[derive(Debug)]
+pub struct WeightsFile {
+    pub config: VggConfig,
+    pub tensors: HashMap<String, Tensor>,
+    /// `None` when the file does not say (a PyTorch state dict).
+    pub normalization: Option<Normalization>,
+    /// Every metadata entry of the file (including `config`).
+    pub metadata: HashMap<String, String>,
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The name and shape of every tensor a model of `config` has, in name order.
+pub fn expected_shapes(config: &VggConfig) -> BTreeMap<String, Vec<usize>> {
+    let mut shapes = BTreeMap::new();
+    let mut channels = config.in_channels;
+    for (i, widths) in config.blocks.iter().enumerate() {
+        for (j, &width) in widths.iter().enumerate() {
+            shapes.insert(
+                format!("blocks.{i}.convs.{j}.weight"),
+                vec![width, channels, 3, 3],
+            );
+            shapes.insert(format!("blocks.{i}.convs.{j}.bias"), vec![width]);
+            if config.batch_norm {
+                for leaf in ["weight", "bias", "running_mean", "running_var"] {
+                    shapes.insert(format!("blocks.{i}.norms.{j}.{leaf}"), vec![width]);
+                }
+            }
+            channels = width;
+        }
+        if let (Some(a), true) = (&config.attention, config.has_attention(i)) {
+            let d = a.key_channels(channels);
+            for (name, rows) in [
+                ("query", d),
+                ("key", d),
+                ("value", channels),
+                ("out", channels),
+            ] {
+                shapes.insert(
+                    format!("blocks.{i}.attention.{name}.weight"),
+                    vec![rows, channels],
+                );
+                shapes.insert(format!("blocks.{i}.attention.{name}.bias"), vec![rows]);
+            }
+        }
+    }
+    let mut features = channels * config.head.pool * config.head.pool;
+    for (k, &width) in config.head.hidden.iter().enumerate() {
+        shapes.insert(format!("head.fc{}.weight", k + 1), vec![width, features]);
+        shapes.insert(format!("head.fc{}.bias", k + 1), vec![width]);
+        features = width;
+    }
+    shapes.insert(
+        "head.logits.weight".into(),
+        vec![config.num_classes, features],
+    );
+    shapes.insert("head.logits.bias".into(), vec![config.num_classes]);
+    shapes
+}
+
+/// Checks that `tensors` are exactly the model's: no name missing or extra, every shape right.
+pub fn check_tensors(config: &VggConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let expected = expected_shapes(config);
+    for (name, shape) in &expected {
+        match tensors.get(name) {
+            None => {
+                return Err(Error::Import {
+                    tensor: name.clone(),
+                    reason: format!("missing (a {} needs it)", config.arch_name()),
+                })
+            }
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(Error::Import {
+                    tensor: name.clone(),
+                    reason: format!("has shape {:?}, the config says {shape:?}", t.dims()),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        return Err(Error::Import {
+            tensor: name.to_string(),
+            reason: format!("is not part of a {} with this config", config.arch_name()),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a weights file: ours (config in the metadata) or a PyTorch state dict in the
+/// torchvision, timm or seed layout. Errors name the file and what is wrong with it.
+pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file ({e})")))?;
+    let metadata = safetensors::SafeTensors::read_metadata(&bytes)
+        .map(|(_, m)| m.metadata().clone().unwrap_or_default())
+        .unwrap_or_default();
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = view
+            .load(device)
+            .map_err(|e| file_error(path, format!("tensor {name}: {e}")))?;
+        tensors.insert(name, t);
+    }
+    let in_file = |e: Error| match e {
+        Error::File { .. } => e,
+        other => file_error(path, other),
+    };
+    let (config, tensors) = match metadata.get("config") {
+        Some(json) => {
+            let config: VggConfig = serde_json::from_str(json).map_err(|e| {
+                file_error(
+                    path,
+                    format!("metadata `config` is not a model config: {e}"),
+                )
+            })?;
+            config.validate().map_err(in_file)?;
+            let tensors = to_f32(tensors).map_err(in_file)?;
+            check_tensors(&config, &tensors).map_err(in_file)?;
+            (config, tensors)
+        }
+        None => {
+            let imported = crate::import::import_state_dict(tensors).map_err(in_file)?;
+            (imported.config, imported.tensors)
+        }
+    };
+    let normalization = match metadata.get("normalization") {
+        Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+            file_error(path, format!("metadata `normalization` is malformed: {e}"))
+        })?),
+        None => None,
+    };
+    Ok(WeightsFile {
+        config,
+        tensors,
+        normalization,
+        metadata,
+    })
+}
+
+fn to_f32(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    tensors
+        .into_iter()
+        .map(|(name, t)| match t.dtype() {
+            DType::F32 => Ok((name, t)),
+            DType::F16 | DType::BF16 | DType::F64 => Ok((name, t.to_dtype(DType::F32)?)),
+            other => Err(Error::Import {
+                tensor: name,
+                reason: format!("has dtype {other:?}, expected a float type"),
+            }),
+        })
+        .collect()
+}
+
+/// Writes `tensors` with `config` (and `normalization`, and any `extra` metadata) to `path`
+/// atomically: a temporary file beside it, flushed to disk, then renamed over it, so an
+/// existing file is never left half-written.
+pub fn save_weights(
+    path: &Path,
+    config: &VggConfig,
+    tensors: &HashMap<String, Tensor>,
+    normalization: Option<Normalization>,
+    extra: &HashMap<String, String>,
+) -> Result<()> {
+    check_tensors(config, tensors)?;
+    let mut metadata = extra.clone();
+    metadata.insert(
+        "config".into(),
+        serde_json::to_string(config).map_err(|e| Error::Config(e.to_string()))?,
+    );
+    if let Some(n) = normalization {
+        metadata.insert(
+            "normalization".into(),
+            serde_json::to_string(&n).map_err(|e| Error::Config(e.to_string()))?,
+        );
+    }
+    let mut named: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        named.push((
+            name,
+            t.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .contiguous()?,
+        ));
+    }
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| file_error(path, format!("cannot serialise: {e}")))?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| file_error(path, "is not a file path"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        file_error(path, format!("cannot write: {e}"))
+    })
+}

@@ -1,0 +1,463 @@
+//! Config table, summary figures, weights files and their error paths.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use la_attention::{AttentionConfig, AttentionKind};
+use la_vgg::import::{export_seed_layout, import_state_dict};
+use la_vgg::io::expected_shapes;
+use la_vgg::summary::summarize;
+use la_vgg::{load_weights, save_weights, Error, HeadConfig, Normalization, Vgg, VggConfig};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden")
+        .join(name)
+}
+
+fn softmax() -> Option<AttentionConfig> {
+    Some(AttentionConfig::new(AttentionKind::Softmax))
+}
+
+fn params(config: &VggConfig) -> u64 {
+    expected_shapes(config)
+        .iter()
+        .filter(|(name, _)| !name.contains("running_"))
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum()
+}
+
+#[test]
+fn summary_reports_the_true_cost_of_the_seed_model() {
+    let vgg16 = VggConfig::vgg(16, 1000).unwrap();
+    let s = summarize(&vgg16, 224);
+    assert_eq!(s.params, 138_357_544);
+    assert_eq!(format!("{:.2}", s.macs as f64 / 1e9), "15.47");
+    assert_eq!(
+        s.params,
+        params(&vgg16),
+        "summary and the model's tensors disagree"
+    );
+
+    let with_attention = vgg16.clone().with_attention(softmax());
+    let s = summarize(&with_attention, 224);
+    assert_eq!(s.params, 139_734_040); // not the seed's 139.2 M
+    assert_eq!(s.params - 138_357_544, 1_376_496);
+    assert_eq!(format!("{:.2}", s.macs as f64 / 1e9), "224.57"); // not the seed's 16.1
+    assert_eq!(
+        format!("{:.1}", s.attention_quadratic_macs as f64 / 1e9),
+        "207.1"
+    );
+    let block1 = s
+        .rows
+        .iter()
+        .find(|r| r.name == "blocks.0.attention")
+        .unwrap();
+    assert_eq!(block1.output, vec![64, 224, 224]);
+    assert!(block1.layer.contains("N=50176"));
+    assert_eq!(params(&with_attention), s.params);
+
+    // CIFAR-100 at 32x32 with the ImageNet head (the seed's set-up).
+    let cifar = VggConfig::vgg(16, 100).unwrap();
+    let s = summarize(&cifar, 32);
+    assert_eq!(s.params, 134_670_244);
+    assert_eq!(format!("{:.3}", s.macs as f64 / 1e9), "0.433");
+    let s = summarize(&cifar.with_attention(softmax()), 32);
+    assert_eq!(s.params, 136_046_740);
+    assert_eq!(format!("{:.3}", s.macs as f64 / 1e9), "0.560");
+}
+
+#[test]
+fn linear_kinds_cost_linear_time() {
+    let base = VggConfig::vgg(16, 1000).unwrap();
+    let plain = summarize(&base, 224).macs;
+    for kind in [
+        AttentionKind::Linear,
+        AttentionKind::Efficient,
+        AttentionKind::ReluLinear,
+    ] {
+        let s = summarize(
+            &base
+                .clone()
+                .with_attention(Some(AttentionConfig::new(kind))),
+            224,
+        );
+        assert_eq!(s.attention_quadratic_macs, 0);
+        let extra = (s.macs - plain) as f64 / plain as f64;
+        assert!(extra < 0.2, "{kind}: {:.1} % more MACs", extra * 100.0);
+        assert!(s.to_string().contains(&format!("{kind} attention")));
+    }
+}
+
+#[test]
+fn standard_depths_have_torchvisions_parameter_counts() {
+    for (depth, bn, want) in [
+        (11, false, 132_863_336u64),
+        (13, false, 133_047_848),
+        (16, false, 138_357_544),
+        (19, false, 143_667_240),
+        (11, true, 132_868_840),
+        (16, true, 138_365_992),
+        (19, true, 143_678_248),
+    ] {
+        let config = VggConfig::vgg(depth, 1000).unwrap().with_batch_norm(bn);
+        assert_eq!(summarize(&config, 224).params, want, "vgg{depth} bn={bn}");
+        assert_eq!(params(&config), want);
+        assert_eq!(
+            config.arch_name(),
+            if bn {
+                format!("vgg{depth}_bn")
+            } else {
+                format!("vgg{depth}")
+            }
+        );
+    }
+    assert!(matches!(VggConfig::vgg(17, 10), Err(Error::Config(_))));
+}
+
+fn small_config(bn: bool, kind: Option<AttentionKind>) -> VggConfig {
+    VggConfig::vgg(11, 7)
+        .unwrap()
+        .with_batch_norm(bn)
+        .with_attention(kind.map(AttentionConfig::new))
+        .with_head(HeadConfig::cifar(Some(32)))
+        .with_width(0.125)
+        .unwrap()
+}
+
+#[test]
+fn every_kind_and_batch_norm_build_train_and_evaluate() {
+    let dev = Device::Cpu;
+    for bn in [false, true] {
+        for kind in [
+            None,
+            Some(AttentionKind::Softmax),
+            Some(AttentionKind::Linear),
+            Some(AttentionKind::Efficient),
+            Some(AttentionKind::ReluLinear),
+        ] {
+            let config = small_config(bn, kind);
+            let varmap = VarMap::new();
+            let vgg = Vgg::new(
+                config.clone(),
+                VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            )
+            .unwrap();
+            let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+            let mut names_sorted = names.clone();
+            names_sorted.sort();
+            let want: Vec<String> = expected_shapes(&config).into_keys().collect();
+            assert_eq!(names_sorted, want, "bn={bn} {kind:?}");
+
+            let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev).unwrap();
+            let train = vgg.forward_t(&x, true).unwrap();
+            assert_eq!(train.dims(), &[4, 7]);
+            let grads = train.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let first = varmap.data().lock().unwrap()["blocks.0.convs.0.weight"].clone();
+            assert!(
+                grads.get(first.as_tensor()).is_some(),
+                "no gradient reaches the first conv"
+            );
+            let eval = vgg.forward_t(&x, false).unwrap();
+            assert_eq!(eval.dims(), &[4, 7]);
+            if bn {
+                // Training mode updated the running statistics held in the VarMap.
+                let mean = varmap.data().lock().unwrap()["blocks.0.norms.0.running_mean"]
+                    .as_tensor()
+                    .clone();
+                let moved = mean
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(moved > 0.0, "running mean did not move");
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_models_round_trip_through_the_torchvision_layout() {
+    let dev = Device::Cpu;
+    let config = small_config(true, Some(AttentionKind::Softmax));
+    let varmap = VarMap::new();
+    let vgg = Vgg::new(
+        config.clone(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+    vgg.forward_t(&x, true).unwrap(); // move the running stats away from 0 / 1
+    let ours: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    let exported = export_seed_layout(&config, &ours).unwrap();
+    assert!(
+        exported.contains_key("features.1.running_var"),
+        "BN sits after the first conv"
+    );
+    let imported = import_state_dict(exported).unwrap();
+    assert_eq!(imported.config.blocks, config.blocks);
+    assert!(imported.config.batch_norm);
+    assert_eq!(imported.config.attention_blocks, config.attention_blocks);
+    for (name, t) in &ours {
+        let diff = (t - &imported.tensors[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+}
+
+#[test]
+fn only_softmax_attention_exports_to_the_seed_layout() {
+    let config = small_config(false, Some(AttentionKind::Linear));
+    let err = export_seed_layout(&config, &HashMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("linear attention cannot be exported"), "{err}");
+}
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
+}
+
+fn import_error(mut edit: impl FnMut(&mut HashMap<String, Tensor>)) -> String {
+    let mut t = golden("vgg16_la_tiny.safetensors");
+    edit(&mut t);
+    import_state_dict(t).unwrap_err().to_string()
+}
+
+#[test]
+fn import_errors_name_the_tensor_and_the_problem() {
+    let err = import_error(|t| {
+        t.remove("features.14.bias");
+    });
+    assert!(
+        err.contains("features.14.bias") && err.contains("missing"),
+        "{err}"
+    );
+
+    let err = import_error(|t| {
+        t.insert(
+            "features.12.weight".into(),
+            Tensor::zeros((32, 16, 5, 5), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        err.contains("features.12.weight")
+            && err.contains("[32, 16, 5, 5]")
+            && err.contains("[32, 16, 3, 3]"),
+        "{err}"
+    );
+
+    let err = import_error(|t| {
+        let w = t["features.10.linear_key.weight"].clone();
+        let nan = (w.zeros_like().unwrap() / 0.0).unwrap();
+        t.insert("features.10.linear_key.weight".into(), nan);
+    });
+    assert!(
+        err.contains("features.10.linear_key.weight") && err.contains("NaN"),
+        "{err}"
+    );
+
+    let err = import_error(|t| {
+        t.insert(
+            "features.40.something".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        err.contains("features.40.something") && err.contains("does not fit"),
+        "{err}"
+    );
+
+    let err = import_error(|t| {
+        t.insert(
+            "classifier.0.weight".into(),
+            Tensor::zeros((64, 3000), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        err.contains("classifier.0.weight") && err.contains("3000 inputs"),
+        "{err}"
+    );
+
+    let mut other = HashMap::new();
+    other.insert(
+        "encoder.layer.0.weight".to_string(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = import_state_dict(other).unwrap_err().to_string();
+    assert!(
+        err.contains("encoder.layer.0.weight") && err.contains("fits no known layout"),
+        "{err}"
+    );
+}
+
+#[test]
+fn weights_files_carry_their_config_and_bad_files_are_named() {
+    let dir = tempdir();
+    let imported = import_state_dict(golden("vgg16_la_tiny.safetensors")).unwrap();
+    let path = dir.join("tiny.safetensors");
+    let mut extra = HashMap::new();
+    extra.insert("source".to_string(), "golden".to_string());
+    save_weights(
+        &path,
+        &imported.config,
+        &imported.tensors,
+        Some(Normalization::IMAGENET),
+        &extra,
+    )
+    .unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+
+    let loaded = load_weights(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, imported.config);
+    assert_eq!(loaded.normalization, Some(Normalization::IMAGENET));
+    assert_eq!(loaded.metadata["source"], "golden");
+    let vgg = Vgg::from_weights(&loaded, DType::F32, &Device::Cpu).unwrap();
+    let io = golden("vgg16_la_tiny_io.safetensors");
+    let logits = vgg.forward_t(&io["input"], false).unwrap();
+    let diff = (logits - &io["intended.logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4);
+
+    // A PyTorch file loads too, converted on the way in.
+    let torch = load_weights(&fixture("vgg16_tiny.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(torch.config.arch_name(), "vgg16");
+    assert!(torch.normalization.is_none());
+
+    // Truncated: the error names the file.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_weights(&cut, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains("cut.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+
+    // Missing file.
+    let err = load_weights(&dir.join("nope.safetensors"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nope.safetensors") && err.contains("cannot read"),
+        "{err}"
+    );
+
+    // Config and tensors that disagree.
+    let mut config = imported.config.clone();
+    config.num_classes = 11;
+    let err = save_weights(
+        &dir.join("bad.safetensors"),
+        &config,
+        &imported.tensors,
+        None,
+        &HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("head.logits") && err.contains("[11]"), "{err}");
+
+    // An unwritable destination keeps the old file intact and names the path.
+    let err = save_weights(
+        &dir.join("no/such/dir/w.safetensors"),
+        &imported.config,
+        &imported.tensors,
+        None,
+        &HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("no/such/dir/w.safetensors") && err.contains("cannot write"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn inputs_too_small_or_with_wrong_channels_are_rejected() {
+    let config = small_config(false, None);
+    let vgg = Vgg::new(config, VarBuilder::zeros(DType::F32, &Device::Cpu)).unwrap();
+    let ok = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert!(vgg.check_input(&ok).is_ok());
+    let small = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    assert!(vgg
+        .check_input(&small)
+        .unwrap_err()
+        .to_string()
+        .contains("h, w >= 32"));
+    let grey = Tensor::zeros((1, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert!(vgg.check_input(&grey).is_err());
+}
+
+#[test]
+fn adaptive_pool_follows_pytorchs_bins() {
+    let dev = Device::Cpu;
+    let x = Tensor::arange(0f32, 25.0, &dev)
+        .unwrap()
+        .reshape((1, 1, 5, 5))
+        .unwrap();
+    // PyTorch: AdaptiveAvgPool2d(3) on 5x5 uses bins [0,2), [1,4), [3,5).
+    let y = la_vgg::pool::adaptive_avg_pool2d(&x, 3).unwrap();
+    let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let mean = |r: std::ops::Range<usize>, c: std::ops::Range<usize>| {
+        let mut s = 0.0;
+        let mut n = 0.0;
+        for i in r {
+            for j in c.clone() {
+                s += (i * 5 + j) as f32;
+                n += 1.0;
+            }
+        }
+        s / n
+    };
+    let bins = [0..2, 1..4, 3..5];
+    let want: Vec<f32> = bins
+        .iter()
+        .flat_map(|r| bins.iter().map(move |c| mean(r.clone(), c.clone())))
+        .collect();
+    assert_eq!(got, want);
+    // 1x1 is copied to every cell; 14x14 -> 7x7 is a 2x2 average.
+    let one = Tensor::new(&[[[[3f32]]]], &dev).unwrap();
+    let y = la_vgg::pool::adaptive_avg_pool2d(&one, 7).unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![3.0; 49]
+    );
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "la-vgg-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
