@@ -314,7 +314,7 @@ fn import_attention(
 ) -> Result<AttentionConfig> {
     let q_name = format!("features.{idx}.linear_query.weight");
     let d = pending.get(&q_name).map_or(0, |t| t.dim(0).unwrap_or(0));
-    if d == 0 || channels % d != 0 {
+    if d == 0 || !channels.is_multiple_of(d) {
         return Err(bad(
             q_name,
             format!("query width {d} does not divide the {channels} channels"),

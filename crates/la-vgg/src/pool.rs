@@ -10,7 +10,7 @@ pub fn adaptive_avg_pool2d(x: &Tensor, out: usize) -> candle_core::Result<Tensor
     if h == out && w == out {
         return Ok(x.clone());
     }
-    if h % out == 0 && w % out == 0 {
+    if h.is_multiple_of(out) && w.is_multiple_of(out) {
         return x.avg_pool2d((h / out, w / out));
     }
     if h == 1 && w == 1 {

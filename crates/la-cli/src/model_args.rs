@@ -1,0 +1,108 @@
+//! The flags that describe a model, shared by the subcommands that build one.
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use la_attention::{AttentionConfig, AttentionKind};
+use la_vgg::{HeadConfig, VggConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    Vgg11,
+    Vgg13,
+    Vgg16,
+    Vgg19,
+}
+
+impl Arch {
+    pub fn depth(self) -> usize {
+        match self {
+            Arch::Vgg11 => 11,
+            Arch::Vgg13 => 13,
+            Arch::Vgg16 => 16,
+            Arch::Vgg19 => 19,
+        }
+    }
+}
+
+/// `none` or one of la-attention's kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    None,
+    Softmax,
+    Linear,
+    Efficient,
+    ReluLinear,
+}
+
+impl AttentionArg {
+    pub fn kind(self) -> Option<AttentionKind> {
+        match self {
+            AttentionArg::None => None,
+            AttentionArg::Softmax => Some(AttentionKind::Softmax),
+            AttentionArg::Linear => Some(AttentionKind::Linear),
+            AttentionArg::Efficient => Some(AttentionKind::Efficient),
+            AttentionArg::ReluLinear => Some(AttentionKind::ReluLinear),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HeadArg {
+    /// 7x7 average pool, 25088-4096-4096-classes (torchvision, the seed).
+    Imagenet,
+    /// Global average pool, optional hidden layer (--hidden), Linear to classes.
+    Cifar,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// VGG depth.
+    #[arg(long, value_enum, default_value = "vgg16")]
+    pub arch: Arch,
+    /// BatchNorm after every conv.
+    #[arg(long)]
+    pub bn: bool,
+    /// Attention module after the last conv of every block.
+    #[arg(long, value_enum, default_value = "softmax")]
+    pub attention: AttentionArg,
+    /// Query/key channels are channels / reduction.
+    #[arg(long, default_value_t = 8)]
+    pub reduction: usize,
+    /// Start each attention module as the identity (output projection at zero).
+    #[arg(long)]
+    pub zero_init_attention: bool,
+    #[arg(long, value_enum, default_value = "imagenet")]
+    pub head: HeadArg,
+    /// Hidden width of the cifar head (none by default).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Number of classes.
+    #[arg(long, default_value_t = 1000)]
+    pub classes: usize,
+    /// Multiplies every conv width (0.25 = a quarter-width VGG).
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> Result<VggConfig> {
+        let head = match self.head {
+            HeadArg::Imagenet => HeadConfig::imagenet(),
+            HeadArg::Cifar => HeadConfig::cifar(self.hidden),
+        };
+        let attention = self.attention.kind().map(|kind| AttentionConfig {
+            kind,
+            reduction: self.reduction,
+            zero_init_out: self.zero_init_attention,
+        });
+        let config = VggConfig::vgg(self.arch.depth(), self.classes)?
+            .with_batch_norm(self.bn)
+            .with_attention(attention)
+            .with_head(head)
+            .with_width(self.width)?;
+        config
+            .validate()
+            .context("the model flags do not make a valid model")?;
+        Ok(config)
+    }
+}
