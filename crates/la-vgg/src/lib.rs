@@ -5,12 +5,14 @@
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
 //! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
 //! - [`io`]: weights files that carry their config, written atomically.
+//! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
 //! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.
 
 pub mod config;
 pub mod import;
 pub mod io;
 pub mod model;
+pub mod params;
 pub mod pool;
 pub mod summary;
 
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 pub use config::{HeadConfig, VggConfig};
 pub use io::{load_weights, save_weights, Normalization, WeightsFile};
 pub use model::{Taps, Vgg};
+pub use params::trainable;
 
 /// Errors of this crate; each names the file or tensor at fault.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,13 @@
 //! The network: blocks of 3x3 conv (+ BatchNorm) + ReLU, an optional attention module, a
 //! 2x2 max-pool; then the head.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 use la_attention::SpatialAttention;
+use rand::Rng;
 
 use crate::config::VggConfig;
 use crate::{Error, Result};
@@ -25,6 +29,8 @@ pub struct Vgg {
     blocks: Vec<Block>,
     hidden: Vec<Linear>,
     logits: Linear,
+    /// Seed of the next dropout masks; see [`Vgg::set_dropout_seed`].
+    dropout_seed: Arc<AtomicU64>,
 }
 
 /// What [`Vgg::forward_with_taps`] returns: the logits and each block's output before its
@@ -107,6 +113,7 @@ impl Vgg {
             blocks,
             hidden,
             logits,
+            dropout_seed: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -164,13 +171,35 @@ impl Vgg {
     pub fn head(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x =
             crate::pool::adaptive_avg_pool2d(features, self.config.head.pool)?.flatten_from(1)?;
-        for fc in &self.hidden {
+        for (k, fc) in self.hidden.iter().enumerate() {
             x = fc.forward(&x)?.relu()?;
             if train && self.config.head.dropout > 0.0 {
-                x = candle_nn::ops::dropout(&x, self.config.head.dropout)?;
+                x = self.dropout(&x, k)?;
             }
         }
         self.logits.forward(&x)
+    }
+
+    /// Seeds the dropout masks of the next training forward passes. Candle's CPU generator
+    /// has no seed, so the masks come from our own; a trainer sets this once per step to make
+    /// runs (and resumed runs) reproducible.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout_seed.store(seed, Ordering::Relaxed);
+    }
+
+    /// Inverted dropout with a mask drawn from (dropout seed, layer).
+    fn dropout(&self, x: &Tensor, layer: usize) -> candle_core::Result<Tensor> {
+        let p = self.config.head.dropout as f64;
+        let seed = self.dropout_seed.load(Ordering::Relaxed);
+        let mut rng = crate::params::rng_for(seed, &format!("dropout.{layer}"));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?;
+        x * mask
     }
 
     /// Logits plus each block's pre-pool output.

@@ -461,3 +461,90 @@ fn tempdir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn trainable_models_are_seeded_and_take_pretrained_tensors() {
+    let dev = Device::Cpu;
+    let config = small_config(false, Some(AttentionKind::Softmax)).with_head(HeadConfig {
+        pool: 1,
+        hidden: vec![16],
+        dropout: 0.5,
+    });
+    let values = |varmap: &VarMap, name: &str| -> Vec<f32> {
+        varmap.data().lock().unwrap()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (_, a) = la_vgg::trainable(config.clone(), HashMap::new(), 7, DType::F32, &dev).unwrap();
+    let (_, b) = la_vgg::trainable(config.clone(), HashMap::new(), 7, DType::F32, &dev).unwrap();
+    let (_, c) = la_vgg::trainable(config.clone(), HashMap::new(), 8, DType::F32, &dev).unwrap();
+    for name in [
+        "blocks.0.convs.0.weight",
+        "blocks.2.attention.query.weight",
+        "head.fc1.weight",
+    ] {
+        assert_eq!(
+            values(&a, name),
+            values(&b, name),
+            "{name}: same seed, other values"
+        );
+        assert_ne!(
+            values(&a, name),
+            values(&c, name),
+            "{name}: other seed, same values"
+        );
+    }
+    // Kaiming fan-out for convs: std = sqrt(2 / (out * 9)).
+    let w = values(&a, "blocks.3.convs.0.weight");
+    let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+    let want = (2.0f32 / (64.0 * 9.0)).sqrt();
+    assert!(
+        (std / want - 1.0).abs() < 0.1,
+        "conv std {std}, want {want}"
+    );
+
+    // Pretrained tensors become the variables' starting values.
+    let mut initial = HashMap::new();
+    initial.insert(
+        "head.logits.bias".to_string(),
+        Tensor::ones(7, DType::F32, &dev).unwrap(),
+    );
+    let (_, d) = la_vgg::trainable(config.clone(), initial.clone(), 7, DType::F32, &dev).unwrap();
+    assert_eq!(values(&d, "head.logits.bias"), vec![1.0; 7]);
+    // A tensor the model does not have is an error, not silently ignored.
+    initial.insert(
+        "head.fc9.weight".to_string(),
+        Tensor::ones(7, DType::F32, &dev).unwrap(),
+    );
+    let err = match la_vgg::trainable(config.clone(), initial, 7, DType::F32, &dev) {
+        Ok(_) => panic!("an unknown tensor was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("head.fc9.weight"), "{err}");
+
+    // Dropout masks follow the dropout seed.
+    let (vgg, _) = la_vgg::trainable(config, HashMap::new(), 7, DType::F32, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+    let run = |seed: u64| {
+        vgg.set_dropout_seed(seed);
+        vgg.forward_t(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+    let eval: Vec<f32> = vgg
+        .forward_t(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_ne!(eval, run(1));
+}
