@@ -87,3 +87,228 @@ fn bad_flags_and_files_give_one_line_errors_and_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("too small"), "{}", stderr(&out));
 }
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("la-cli-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A digit from the embedded data set as an 8x8 grey PNG (the way a user would feed one).
+fn digit_png(dir: &std::path::Path) -> PathBuf {
+    let digits = la_data::digits().unwrap();
+    let sample = la_data::Dataset::get(&digits, 0).unwrap();
+    let img = image::RgbImage::from_raw(
+        sample.image.width as u32,
+        sample.image.height as u32,
+        sample.image.data,
+    )
+    .unwrap();
+    let path = dir.join(format!("digit-{}.png", sample.label));
+    img.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn train_eval_predict_explain_and_resume_on_digits() {
+    let dir = temp("digits");
+    let runs = dir.join("runs");
+    let out = la_cli(&[
+        "train",
+        "--epochs",
+        "1",
+        "--width",
+        "0.125",
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        "tiny",
+        "--threads",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = runs.join("tiny");
+    assert!(
+        stdout(&out).contains(run.to_str().unwrap()),
+        "train must say where the run is: {}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("epoch 1: train loss"),
+        "{}",
+        stderr(&out)
+    );
+    for f in [
+        "best.safetensors",
+        "last.safetensors",
+        "checkpoint.safetensors",
+        "options.json",
+        "epochs.csv",
+        "curves.png",
+        "metrics.jsonl",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing from the run directory");
+    }
+
+    let out = la_cli(&["eval", "--run", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("359 images of digits")
+            && text.contains("top-1")
+            && text.contains("per-class accuracy"),
+        "{text}"
+    );
+    assert!(run.join("confusion.csv").exists() && run.join("confusion.png").exists());
+    let csv = std::fs::read_to_string(run.join("confusion.csv")).unwrap();
+    let total: u64 = csv
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<u64>().unwrap()))
+        .sum();
+    assert_eq!(total, 359);
+
+    // predict needs no architecture flags: the file carries them, and the class names.
+    let png = digit_png(&dir);
+    let best = run.join("best.safetensors");
+    let out = la_cli(&[
+        "predict",
+        "--weights",
+        best.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--json",
+        "--top-k",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let top = json[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    let p: f64 = top.iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+    assert!(p > 0.0 && p <= 1.0 + 1e-6);
+    assert!(
+        top[0]["name"].as_str().unwrap().len() == 1,
+        "digit class names: {json}"
+    );
+
+    let cam = dir.join("cam.png");
+    let out = la_cli(&[
+        "gradcam",
+        "--weights",
+        best.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--out",
+        cam.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        image::open(&cam).unwrap().width(),
+        256,
+        "32x32 input shown at 8x"
+    );
+    let att = dir.join("att.png");
+    let out = la_cli(&[
+        "attention-map",
+        "--weights",
+        best.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--block",
+        "1",
+        "--query",
+        "8,8",
+        "--out",
+        att.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("softmax attention of block 1"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(image::open(&att).is_ok());
+
+    // Resume for one more epoch.
+    let out = la_cli(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming") && stderr(&out).contains("epoch 2: train loss"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_inputs_to_train_and_predict_are_one_line_errors() {
+    let dir = temp("bad");
+    let check = |args: &[&str], needle: &str| {
+        let out = la_cli(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    };
+    check(
+        &[
+            "train",
+            "--data",
+            "fashion-mnist",
+            "--data-dir",
+            "/nonexistent/fm",
+        ],
+        "/nonexistent/fm: no such file",
+    );
+    check(&["train", "--data", "cifar10"], "needs --data-dir");
+    check(
+        &["train", "--runs-dir", "/proc/la-cli-test", "--epochs", "1"],
+        "/proc/la-cli-test",
+    );
+    check(&["train", "--lr", "0"], "--lr 0 must be a positive number");
+    check(
+        &["train", "--device", "tpu"],
+        "expected cpu, cuda, cuda:N or auto",
+    );
+    let toml = dir.join("bad.toml");
+    std::fs::write(&toml, "epochs = 3\nlearning-rate = 0.1\n").unwrap();
+    check(
+        &["train", "--config", toml.to_str().unwrap()],
+        "not a valid options file",
+    );
+
+    let png = digit_png(&dir);
+    // A truncated weights file.
+    let bytes = std::fs::read(fixture("golden/vgg16_la_tiny.safetensors")).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..1000]).unwrap();
+    check(
+        &[
+            "predict",
+            "--weights",
+            cut.to_str().unwrap(),
+            "--image",
+            png.to_str().unwrap(),
+        ],
+        "cut.safetensors",
+    );
+    // An image that is not one.
+    let fake = dir.join("fake.png");
+    std::fs::write(&fake, b"not a png").unwrap();
+    let weights = fixture("golden/vgg16_la_tiny.safetensors");
+    check(
+        &[
+            "predict",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--image",
+            fake.to_str().unwrap(),
+            "--size",
+            "32",
+        ],
+        "fake.png",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -213,9 +213,40 @@ fn flat<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
 }
 
 /// The float operations the kernels need, for f32 and f64.
-trait Real: Float + Send + Sync + Default + std::ops::AddAssign + std::iter::Sum + 'static {}
-impl Real for f32 {}
-impl Real for f64 {}
+trait Real: Float + Send + Sync + Default + std::ops::AddAssign + std::iter::Sum + 'static {
+    /// `x = exp(x - shift)` over a slice.
+    fn exp_shifted(xs: &mut [Self], shift: Self);
+}
+
+impl Real for f32 {
+    /// A branch-free exp (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6
+    /// polynomial, exponent bits), about 1 ulp, that the compiler vectorises; `f32::exp` is
+    /// a libm call per element and dominated the kernel's time.
+    fn exp_shifted(xs: &mut [f32], shift: f32) {
+        for x in xs.iter_mut() {
+            let v = (*x - shift).clamp(-87.3, 88.3);
+            let t = v * std::f32::consts::LOG2_E + 0.5;
+            let n = t as i32;
+            let n = if (n as f32) > t { n - 1 } else { n }; // floor, branch-free after select
+            let nf = n as f32;
+            let r = v - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
+            let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r
+                + 4.166_579_6e-2)
+                * r
+                + 1.666_666_5e-1)
+                * r
+                + 0.5;
+            let y = p * r * r + r + 1.0;
+            *x = y * f32::from_bits(((n + 127) as u32) << 23);
+        }
+    }
+}
+
+impl Real for f64 {
+    fn exp_shifted(xs: &mut [f64], shift: f64) {
+        xs.iter_mut().for_each(|x| *x = (*x - shift).exp());
+    }
+}
 
 /// Dot product with eight independent accumulators so that the compiler vectorises it
 /// (a single float accumulator forces a sequential sum).
@@ -304,9 +335,9 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                             if correction != T::one() {
                                 acc_i.iter_mut().for_each(|a| *a = *a * correction);
                             }
+                            T::exp_shifted(row, new_max);
                             let mut tile_sum = T::zero();
-                            for (j, s) in row.iter_mut().enumerate() {
-                                let p = (*s - new_max).exp();
+                            for (j, &p) in row.iter().enumerate() {
                                 tile_sum += p;
                                 axpy(p, &v_b[(j0 + j) * c..(j0 + j + 1) * c], acc_i);
                             }
@@ -379,12 +410,14 @@ fn backward<T: Real>(
                     tile_scores(q_tile, &kt[..d * tk], d, tk, scale, scores);
                     for i in 0..tq {
                         let gi = &go_b[(i0 + i) * c..(i0 + i + 1) * c];
-                        let dq_i = &mut dq_t[i * d..(i + 1) * d];
-                        for j in 0..tk {
-                            let p = (scores[i * tk + j] - lse_b[i0 + i]).exp();
+                        let row = &mut scores[i * tk..(i + 1) * tk];
+                        T::exp_shifted(row, lse_b[i0 + i]); // row = P_i
+                        for (j, p) in row.iter_mut().enumerate() {
                             let dp = dot(gi, &v_b[(j0 + j) * c..(j0 + j + 1) * c]);
-                            let ds = p * (dp - delta_b[i0 + i]);
-                            axpy(ds * scale, &k_b[(j0 + j) * d..(j0 + j + 1) * d], dq_i);
+                            *p = *p * (dp - delta_b[i0 + i]) * scale; // dS_ij * scale
+                        }
+                        for dd in 0..d {
+                            dq_t[i * d + dd] += dot(row, &kt[dd * tk..(dd + 1) * tk]);
                         }
                     }
                 }
@@ -415,6 +448,9 @@ fn backward<T: Real>(
                     let mut kt = vec![T::zero(); d * tk];
                     transpose_keys(k_b, j0, tk, d, &mut kt);
                     let mut scores = vec![T::zero(); TILE_Q * tk];
+                    // dK of the tile, transposed ([d, tk]) so that each query adds along keys.
+                    let mut dkt = vec![T::zero(); d * tk];
+                    let mut ds = vec![T::zero(); tk];
                     for i0 in (0..n).step_by(TILE_Q) {
                         let tq = TILE_Q.min(n - i0);
                         let scores = &mut scores[..tq * tk];
@@ -422,13 +458,21 @@ fn backward<T: Real>(
                         for i in 0..tq {
                             let gi = &go_b[(i0 + i) * c..(i0 + i + 1) * c];
                             let qi = &q_b[(i0 + i) * d..(i0 + i + 1) * d];
-                            for j in 0..tk {
-                                let p = (scores[i * tk + j] - lse_b[i0 + i]).exp();
+                            let row = &mut scores[i * tk..(i + 1) * tk];
+                            T::exp_shifted(row, lse_b[i0 + i]); // row = P_i
+                            for (j, &p) in row.iter().enumerate() {
                                 axpy(p, gi, &mut dv_t[j * c..(j + 1) * c]);
                                 let dp = dot(gi, &v_b[(j0 + j) * c..(j0 + j + 1) * c]);
-                                let ds = p * (dp - delta_b[i0 + i]);
-                                axpy(ds * scale, qi, &mut dk_t[j * d..(j + 1) * d]);
+                                ds[j] = p * (dp - delta_b[i0 + i]) * scale;
                             }
+                            for (dd, &qv) in qi.iter().enumerate() {
+                                axpy(qv, &ds, &mut dkt[dd * tk..(dd + 1) * tk]);
+                            }
+                        }
+                    }
+                    for j in 0..tk {
+                        for dd in 0..d {
+                            dk_t[j * d + dd] = dkt[dd * tk + j];
                         }
                     }
                 });

@@ -1,9 +1,19 @@
 //! `la-cli`: VGG networks with spatial attention, from the command line.
 
 mod commands;
+mod data_args;
+mod device;
+mod heatmap;
 mod model_args;
+mod model_file;
+mod progress;
 
 use clap::{Parser, Subcommand};
+
+// glibc's malloc returns the large activation buffers of every step to the system and takes
+// them back on the next: a large share of a training step went to system time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -19,14 +29,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model (with no flags: VGG16 + softmax attention on the built-in digits).
+    Train(Box<commands::train::Args>),
+    /// Top-1/top-5, per-class accuracy and a confusion matrix on a data set.
+    Eval(commands::eval::Args),
+    /// Classify image files.
+    Predict(commands::predict::Args),
     /// Print every layer's output shape, parameters and multiply-accumulates.
     Summary(commands::summary::Args),
+    /// Grad-CAM heat map of a class over an image (PNG).
+    Gradcam(commands::gradcam::GradcamArgs),
+    /// Softmax attention weights of one query position over the image (PNG).
+    AttentionMap(commands::gradcam::AttentionMapArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => commands::train::run(*args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Predict(args) => commands::predict::run(args),
         Command::Summary(args) => commands::summary::run(args),
+        Command::Gradcam(args) => commands::gradcam::run_gradcam(args),
+        Command::AttentionMap(args) => commands::gradcam::run_attention_map(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -35,4 +60,29 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// UTC time as YYYYmmdd-HHMMSS, for run names.
+pub fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }

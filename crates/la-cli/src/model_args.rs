@@ -4,8 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use la_attention::{AttentionConfig, AttentionKind};
 use la_vgg::{HeadConfig, VggConfig};
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Arch {
     Vgg11,
     Vgg13,
@@ -25,7 +27,8 @@ impl Arch {
 }
 
 /// `none` or one of la-attention's kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum AttentionArg {
     None,
     Softmax,
@@ -46,7 +49,8 @@ impl AttentionArg {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum HeadArg {
     /// 7x7 average pool, 25088-4096-4096-classes (torchvision, the seed).
     Imagenet,

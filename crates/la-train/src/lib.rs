@@ -1,1 +1,45 @@
-//! la-train
+//! Training VGG + attention models: optimisers (SGD with momentum/Nesterov/weight decay,
+//! AdamW) with parameter groups, learning-rate schedules, cross-entropy with label smoothing
+//! and soft targets, the epoch loop with evaluation, atomic resumable checkpoints, metrics
+//! files and training curves.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+pub use checkpoint::{RunInfo, TrainState};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use schedule::{LrSchedule, Schedule};
+pub use trainer::{
+    evaluate, Control, EpochRecord, EvalReport, Observer, Silent, StepInfo, TrainConfig, Trainer,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Data(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("training diverged at step {step}: {what} is NaN or infinite; the last good checkpoint is {}", checkpoint.display())]
+    NonFinite {
+        step: usize,
+        what: String,
+        checkpoint: PathBuf,
+    },
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Model(#[from] la_vgg::Error),
+    #[error(transparent)]
+    Dataset(#[from] la_data::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

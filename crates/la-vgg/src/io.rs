@@ -128,6 +128,35 @@ pub fn check_tensors(config: &VggConfig, tensors: &HashMap<String, Tensor>) -> R
     Ok(())
 }
 
+/// Checks that every tensor of `tensors` belongs to the model with the right shape; missing
+/// ones are allowed (they are initialised fresh: new attention modules, a new last layer).
+pub fn check_tensors_subset(config: &VggConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let expected = expected_shapes(config);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        match expected.get(name) {
+            None => {
+                return Err(Error::Import {
+                    tensor: name.clone(),
+                    reason: format!("is not part of a {} with this config", config.arch_name()),
+                })
+            }
+            Some(shape) if tensors[name].dims() != shape.as_slice() => {
+                return Err(Error::Import {
+                    tensor: name.clone(),
+                    reason: format!(
+                        "has shape {:?}, the model needs {shape:?}",
+                        tensors[name].dims()
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Reads a weights file: ours (config in the metadata) or a PyTorch state dict in the
 /// torchvision, timm or seed layout. Errors name the file and what is wrong with it.
 pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {

@@ -7,8 +7,10 @@
 //! - [`io`]: weights files that carry their config, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
 //! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.
+//! - [`explain`]: Grad-CAM on any block's output.
 
 pub mod config;
+pub mod explain;
 pub mod import;
 pub mod io;
 pub mod model;

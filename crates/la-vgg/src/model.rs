@@ -139,6 +139,11 @@ impl Vgg {
         Ok(x)
     }
 
+    /// Block `i`'s output before its pool, in evaluation mode.
+    pub fn block_output(&self, i: usize, x: Tensor) -> candle_core::Result<Tensor> {
+        self.block_body(i, x, false)
+    }
+
     /// Runs block `i` up to (not including) its pool.
     fn block_body(&self, i: usize, x: Tensor, train: bool) -> candle_core::Result<Tensor> {
         let x = self.block_convs(i, x, train)?;
@@ -153,7 +158,7 @@ impl Vgg {
     pub fn attention_input(&self, x: &Tensor, block: usize) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for i in 0..block {
-            x = self.block_body(i, x, false)?.max_pool2d(2)?;
+            x = crate::pool::max_pool_2x2(&self.block_body(i, x, false)?)?;
         }
         self.block_convs(block, x, false)
     }
@@ -162,7 +167,7 @@ impl Vgg {
     pub fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for i in 0..self.blocks.len() {
-            x = self.block_body(i, x, train)?.max_pool2d(2)?;
+            x = crate::pool::max_pool_2x2(&self.block_body(i, x, train)?)?;
         }
         Ok(x)
     }
@@ -208,7 +213,7 @@ impl Vgg {
         let mut x = x.clone();
         for i in 0..self.blocks.len() {
             let body = self.block_body(i, x, train)?;
-            x = body.max_pool2d(2)?;
+            x = crate::pool::max_pool_2x2(&body)?;
             taps.push(body);
         }
         Ok(Taps {

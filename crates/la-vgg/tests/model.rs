@@ -548,3 +548,119 @@ fn trainable_models_are_seeded_and_take_pretrained_tensors() {
         .unwrap();
     assert_ne!(eval, run(1));
 }
+
+#[test]
+fn max_pool_matches_candle_forward_and_routes_gradients_to_the_maximum() {
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 7, 6), &dev).unwrap())
+        .unwrap();
+    let ours = la_vgg::pool::max_pool_2x2(x.as_tensor()).unwrap();
+    let candle = x.as_tensor().max_pool2d(2).unwrap();
+    assert_eq!(ours.dims(), &[2, 3, 3, 3]);
+    let diff = (&ours - &candle)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // PyTorch's gradient: each output's gradient lands, whole, on its window's maximum.
+    let g = (ours * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad: Vec<f64> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(grad.iter().sum::<f64>(), 2.0 * 3.0 * 9.0);
+    assert!(grad.iter().all(|&v| v == 0.0 || v == 1.0));
+    // Ties (a ReLU'd window of zeros): only the first element gets the gradient.
+    let zeros = candle_core::Var::zeros((1, 1, 2, 2), DType::F32, &dev).unwrap();
+    let g = la_vgg::pool::max_pool_2x2(zeros.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        g.get(zeros.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        vec![1.0, 0.0, 0.0, 0.0]
+    );
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    // f64, every layer kind: BatchNorm in training mode, softmax attention, both pools, the head.
+    let dev = Device::Cpu;
+    let config = VggConfig {
+        blocks: vec![vec![3], vec![4], vec![4]],
+        batch_norm: true,
+        attention: softmax(),
+        attention_blocks: vec![0, 2],
+        head: HeadConfig {
+            pool: 2,
+            hidden: vec![5],
+            dropout: 0.0,
+        },
+        num_classes: 3,
+        in_channels: 3,
+    };
+    let (vgg, varmap) = la_vgg::trainable(config, HashMap::new(), 1, DType::F64, &dev).unwrap();
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 16, 16), &dev).unwrap())
+        .unwrap();
+    let probe = Tensor::randn(0f64, 1.0, (2, 3), &dev).unwrap();
+    let loss = |x: &Tensor| {
+        (vgg.forward_t(x, true).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss(x.as_tensor()).backward().unwrap();
+    let mut targets: Vec<(String, candle_core::Var)> = vec![("input".into(), x.clone())];
+    for name in [
+        "blocks.0.convs.0.weight",
+        "blocks.0.norms.0.weight",
+        "blocks.0.attention.query.weight",
+        "blocks.2.attention.out.bias",
+        "head.fc1.weight",
+    ] {
+        targets.push((name.into(), varmap.data().lock().unwrap()[name].clone()));
+    }
+    for (name, var) in targets {
+        let analytic: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let shape = var.as_tensor().shape().clone();
+        for idx in (0..base.len()).step_by((base.len() / 6).max(1)) {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, shape.clone(), &dev).unwrap())
+                    .unwrap();
+                let l = loss(x.as_tensor()).to_scalar::<f64>().unwrap();
+                var.set(&Tensor::from_vec(base.clone(), shape.clone(), &dev).unwrap())
+                    .unwrap();
+                l
+            };
+            let numeric = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+            assert!(
+                (numeric - analytic[idx]).abs() < 1e-5 * (1.0 + numeric.abs()),
+                "d loss / d {name}[{idx}]: autograd {} vs finite differences {numeric}",
+                analytic[idx]
+            );
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! `la-cli eval`: top-1/top-5, per-class accuracy and the confusion matrix (CSV and PNG).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use la_data::{Loader, LoaderConfig};
+
+use crate::data_args::{open_eval_data, DataKind};
+use crate::device::{parse_device, set_threads};
+use crate::model_file::load_model;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  la-cli eval --run runs/fashion-mnist-vgg16_bn-softmax-20261125-101500\n  la-cli eval --weights best.safetensors --data cifar10 --data-dir data/cifar-10-batches-bin"
+)]
+pub struct Args {
+    /// A run directory: evaluates its best.safetensors on its validation data.
+    #[arg(long, required_unless_present = "weights")]
+    run: Option<PathBuf>,
+    /// A weights file (with --data and --data-dir).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    data: Option<DataKind>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Where confusion.csv and confusion.png go [default: the run directory, or beside the weights].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    set_threads(args.threads)?;
+    let device = parse_device(&args.device)?;
+    let (weights, data, data_dir, val_fraction, seed) = match &args.run {
+        Some(run) => {
+            let text = std::fs::read_to_string(run.join("options.json")).with_context(|| {
+                format!("{}: not a run directory (no options.json)", run.display())
+            })?;
+            let o: crate::commands::train::Options = serde_json::from_str(&text)?;
+            let weights = args
+                .weights
+                .clone()
+                .unwrap_or_else(|| run.join(la_train::checkpoint::BEST));
+            (
+                weights,
+                args.data.or(o.data).unwrap_or(DataKind::Digits),
+                args.data_dir.clone().or(o.data_dir),
+                o.val_fraction.unwrap_or(0.2),
+                o.seed.unwrap_or(0),
+            )
+        }
+        None => {
+            let weights = args
+                .weights
+                .clone()
+                .expect("clap requires --weights without --run");
+            let data = args
+                .data
+                .context("--weights needs --data (and --data-dir)")?;
+            (weights, data, args.data_dir.clone(), 0.2, 0)
+        }
+    };
+    let loaded = load_model(&weights, None, &device)?;
+    let dataset = open_eval_data(data, data_dir.as_deref(), None, val_fraction, seed)?;
+    if dataset.classes().len() != loaded.classes.len() {
+        anyhow::bail!(
+            "{} has {} classes, the {} data {}",
+            weights.display(),
+            loaded.classes.len(),
+            data.name(),
+            dataset.classes().len()
+        );
+    }
+    let norm = la_data::Normalize {
+        mean: loaded.normalization.mean,
+        std: loaded.normalization.std,
+    };
+    let config = LoaderConfig {
+        batch_size: args.batch_size.max(1),
+        shuffle: false,
+        drop_last: false,
+        seed: 0,
+        threads: args.threads.unwrap_or(0),
+        prefetch: 4,
+    };
+    let loader = Loader::new(
+        dataset.clone(),
+        la_data::Pipeline::eval(loaded.input_size, norm),
+        config,
+        device.clone(),
+    )?;
+    let report = la_train::evaluate(&loaded.model, &loader, loaded.classes.len(), |_| {})?;
+    println!(
+        "{}: {} images of {} ({})",
+        weights.display(),
+        report.count,
+        data.name(),
+        if args.run.is_some() {
+            "validation split of the run"
+        } else {
+            "test split"
+        }
+    );
+    println!(
+        "top-1 {:.2} %  top-5 {:.2} %  loss {:.4}",
+        report.top1 * 100.0,
+        report.top5 * 100.0,
+        report.loss
+    );
+    println!("per-class accuracy:");
+    for (name, acc) in loaded.classes.iter().zip(report.per_class()) {
+        println!(
+            "  {name:<24} {}",
+            acc.map_or("no examples".to_string(), |a| format!("{:.2} %", a * 100.0))
+        );
+    }
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.run.clone())
+        .unwrap_or_else(|| weights.parent().map(PathBuf::from).unwrap_or_default());
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut csv = String::from("true\\predicted");
+    for name in &loaded.classes {
+        csv.push(',');
+        csv.push_str(name);
+    }
+    csv.push('\n');
+    for (name, row) in loaded.classes.iter().zip(&report.confusion) {
+        csv.push_str(name);
+        for v in row {
+            csv.push_str(&format!(",{v}"));
+        }
+        csv.push('\n');
+    }
+    la_vgg::io::write_atomically(&out.join("confusion.csv"), csv.as_bytes())?;
+    la_train::plot::confusion_matrix(
+        &out.join("confusion.png"),
+        &report.confusion,
+        &loaded.classes,
+    )?;
+    println!(
+        "confusion matrix: {} and {}",
+        out.join("confusion.csv").display(),
+        out.join("confusion.png").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `la-cli predict`: the top classes of image files.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{ModuleT, D};
+
+use crate::device::parse_device;
+use crate::model_file::load_model;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  la-cli predict --weights runs/x/best.safetensors --image shirt.png\n  la-cli predict --weights weights/vgg16-none-imagenet.safetensors --image a.jpg --image b.jpg --top-k 3 --json"
+)]
+pub struct Args {
+    /// The model (architecture, classes and normalisation come from the file).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Image files (png, jpeg, bmp, webp), any size.
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Print JSON (one object per image: file, and a list of class index, name, probability).
+    #[arg(long)]
+    json: bool,
+    /// Input size override [default: the file's, else 224].
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let loaded = load_model(&args.weights, args.size, &device)?;
+    let mut results = Vec::new();
+    for path in &args.images {
+        let (x, _) = loaded.prepare(path)?;
+        let logits = loaded.model.forward_t(&x, false)?;
+        let probs: Vec<f32> = candle_nn::ops::softmax(&logits, D::Minus1)?
+            .squeeze(0)?
+            .to_vec1()?;
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let top: Vec<serde_json::Value> = order
+            .iter()
+            .take(args.top_k.max(1))
+            .map(|&i| serde_json::json!({"class": i, "name": loaded.classes[i], "probability": probs[i]}))
+            .collect();
+        if !args.json {
+            println!("{}:", path.display());
+            for t in &top {
+                println!(
+                    "  {:>6.2} %  {} ({})",
+                    t["probability"].as_f64().unwrap_or(0.0) * 100.0,
+                    t["name"].as_str().unwrap_or(""),
+                    t["class"]
+                );
+            }
+        }
+        results.push(serde_json::json!({"file": path.display().to_string(), "top": top}));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,577 @@
+//! `la-cli train`: build (or resume) a run from flags, a TOML file and presets, and train it.
+//!
+//! Every option is optional on the command line; the value used is the flag's, else the
+//! `--config` file's, else the `--preset`'s, else the default (which trains VGG16 + softmax
+//! attention on the embedded digits in a few minutes). The resolved options are written to
+//! `<run>/options.json`, which is what `--resume` reads back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use la_data::{Loader, LoaderConfig, Mix, Pipeline};
+use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
+use la_vgg::Normalization;
+use serde::{Deserialize, Serialize};
+
+use crate::data_args::{open_data, DataKind};
+use crate::device::{parse_device, set_threads};
+use crate::model_args::{Arch, AttentionArg, HeadArg};
+use crate::progress::BarObserver;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerArg {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleArg {
+    Constant,
+    Step,
+    Multistep,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The seed article's recipe: ImageNet head, SGD 0.01 momentum 0.9, StepLR(30, 0.1),
+    /// RandomResizedCrop + flip + ColorJitter + CutMix/MixUp, 90 epochs (give --weights).
+    Cifar100Seed,
+    /// A quick CIFAR-100 recipe: BatchNorm, CIFAR head, SGD 0.05 Nesterov, cosine, label
+    /// smoothing 0.1, RandomCrop + flip, 30 epochs.
+    Cifar100Fast,
+}
+
+/// Every option of a run. Flags, the TOML file and presets all fill this same struct.
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// Data set [default: digits, compiled in].
+    #[arg(long, value_enum)]
+    pub data: Option<DataKind>,
+    /// Where the data set lives (CIFAR folders or .tar.gz, Fashion-MNIST IDX files, an image folder).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Validation folder for --data imagefolder (else a split of --data-dir).
+    #[arg(long)]
+    pub val_dir: Option<PathBuf>,
+    /// Fraction held out for validation when the data set has no test split [default: 0.2].
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    /// [default: vgg16]
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// BatchNorm after every conv [default: on for the default run, off with --weights].
+    #[arg(long)]
+    pub bn: Option<bool>,
+    /// [default: softmax]
+    #[arg(long, value_enum)]
+    pub attention: Option<AttentionArg>,
+    /// Start attention modules as the identity (output projection zero).
+    #[arg(long)]
+    pub zero_init_attention: Option<bool>,
+    /// [default: cifar]
+    #[arg(long, value_enum)]
+    pub head: Option<HeadArg>,
+    /// Hidden width of the cifar head.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Conv width multiplier [default: 0.25 for the default run, 1 with --weights].
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// Pretrained weights to start from (any layout la-cli reads).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Input side in pixels [default: 32].
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// [default: 15]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// [default: 64]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate [default: 0.05].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// [default: sgd]
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    #[arg(long)]
+    pub nesterov: Option<bool>,
+    /// [default: 5e-4 for SGD, 0.01 for AdamW]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// [default: cosine]
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    /// Epochs between decays of the step schedule [default: 30].
+    #[arg(long)]
+    pub step_epochs: Option<usize>,
+    /// Milestones of the multistep schedule, e.g. 60,120,160.
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Option<Vec<usize>>,
+    /// Decay factor of step/multistep [default: 0.1].
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// Linear warm-up epochs [default: 0].
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    /// MixUp with this Beta alpha.
+    #[arg(long)]
+    pub mixup: Option<f32>,
+    /// CutMix with this Beta alpha.
+    #[arg(long)]
+    pub cutmix: Option<f32>,
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Learning-rate multiplier for the pretrained layers [default: 0.1 with --weights].
+    #[arg(long)]
+    pub pretrained_lr_scale: Option<f64>,
+    /// Train only the attention modules and the head.
+    #[arg(long)]
+    pub freeze_backbone: Option<bool>,
+    /// cpu, cuda, cuda:N or auto [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Worker threads for compute and data loading [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Run name; the run directory is <runs-dir>/<name> [default: data-arch-attention-time].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// [default: runs]
+    #[arg(long)]
+    pub runs_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  la-cli train                                   # VGG16 + softmax attention on the built-in digits\n  la-cli train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist --epochs 1\n  la-cli train --preset cifar100-seed --data-dir data/cifar-100-binary --weights weights/vgg16-softmax-imagenet.safetensors\n  la-cli train --config run.toml --lr 0.01        # flags override the file\n  la-cli train --resume runs/digits-vgg16_bn-softmax-20261125-101500"
+)]
+pub struct Args {
+    #[command(flatten)]
+    options: Options,
+    /// A TOML file of the same options (kebab-case keys, e.g. `batch-size = 128`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// Continue the run in this directory with its saved options (and more --epochs if given).
+    #[arg(long, conflicts_with_all = ["config", "preset"])]
+    resume: Option<PathBuf>,
+}
+
+/// Fills `base`'s unset fields from `fallback`.
+fn merge(base: Options, fallback: Options) -> Options {
+    let a = serde_json::to_value(base).expect("options serialise");
+    let b = serde_json::to_value(fallback).expect("options serialise");
+    let (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) = (a, b) else {
+        unreachable!("options are a struct")
+    };
+    for (k, v) in b {
+        if a.get(&k).is_none_or(|x| x.is_null()) {
+            a.insert(k, v);
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(a)).expect("merged options deserialise")
+}
+
+fn preset_options(preset: Preset) -> Options {
+    match preset {
+        Preset::Cifar100Seed => Options {
+            data: Some(DataKind::Cifar100),
+            arch: Some(Arch::Vgg16),
+            bn: Some(false),
+            attention: Some(AttentionArg::Softmax),
+            head: Some(HeadArg::Imagenet),
+            width: Some(1.0),
+            size: Some(32),
+            epochs: Some(90),
+            batch_size: Some(128),
+            lr: Some(0.01),
+            optimizer: Some(OptimizerArg::Sgd),
+            momentum: Some(0.9),
+            weight_decay: Some(5e-4),
+            schedule: Some(ScheduleArg::Step),
+            step_epochs: Some(30),
+            gamma: Some(0.1),
+            mixup: Some(0.2),
+            cutmix: Some(1.0),
+            ..Options::default()
+        },
+        Preset::Cifar100Fast => Options {
+            data: Some(DataKind::Cifar100),
+            arch: Some(Arch::Vgg16),
+            bn: Some(true),
+            attention: Some(AttentionArg::Softmax),
+            head: Some(HeadArg::Cifar),
+            width: Some(1.0),
+            size: Some(32),
+            epochs: Some(30),
+            batch_size: Some(128),
+            lr: Some(0.05),
+            optimizer: Some(OptimizerArg::Sgd),
+            nesterov: Some(true),
+            schedule: Some(ScheduleArg::Cosine),
+            warmup_epochs: Some(1.0),
+            label_smoothing: Some(0.1),
+            ..Options::default()
+        },
+    }
+}
+
+/// Options resolved to concrete values.
+struct Resolved {
+    o: Options,
+}
+
+impl Resolved {
+    fn new(o: Options) -> Self {
+        Self { o }
+    }
+    fn pretrained(&self) -> bool {
+        self.o.weights.is_some()
+    }
+    fn data(&self) -> DataKind {
+        self.o.data.unwrap_or(DataKind::Digits)
+    }
+    fn arch(&self) -> Arch {
+        self.o.arch.unwrap_or(Arch::Vgg16)
+    }
+    fn bn(&self) -> bool {
+        self.o.bn.unwrap_or(!self.pretrained())
+    }
+    fn attention(&self) -> AttentionArg {
+        self.o.attention.unwrap_or(AttentionArg::Softmax)
+    }
+    fn head(&self) -> HeadArg {
+        self.o.head.unwrap_or(HeadArg::Cifar)
+    }
+    fn width(&self) -> f64 {
+        self.o
+            .width
+            .unwrap_or(if self.pretrained() { 1.0 } else { 0.25 })
+    }
+    fn size(&self) -> usize {
+        self.o.size.unwrap_or(32)
+    }
+    fn epochs(&self) -> usize {
+        self.o.epochs.unwrap_or(15)
+    }
+    fn batch_size(&self) -> usize {
+        self.o.batch_size.unwrap_or(64)
+    }
+    fn seed(&self) -> u64 {
+        self.o.seed.unwrap_or(0)
+    }
+    fn optimizer(&self) -> OptimizerConfig {
+        match self.o.optimizer.unwrap_or(OptimizerArg::Sgd) {
+            OptimizerArg::Sgd => OptimizerConfig::Sgd {
+                momentum: self.o.momentum.unwrap_or(0.9),
+                nesterov: self.o.nesterov.unwrap_or(false),
+                weight_decay: self.o.weight_decay.unwrap_or(5e-4),
+            },
+            OptimizerArg::Adamw => OptimizerConfig::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: self.o.weight_decay.unwrap_or(0.01),
+            },
+        }
+    }
+    fn schedule(&self) -> Schedule {
+        let gamma = self.o.gamma.unwrap_or(0.1);
+        match self.o.schedule.unwrap_or(ScheduleArg::Cosine) {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Step => Schedule::Step {
+                step_epochs: self.o.step_epochs.unwrap_or(30),
+                gamma,
+            },
+            ScheduleArg::Multistep => Schedule::MultiStep {
+                milestones: self
+                    .o
+                    .milestones
+                    .clone()
+                    .unwrap_or_else(|| vec![60, 120, 160]),
+                gamma,
+            },
+            ScheduleArg::Cosine => Schedule::Cosine { min_lr: 0.0 },
+        }
+    }
+    fn train_config(&self) -> Result<TrainConfig> {
+        let config = TrainConfig {
+            epochs: self.epochs(),
+            lr: self.o.lr.unwrap_or(0.05),
+            optimizer: self.optimizer(),
+            schedule: self.schedule(),
+            warmup_epochs: self.o.warmup_epochs.unwrap_or(0.0),
+            label_smoothing: self.o.label_smoothing.unwrap_or(0.0),
+            grad_clip: self.o.grad_clip,
+            pretrained_lr_scale: self.o.pretrained_lr_scale.unwrap_or(if self.pretrained() {
+                0.1
+            } else {
+                1.0
+            }),
+            freeze_backbone: self.o.freeze_backbone.unwrap_or(false),
+            no_decay_bias_norm: true,
+            seed: self.seed(),
+        };
+        if config.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            bail!("--lr {} must be a positive number", config.lr);
+        }
+        if !(0.0..1.0).contains(&config.label_smoothing) {
+            bail!(
+                "--label-smoothing {} is not in [0, 1)",
+                config.label_smoothing
+            );
+        }
+        Ok(config)
+    }
+    fn mix(&self) -> Result<Option<Mix>> {
+        for (flag, v) in [("--mixup", self.o.mixup), ("--cutmix", self.o.cutmix)] {
+            if let Some(a) = v {
+                if !(a.is_finite() && a > 0.0) {
+                    bail!("{flag} {a}: the Beta alpha must be positive");
+                }
+            }
+        }
+        Ok(match (self.o.mixup, self.o.cutmix) {
+            (None, None) => None,
+            (Some(alpha), None) => Some(Mix::MixUp { alpha }),
+            (None, Some(alpha)) => Some(Mix::CutMix { alpha }),
+            (Some(mixup_alpha), Some(cutmix_alpha)) => Some(Mix::Either {
+                mixup_alpha,
+                cutmix_alpha,
+                prob_cutmix: 0.5,
+            }),
+        })
+    }
+    fn run_name(&self) -> String {
+        self.o.name.clone().unwrap_or_else(|| {
+            let bn = if self.bn() { "_bn" } else { "" };
+            format!(
+                "{}-vgg{}{bn}-{}-{}",
+                self.data().name(),
+                self.arch().depth(),
+                self.attention().kind().map_or("none", |k| k.name()),
+                crate::timestamp()
+            )
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (options, resume) = match &args.resume {
+        Some(dir) => {
+            let path = dir.join("options.json");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "{}: cannot read the run's options; is this a run directory?",
+                    path.display()
+                )
+            })?;
+            let saved: Options = serde_json::from_str(&text)
+                .with_context(|| format!("{}: malformed options", path.display()))?;
+            // Only a longer run and the machine-related settings may change on resume.
+            let mut o = saved;
+            if let Some(e) = args.options.epochs {
+                o.epochs = Some(e);
+            }
+            o.device = args.options.device.clone().or(o.device);
+            o.threads = args.options.threads.or(o.threads);
+            (o, Some(dir.clone()))
+        }
+        None => {
+            let file = match &args.config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("{}: cannot read", path.display()))?;
+                    toml::from_str::<Options>(&text)
+                        .with_context(|| format!("{}: not a valid options file", path.display()))?
+                }
+                None => Options::default(),
+            };
+            let preset = args.preset.map(preset_options).unwrap_or_default();
+            (merge(merge(args.options.clone(), file), preset), None)
+        }
+    };
+    let r = Resolved::new(options);
+    set_threads(r.o.threads)?;
+    let device = parse_device(r.o.device.as_deref().unwrap_or("cpu"))?;
+
+    // Data first: a missing data set fails before anything is written.
+    let size = r.size();
+    let data = open_data(
+        r.data(),
+        r.o.data_dir.as_deref(),
+        r.o.val_dir.as_deref(),
+        r.o.val_fraction.unwrap_or(0.2),
+        r.seed(),
+    )?;
+    let classes = data.train.classes().to_vec();
+    let threads = r.o.threads.unwrap_or(0);
+    let loader_config = |shuffle: bool, drop_last: bool| LoaderConfig {
+        batch_size: r.batch_size(),
+        shuffle,
+        drop_last,
+        seed: r.seed(),
+        threads,
+        prefetch: 4,
+    };
+    if r.batch_size() == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+
+    let mut trainer = match &resume {
+        Some(dir) => {
+            let mut t = Trainer::resume(dir, &device)?;
+            t.info.train.epochs = r.epochs();
+            eprintln!(
+                "resuming {} after epoch {} (step {})",
+                dir.display(),
+                t.state.epoch,
+                t.state.step
+            );
+            t
+        }
+        None => {
+            let (model_config, initial, normalization) = model_and_weights(&r, classes.len())?;
+            let info = RunInfo {
+                model: model_config,
+                train: r.train_config()?,
+                normalization,
+                input_size: size,
+                classes: classes.clone(),
+            };
+            let run_dir =
+                r.o.runs_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs"))
+                    .join(r.run_name());
+            let t = Trainer::new(&run_dir, info, initial, &device)?;
+            let json = serde_json::to_string_pretty(&r.o)?;
+            la_vgg::io::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
+            t
+        }
+    };
+    let normalization = trainer.info.normalization;
+    let norm = la_data::Normalize {
+        mean: normalization.mean,
+        std: normalization.std,
+    };
+    let train_pipeline = r.data().train_pipeline(size, norm).with_mix(r.mix()?);
+    let train_loader = Loader::new(
+        Arc::clone(&data.train),
+        train_pipeline,
+        loader_config(true, true),
+        device.clone(),
+    )?;
+    let val_loader = Loader::new(
+        Arc::clone(&data.val),
+        Pipeline::eval(size, norm),
+        loader_config(false, false),
+        device.clone(),
+    )?;
+    let summary = la_vgg::summary::summarize(trainer.config(), size);
+    eprintln!(
+        "{} with {} attention: {} parameters, {:.3} GMAC per {size}x{size} image; {} training / {} validation images, {} classes, on {}",
+        trainer.config().arch_name(),
+        trainer.config().attention.map_or("no".to_string(), |a| a.kind.to_string()),
+        la_vgg::summary::thousands(summary.params),
+        summary.macs as f64 / 1e9,
+        data.train.len(),
+        data.val.len(),
+        classes.len(),
+        crate::device::describe(&device),
+    );
+    eprintln!("run directory: {}", trainer.run_dir().display());
+    let mut observer = BarObserver::new();
+    trainer.fit(&train_loader, Some(&val_loader), &mut observer)?;
+    let best = trainer.state.best_top1.unwrap_or(0.0);
+    println!(
+        "done: {} epochs, best validation top-1 {:.2} % (epoch {}); run directory {}",
+        trainer.state.epoch,
+        best * 100.0,
+        trainer.state.best_epoch.unwrap_or(0),
+        trainer.run_dir().display()
+    );
+    println!(
+        "  best weights: {}",
+        trainer.run_dir().join(la_train::checkpoint::BEST).display()
+    );
+    Ok(())
+}
+
+/// The model config and its starting tensors: from `--weights` (with the head replaced when
+/// the class count differs) or fresh.
+fn model_and_weights(
+    r: &Resolved,
+    classes: usize,
+) -> Result<(
+    la_vgg::VggConfig,
+    std::collections::HashMap<String, candle_core::Tensor>,
+    Normalization,
+)> {
+    let Some(path) = &r.o.weights else {
+        let args = crate::model_args::ModelArgs {
+            arch: r.arch(),
+            bn: r.bn(),
+            attention: r.attention(),
+            reduction: 8,
+            zero_init_attention: r.o.zero_init_attention.unwrap_or(false),
+            head: r.head(),
+            hidden: r.o.hidden,
+            classes,
+            width: r.width(),
+        };
+        let normalization = r.data().normalization();
+        return Ok((args.config()?, Default::default(), normalization));
+    };
+    let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
+    let mut config = weights.config.clone();
+    let mut tensors = weights.tensors;
+    // The attention flag may add modules to a file without them (fresh, seeded).
+    if let Some(kind) = r.o.attention.map(|a| a.kind()) {
+        let file_kind = config.attention.map(|a| a.kind);
+        if kind != file_kind && !(kind.is_none() && config.attention_blocks.is_empty()) {
+            config = config.with_attention(kind.map(|k| la_attention::AttentionConfig {
+                kind: k,
+                reduction: 8,
+                zero_init_out: r.o.zero_init_attention.unwrap_or(false),
+            }));
+            tensors.retain(|name, _| !name.contains(".attention."));
+        }
+    }
+    if config.num_classes != classes {
+        eprintln!(
+            "note: {} has {} classes, the data {classes}: the last layer is replaced (fresh, seeded)",
+            path.display(),
+            config.num_classes
+        );
+        config.num_classes = classes;
+        tensors.remove("head.logits.weight");
+        tensors.remove("head.logits.bias");
+    }
+    la_vgg::io::check_tensors_subset(&config, &tensors)
+        .with_context(|| format!("{} does not fit the model", path.display()))?;
+    let normalization = weights.normalization.unwrap_or(Normalization::IMAGENET);
+    Ok((config, tensors, normalization))
+}

@@ -1,0 +1,84 @@
+//! Loading a model for inference: the weights file's config, normalisation, input size and
+//! class names, and images prepared as the model expects them.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use la_data::{Image, Normalize, Pipeline};
+use la_vgg::{Normalization, Vgg};
+
+pub struct LoadedModel {
+    pub model: Vgg,
+    pub normalization: Normalization,
+    pub input_size: usize,
+    pub classes: Vec<String>,
+    pub device: Device,
+}
+
+/// Loads `path` (any format `la_vgg::load_weights` reads). The input size is `size`, else the
+/// file's `input_size`, else 224; class names are the file's, else their indices.
+pub fn load_model(path: &Path, size: Option<usize>, device: &Device) -> Result<LoadedModel> {
+    let weights = la_vgg::load_weights(path, &Device::Cpu)?;
+    let model = Vgg::from_weights(&weights, DType::F32, device)
+        .with_context(|| format!("{}: cannot build the model", path.display()))?;
+    let input_size = match (size, weights.metadata.get("input_size")) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s.parse().with_context(|| {
+            format!(
+                "{}: metadata input_size {s:?} is not a number",
+                path.display()
+            )
+        })?,
+        (None, None) => 224,
+    };
+    let classes = match weights.metadata.get("classes") {
+        Some(json) => serde_json::from_str::<Vec<String>>(json)
+            .with_context(|| format!("{}: metadata `classes` is malformed", path.display()))?,
+        None => (0..weights.config.num_classes)
+            .map(|i| i.to_string())
+            .collect(),
+    };
+    if classes.len() != weights.config.num_classes {
+        anyhow::bail!(
+            "{}: {} class names for {} outputs",
+            path.display(),
+            classes.len(),
+            weights.config.num_classes
+        );
+    }
+    Ok(LoadedModel {
+        model,
+        normalization: weights.normalization.unwrap_or(Normalization::IMAGENET),
+        input_size,
+        classes,
+        device: device.clone(),
+    })
+}
+
+impl LoadedModel {
+    fn pipeline(&self) -> Pipeline {
+        Pipeline::eval(
+            self.input_size,
+            Normalize {
+                mean: self.normalization.mean,
+                std: self.normalization.std,
+            },
+        )
+    }
+
+    /// Decodes an image file and prepares it: Resize + CenterCrop to the input size (an image
+    /// of that size is only scaled and normalised). Returns the batch [1, 3, s, s] and the
+    /// RGB picture the model sees.
+    pub fn prepare(&self, path: &Path) -> Result<(Tensor, Image)> {
+        let image = la_data::folder::decode_image(path)?;
+        let pipeline = self.pipeline();
+        let mut rng = la_data::rng::sample_rng(0, 0, 0);
+        let seen = pipeline.augment(image.clone(), &mut rng)?;
+        let mut rng = la_data::rng::sample_rng(0, 0, 0);
+        let (chw, h, w) = pipeline.process(image, &mut rng)?;
+        let tensor = Tensor::from_vec(chw, (1, 3, h, w), &Device::Cpu)?.to_device(&self.device)?;
+        self.model.check_input(&tensor)?;
+        Ok((tensor, seen))
+    }
+}

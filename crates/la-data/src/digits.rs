@@ -1,0 +1,104 @@
+//! The UCI optical digits (1797 8x8 grey images, 10 classes), embedded in the binary so
+//! that examples and tests train on real data without a download. See `data/README.md`
+//! for its source and licence.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::dataset::{check_index, Dataset};
+use crate::{Error, Image, Result, Sample};
+
+const CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+const NAME: &str = "<embedded>/digits.csv.gz";
+pub const SIDE: usize = 8;
+const PIXELS: usize = SIDE * SIDE;
+
+/// The embedded digits, pixels scaled from 0..16 to 0..255.
+#[derive(Clone, Debug)]
+pub struct DigitsDataset {
+    pixels: Vec<u8>,
+    labels: Vec<u8>,
+    classes: Vec<String>,
+}
+
+/// Parses a digits CSV (gzip or plain): rows of 64 values 0..16 then a label 0..9.
+pub fn parse_digits_csv(bytes: &[u8], name: &Path) -> Result<DigitsDataset> {
+    let mut text = String::new();
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::format(name, format!("bad gzip or UTF-8: {e}")))?;
+    } else {
+        text = String::from_utf8(bytes.to_vec())
+            .map_err(|e| Error::format(name, format!("not UTF-8: {e}")))?;
+    }
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for (line_no, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |what: String| Error::format(name, format!("line {}: {what}", line_no + 1));
+        let values: Vec<&str> = line.split(',').map(str::trim).collect();
+        if values.len() != PIXELS + 1 {
+            return Err(bad(format!(
+                "{} values, expected {} pixels and a label",
+                values.len(),
+                PIXELS
+            )));
+        }
+        for (i, v) in values.iter().enumerate() {
+            // scikit-learn writes integers, but a float spelling of one is accepted.
+            let x: f64 = v
+                .parse()
+                .map_err(|_| bad(format!("`{v}` is not a number")))?;
+            let (max, what) = if i < PIXELS {
+                (16.0, "pixel")
+            } else {
+                (9.0, "label")
+            };
+            if !(0.0..=max).contains(&x) || x.fract() != 0.0 {
+                return Err(bad(format!("{what} `{v}` is not an integer in 0..={max}")));
+            }
+            if i < PIXELS {
+                pixels.push(((x as u32 * 255 + 8) / 16) as u8);
+            } else {
+                labels.push(x as u8);
+            }
+        }
+    }
+    Ok(DigitsDataset {
+        pixels,
+        labels,
+        classes: (0..10).map(|c| c.to_string()).collect(),
+    })
+}
+
+/// The embedded UCI optical digits: 1797 images of 8x8, classes "0".."9".
+pub fn digits() -> Result<DigitsDataset> {
+    parse_digits_csv(CSV_GZ, Path::new(NAME))
+}
+
+impl Dataset for DigitsDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn get(&self, index: usize) -> Result<Sample> {
+        check_index(index, self.labels.len())?;
+        let gray = &self.pixels[index * PIXELS..(index + 1) * PIXELS];
+        Ok(Sample {
+            image: Image::from_gray(gray, SIDE, SIDE).expect("plane size is fixed"),
+            label: self.labels[index] as usize,
+        })
+    }
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+    fn label(&self, index: usize) -> Result<usize> {
+        check_index(index, self.labels.len())?;
+        Ok(self.labels[index] as usize)
+    }
+    fn image_size(&self) -> Option<(usize, usize)> {
+        Some((SIDE, SIDE))
+    }
+}

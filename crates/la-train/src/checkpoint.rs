@@ -1,0 +1,170 @@
+//! Run directories and checkpoints.
+//!
+//! `checkpoint.safetensors` holds everything needed to resume (model tensors under `model.`,
+//! optimiser buffers under `optim.`, and the train state, configs and class names in the
+//! metadata) in one file, so it is replaced atomically as a whole. `last.safetensors` and
+//! `best.safetensors` are plain model files (la-vgg's format) for `eval` and `predict`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use la_vgg::{Normalization, VggConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::trainer::{EpochRecord, TrainConfig};
+use crate::{Error, Result};
+
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+pub const LAST: &str = "last.safetensors";
+pub const BEST: &str = "best.safetensors";
+
+/// Progress of a run, saved with every checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed optimiser steps.
+    pub step: usize,
+    pub best_top1: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub history: Vec<EpochRecord>,
+    /// Names loaded from pretrained weights when the run started (their learning-rate scale
+    /// differs), kept so a resumed run has the same parameter groups.
+    #[serde(default)]
+    pub pretrained: Vec<String>,
+}
+
+/// What a run needs besides the tensors: the model, how inputs look, and the class names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub model: VggConfig,
+    pub train: TrainConfig,
+    pub normalization: Normalization,
+    pub input_size: usize,
+    pub classes: Vec<String>,
+}
+
+/// Everything read back from `checkpoint.safetensors`.
+pub struct Checkpoint {
+    pub info: RunInfo,
+    pub state: TrainState,
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub optimizer_steps: u64,
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Checkpoint(e.to_string()))
+}
+
+/// Metadata that model files of a run carry besides la-vgg's own (`config`, `normalization`).
+pub fn model_metadata(info: &RunInfo, state: &TrainState) -> Result<HashMap<String, String>> {
+    let mut m = HashMap::new();
+    m.insert("classes".into(), json(&info.classes)?);
+    m.insert("input_size".into(), info.input_size.to_string());
+    m.insert("epoch".into(), state.epoch.to_string());
+    m.insert("source".into(), "la-train".into());
+    Ok(m)
+}
+
+/// Writes the resumable checkpoint atomically.
+pub fn save_checkpoint(
+    dir: &Path,
+    info: &RunInfo,
+    state: &TrainState,
+    model: &HashMap<String, Tensor>,
+    optimizer: (&HashMap<String, Tensor>, u64),
+) -> Result<()> {
+    let path = dir.join(CHECKPOINT);
+    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + optimizer.0.len());
+    for (k, t) in model {
+        named.push((
+            format!("model.{k}"),
+            t.to_device(&Device::Cpu)?.contiguous()?,
+        ));
+    }
+    for (k, t) in optimizer.0 {
+        named.push((
+            format!("optim.{k}"),
+            t.to_device(&Device::Cpu)?.contiguous()?,
+        ));
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = HashMap::new();
+    meta.insert("run".to_string(), json(info)?);
+    meta.insert("state".to_string(), json(state)?);
+    meta.insert("optimizer_steps".to_string(), optimizer.1.to_string());
+    let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Checkpoint(format!("{}: cannot serialise: {e}", path.display())))?;
+    la_vgg::io::write_atomically(&path, &bytes)?;
+    Ok(())
+}
+
+/// Reads `checkpoint.safetensors` of a run directory.
+pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let path = dir.join(CHECKPOINT);
+    let bad = |why: String| Error::Checkpoint(format!("{}: {why}", path.display()));
+    let bytes = std::fs::read(&path)
+        .map_err(|e| bad(format!("cannot read ({e}); is this a run directory?")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid checkpoint ({e})")))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let field = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| bad(format!("metadata `{key}` is missing")))
+    };
+    let info: RunInfo =
+        serde_json::from_str(field("run")?).map_err(|e| bad(format!("metadata `run`: {e}")))?;
+    let state: TrainState =
+        serde_json::from_str(field("state")?).map_err(|e| bad(format!("metadata `state`: {e}")))?;
+    let optimizer_steps: u64 = field("optimizer_steps")?
+        .parse()
+        .map_err(|e| bad(format!("metadata `optimizer_steps`: {e}")))?;
+    let mut model = HashMap::new();
+    let mut optimizer = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = view
+            .load(device)
+            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        if t.dtype() != DType::F32 {
+            return Err(bad(format!(
+                "tensor {name} has dtype {:?}, expected F32",
+                t.dtype()
+            )));
+        }
+        if let Some(k) = name.strip_prefix("model.") {
+            model.insert(k.to_string(), t);
+        } else if let Some(k) = name.strip_prefix("optim.") {
+            optimizer.insert(k.to_string(), t);
+        } else {
+            return Err(bad(format!("unexpected tensor {name}")));
+        }
+    }
+    la_vgg::io::check_tensors(&info.model, &model).map_err(|e| bad(e.to_string()))?;
+    Ok(Checkpoint {
+        info,
+        state,
+        model,
+        optimizer,
+        optimizer_steps,
+    })
+}
+
+/// Creates `dir` (and parents) and checks that it can be written, before any work is done.
+pub fn prepare_run_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        reason: format!("cannot create the run directory: {e}"),
+    })?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        reason: format!("the run directory is not writable: {e}"),
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(dir.to_path_buf())
+}

@@ -1,0 +1,68 @@
+//! Cross-entropy for hard labels or soft targets (MixUp/CutMix), with label smoothing,
+//! and top-k accuracy.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::Result;
+
+/// log softmax over the last axis from differentiable ops (the max only shifts the range).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&log_sum)?)
+}
+
+/// One-hot rows [b, classes] of `labels`.
+pub fn one_hot(labels: &[usize], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mut data = vec![0f32; labels.len() * classes];
+    for (i, &l) in labels.iter().enumerate() {
+        if l >= classes {
+            return Err(crate::Error::Data(format!(
+                "label {l} is out of range for {classes} classes"
+            )));
+        }
+        data[i * classes + l] = 1.0;
+    }
+    Ok(Tensor::from_vec(data, (labels.len(), classes), device)?)
+}
+
+/// Mean cross-entropy of `logits` [b, k] against target distributions `targets` [b, k],
+/// smoothed as PyTorch's `label_smoothing`: t' = (1 - eps) t + eps / k.
+pub fn cross_entropy_soft(
+    logits: &Tensor,
+    targets: &Tensor,
+    label_smoothing: f64,
+) -> Result<Tensor> {
+    let k = logits.dim(D::Minus1)? as f64;
+    let targets = targets.to_dtype(logits.dtype())?;
+    let targets = if label_smoothing > 0.0 {
+        ((targets * (1.0 - label_smoothing))? + label_smoothing / k)?
+    } else {
+        targets
+    };
+    let per_row = (log_softmax(logits)? * targets)?.sum(D::Minus1)?.neg()?;
+    Ok(per_row.mean_all()?)
+}
+
+/// Mean cross-entropy against hard labels.
+pub fn cross_entropy(logits: &Tensor, labels: &[usize], label_smoothing: f64) -> Result<Tensor> {
+    let targets = one_hot(labels, logits.dim(D::Minus1)?, logits.device())?;
+    cross_entropy_soft(logits, &targets, label_smoothing)
+}
+
+/// For each row, the rank of its label among the logits (0 = top-1). Ties count against.
+pub fn label_ranks(logits: &Tensor, labels: &[usize]) -> Result<Vec<usize>> {
+    let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .iter()
+        .zip(labels)
+        .map(|(row, &l)| {
+            let target = row[l];
+            row.iter()
+                .enumerate()
+                .filter(|&(j, &v)| j != l && v >= target)
+                .count()
+        })
+        .collect())
+}

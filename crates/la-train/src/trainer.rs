@@ -1,0 +1,488 @@
+//! The training loop: epochs of forward, loss, backward, clipping and the optimiser step,
+//! evaluation after each epoch, atomic checkpoints, metrics and curves.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::VarMap;
+use la_data::{Loader, Targets};
+use la_vgg::{Vgg, VggConfig};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, RunInfo, TrainState};
+use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
+use crate::optim::{param_groups, GroupRules, Optimizer, OptimizerConfig};
+use crate::schedule::{LrSchedule, Schedule};
+use crate::{metrics, plot, Error, Result};
+
+/// How to train; saved in every checkpoint so a run resumes with the same settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Learning-rate multiplier of the layers loaded from pretrained weights.
+    #[serde(default = "one")]
+    pub pretrained_lr_scale: f64,
+    #[serde(default)]
+    pub freeze_backbone: bool,
+    /// No weight decay on biases and BatchNorm parameters.
+    #[serde(default = "yes")]
+    pub no_decay_bias_norm: bool,
+    pub seed: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TrainConfig {
+    fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            base_lr: self.lr,
+            schedule: self.schedule.clone(),
+            warmup_epochs: self.warmup_epochs,
+            epochs: self.epochs,
+        }
+    }
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub val_loss: Option<f64>,
+    pub val_top1: Option<f64>,
+    pub val_top5: Option<f64>,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// What the loop reports after each step.
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    pub epoch: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub step: usize,
+    pub loss: f64,
+    pub running_loss: f64,
+    pub running_top1: f64,
+    pub lr: f64,
+    pub images_per_s: f64,
+}
+
+/// Whether to go on after an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Receives progress (the CLI draws progress bars from it).
+pub trait Observer {
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    fn step(&mut self, _info: &StepInfo) {}
+    fn evaluating(&mut self, _batches: usize) {}
+    fn epoch_end(&mut self, _record: &EpochRecord) -> Control {
+        Control::Continue
+    }
+    fn message(&mut self, _text: &str) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Figures of an evaluation pass.
+#[derive(Clone, Debug)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub count: usize,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl EvalReport {
+    /// Accuracy of each class (None for a class with no examples).
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let total: u64 = row.iter().sum();
+                (total > 0).then(|| row[i] as f64 / total as f64)
+            })
+            .collect()
+    }
+}
+
+/// Runs `model` in evaluation mode over `loader`: loss, top-1, top-5 and the confusion matrix.
+pub fn evaluate(
+    model: &Vgg,
+    loader: &Loader,
+    classes: usize,
+    mut on_batch: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    let (mut loss_sum, mut top1, mut top5, mut count) = (0.0, 0usize, 0usize, 0usize);
+    for (i, batch) in loader.epoch(0).enumerate() {
+        let batch = batch?;
+        let logits = model.forward_t(&batch.images, false)?;
+        let b = batch.labels.len();
+        loss_sum +=
+            cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()? as f64 * b as f64;
+        let ranks = label_ranks(&logits, &batch.labels)?;
+        top1 += ranks.iter().filter(|&&r| r == 0).count();
+        top5 += ranks.iter().filter(|&&r| r < 5).count();
+        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (&l, &p) in batch.labels.iter().zip(&predicted) {
+            confusion[l][p as usize] += 1;
+        }
+        count += b;
+        on_batch(i + 1);
+    }
+    if count == 0 {
+        return Err(Error::Data("the evaluation set is empty".into()));
+    }
+    Ok(EvalReport {
+        loss: loss_sum / count as f64,
+        top1: top1 as f64 / count as f64,
+        top5: top5 as f64 / count as f64,
+        count,
+        confusion,
+    })
+}
+
+/// A model being trained, with its optimiser and run directory.
+pub struct Trainer {
+    pub info: RunInfo,
+    pub state: TrainState,
+    pub model: Vgg,
+    varmap: VarMap,
+    optimizer: Optimizer,
+    run_dir: PathBuf,
+    device: Device,
+}
+
+impl Trainer {
+    /// A new run in `run_dir`: tensors of `initial` (pretrained weights) are loaded, every
+    /// other variable is initialised from the seed.
+    pub fn new(
+        run_dir: &Path,
+        info: RunInfo,
+        initial: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let run_dir = checkpoint::prepare_run_dir(run_dir)?;
+        if run_dir.join(checkpoint::CHECKPOINT).exists() {
+            return Err(Error::Io {
+                path: run_dir.clone(),
+                reason: "already holds a run; resume it or choose another run name".into(),
+            });
+        }
+        let mut names: Vec<String> = initial.keys().cloned().collect();
+        names.sort();
+        let state = TrainState {
+            pretrained: names,
+            ..TrainState::default()
+        };
+        let pretrained: HashSet<String> = initial.keys().cloned().collect();
+        let (model, varmap) = la_vgg::trainable(
+            info.model.clone(),
+            initial,
+            info.train.seed,
+            DType::F32,
+            device,
+        )?;
+        let optimizer = Self::optimizer(&info, &varmap, pretrained);
+        Ok(Self {
+            info,
+            state,
+            model,
+            varmap,
+            optimizer,
+            run_dir,
+            device: device.clone(),
+        })
+    }
+
+    /// Continues the run saved in `run_dir`.
+    pub fn resume(run_dir: &Path, device: &Device) -> Result<Self> {
+        let ckpt = checkpoint::load_checkpoint(run_dir, device)?;
+        let (model, varmap) = la_vgg::trainable(
+            ckpt.info.model.clone(),
+            ckpt.model,
+            ckpt.info.train.seed,
+            DType::F32,
+            device,
+        )?;
+        let pretrained: HashSet<String> = ckpt.state.pretrained.iter().cloned().collect();
+        let mut optimizer = Self::optimizer(&ckpt.info, &varmap, pretrained);
+        optimizer.load_state(ckpt.optimizer, ckpt.optimizer_steps)?;
+        Ok(Self {
+            info: ckpt.info,
+            state: ckpt.state,
+            model,
+            varmap,
+            optimizer,
+            run_dir: run_dir.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    fn optimizer(info: &RunInfo, varmap: &VarMap, pretrained: HashSet<String>) -> Optimizer {
+        let rules = GroupRules {
+            pretrained,
+            pretrained_lr_scale: info.train.pretrained_lr_scale,
+            freeze_backbone: info.train.freeze_backbone,
+            no_decay_bias_norm: info.train.no_decay_bias_norm,
+        };
+        Optimizer::new(info.train.optimizer, param_groups(varmap, &rules))
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    pub fn config(&self) -> &VggConfig {
+        &self.info.model
+    }
+
+    /// The model's tensors by name (copies, detached from the graph).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect()
+    }
+
+    /// Trains until `info.train.epochs` epochs are done or the observer says stop.
+    pub fn fit(
+        &mut self,
+        train: &Loader,
+        val: Option<&Loader>,
+        observer: &mut dyn Observer,
+    ) -> Result<()> {
+        let schedule = self.info.train.lr_schedule();
+        let steps_per_epoch = train.len();
+        if steps_per_epoch == 0 {
+            return Err(Error::Data("the training set gives no batch (is it smaller than the batch size with drop_last?)".into()));
+        }
+        let classes = self.info.model.num_classes;
+        while self.state.epoch < self.info.train.epochs {
+            let epoch = self.state.epoch;
+            observer.epoch_start(epoch + 1, self.info.train.epochs, steps_per_epoch);
+            let started = Instant::now();
+            let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+            let mut lr = schedule.lr_at(self.state.step, steps_per_epoch);
+            for (i, batch) in train.epoch(epoch).enumerate() {
+                let batch = batch?;
+                let step = self.state.step;
+                lr = schedule.lr_at(step, steps_per_epoch);
+                let mut step_rng =
+                    la_vgg::params::rng_for(self.info.train.seed, &format!("step.{step}"));
+                self.model.set_dropout_seed(step_rng.next_u64());
+                let logits = self.model.forward_t(&batch.images, true)?;
+                let smoothing = self.info.train.label_smoothing;
+                let loss = match &batch.targets {
+                    Targets::Labels(_) => cross_entropy(&logits, &batch.labels, smoothing)?,
+                    Targets::Soft(t) => cross_entropy_soft(&logits, t, smoothing)?,
+                };
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                if !loss_value.is_finite() {
+                    return Err(self.non_finite(step, "the loss", None));
+                }
+                let mut grads = loss.backward()?;
+                self.clip_and_check(&mut grads, step)?;
+                self.optimizer.step(&grads, lr)?;
+                self.state.step += 1;
+
+                let b = batch.labels.len();
+                loss_sum += loss_value * b as f64;
+                correct += label_ranks(&logits, &batch.labels)?
+                    .iter()
+                    .filter(|&&r| r == 0)
+                    .count();
+                seen += b;
+                let info = StepInfo {
+                    epoch: epoch + 1,
+                    batch: i + 1,
+                    batches: steps_per_epoch,
+                    step: self.state.step,
+                    loss: loss_value,
+                    running_loss: loss_sum / seen as f64,
+                    running_top1: correct as f64 / seen as f64,
+                    lr,
+                    images_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                };
+                metrics::append_jsonl(
+                    &self.run_dir,
+                    &serde_json::json!({"type": "step", "epoch": info.epoch, "step": info.step, "loss": loss_value, "lr": lr}),
+                )?;
+                observer.step(&info);
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let report = match val {
+                Some(loader) => {
+                    observer.evaluating(loader.len());
+                    Some(evaluate(&self.model, loader, classes, |_| {})?)
+                }
+                None => None,
+            };
+            let record = EpochRecord {
+                epoch: epoch + 1,
+                lr,
+                train_loss: loss_sum / seen.max(1) as f64,
+                train_top1: correct as f64 / seen.max(1) as f64,
+                val_loss: report.as_ref().map(|r| r.loss),
+                val_top1: report.as_ref().map(|r| r.top1),
+                val_top5: report.as_ref().map(|r| r.top5),
+                seconds,
+                images_per_s: seen as f64 / seconds.max(1e-9),
+            };
+            self.state.epoch += 1;
+            self.state.history.push(record.clone());
+            let is_best = match (record.val_top1, self.state.best_top1) {
+                (Some(v), Some(best)) => v > best,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if is_best {
+                self.state.best_top1 = record.val_top1;
+                self.state.best_epoch = Some(record.epoch);
+            }
+            self.save(is_best)?;
+            metrics::append_jsonl(
+                &self.run_dir,
+                &serde_json::json!({"type": "epoch", "record": record}),
+            )?;
+            if observer.epoch_end(&record) == Control::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes checkpoint.safetensors, last.safetensors (and best.safetensors), the CSV and
+    /// the curves, each atomically.
+    pub fn save(&self, is_best: bool) -> Result<()> {
+        let tensors = self.tensors()?;
+        checkpoint::save_checkpoint(
+            &self.run_dir,
+            &self.info,
+            &self.state,
+            &tensors,
+            self.optimizer.state(),
+        )?;
+        let meta = checkpoint::model_metadata(&self.info, &self.state)?;
+        let norm = Some(self.info.normalization);
+        la_vgg::save_weights(
+            &self.run_dir.join(checkpoint::LAST),
+            &self.info.model,
+            &tensors,
+            norm,
+            &meta,
+        )?;
+        if is_best {
+            la_vgg::save_weights(
+                &self.run_dir.join(checkpoint::BEST),
+                &self.info.model,
+                &tensors,
+                norm,
+                &meta,
+            )?;
+        }
+        metrics::write_csv(&self.run_dir, &self.state.history)?;
+        plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;
+        Ok(())
+    }
+
+    /// Clips the global gradient norm (if configured) and stops on a non-finite gradient,
+    /// naming the parameter.
+    fn clip_and_check(
+        &self,
+        grads: &mut candle_core::backprop::GradStore,
+        step: usize,
+    ) -> Result<()> {
+        let mut total = 0.0f64;
+        for p in self.optimizer.params() {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let sq = g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                if !sq.is_finite() {
+                    return Err(self.non_finite(step, "the gradient of", Some(&p.name)));
+                }
+                total += sq;
+            }
+        }
+        if let Some(max) = self.info.train.grad_clip {
+            let norm = total.sqrt();
+            if norm > max {
+                let scale = max / (norm + 1e-6);
+                for p in self.optimizer.params() {
+                    let t = p.var.as_tensor();
+                    if let Some(g) = grads.get(t) {
+                        let scaled = (g * scale)?;
+                        grads.insert(t, scaled);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn non_finite(&self, step: usize, what: &str, param: Option<&str>) -> Error {
+        // Name the first parameter that already holds a non-finite value, if any: that is
+        // where it went bad; otherwise the quantity that overflowed.
+        let bad_param = self.optimizer.params().iter().find(|p| {
+            p.var
+                .as_tensor()
+                .sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_dtype(DType::F64))
+                .and_then(|t| t.to_scalar::<f64>())
+                .map(|v| !v.is_finite())
+                .unwrap_or(false)
+        });
+        let what = match (param, bad_param) {
+            (_, Some(p)) => format!("parameter {}", p.name),
+            (Some(name), None) => format!("{what} {name}"),
+            (None, None) => what.to_string(),
+        };
+        Error::NonFinite {
+            step: step + 1,
+            what,
+            checkpoint: self.run_dir.join(checkpoint::CHECKPOINT),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}

@@ -1,0 +1,258 @@
+//! The training loop on a tiny model: an interrupted and resumed run ends with the same
+//! weights as an uninterrupted one; divergence stops with the step and parameter named and
+//! the last good checkpoint intact; the run directory holds what it should.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use la_attention::{AttentionConfig, AttentionKind};
+use la_data::{Dataset, Loader, LoaderConfig, Mix, Normalize, Pipeline, VecDataset};
+use la_train::{
+    Control, EpochRecord, Observer, OptimizerConfig, RunInfo, Schedule, Silent, TrainConfig,
+    Trainer,
+};
+use la_vgg::{HeadConfig, Normalization, VggConfig};
+
+fn tiny_model() -> VggConfig {
+    VggConfig {
+        blocks: vec![vec![4], vec![8], vec![8]],
+        batch_norm: true,
+        attention: Some(AttentionConfig::new(AttentionKind::Softmax)),
+        attention_blocks: vec![0, 1, 2],
+        head: HeadConfig {
+            pool: 1,
+            hidden: vec![8],
+            dropout: 0.3,
+        },
+        num_classes: 3,
+        in_channels: 3,
+    }
+}
+
+fn info(epochs: usize, lr: f64) -> RunInfo {
+    RunInfo {
+        model: tiny_model(),
+        train: TrainConfig {
+            epochs,
+            lr,
+            optimizer: OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 5e-4,
+            },
+            schedule: Schedule::Cosine { min_lr: 0.0 },
+            warmup_epochs: 0.5,
+            label_smoothing: 0.1,
+            grad_clip: Some(5.0),
+            pretrained_lr_scale: 1.0,
+            freeze_backbone: false,
+            no_decay_bias_norm: true,
+            seed: 3,
+        },
+        normalization: Normalization::IMAGENET,
+        input_size: 16,
+        classes: vec!["a".into(), "b".into(), "c".into()],
+    }
+}
+
+fn loaders(threads: usize) -> (Loader, Loader) {
+    let data: Arc<dyn Dataset> = Arc::new(VecDataset::synthetic(48, 16, 16, 3, 1));
+    let config = |shuffle| LoaderConfig {
+        batch_size: 8,
+        shuffle,
+        drop_last: true,
+        seed: 5,
+        threads,
+        prefetch: 2,
+    };
+    let norm = Normalize::IMAGENET;
+    let train = Pipeline::train_preset(la_data::Preset::Cifar10, 16)
+        .with_normalize(norm)
+        .with_mix(Some(Mix::MixUp { alpha: 0.4 }));
+    (
+        Loader::new(data.clone(), train, config(true), Device::Cpu).unwrap(),
+        Loader::new(data, Pipeline::eval(16, norm), config(false), Device::Cpu).unwrap(),
+    )
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("la-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Stops after a given number of epochs, as an interrupted run would.
+struct StopAfter(usize);
+impl Observer for StopAfter {
+    fn epoch_end(&mut self, r: &EpochRecord) -> Control {
+        if r.epoch >= self.0 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    la_vgg::load_weights(&dir.join("last.safetensors"), &Device::Cpu)
+        .unwrap()
+        .tensors
+}
+
+#[test]
+fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
+    let (train, val) = loaders(2);
+    let straight = tempdir("straight");
+    let mut t = Trainer::new(&straight, info(3, 0.05), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    assert_eq!(t.state.epoch, 3);
+
+    let interrupted = tempdir("interrupted");
+    let mut t = Trainer::new(&interrupted, info(3, 0.05), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut StopAfter(1)).unwrap();
+    assert_eq!(t.state.epoch, 1);
+    drop(t);
+    // Resume in a new process-like state, with loaders using another thread count.
+    let (train1, val1) = loaders(1);
+    let mut t = Trainer::resume(&interrupted, &Device::Cpu).unwrap();
+    assert_eq!((t.state.epoch, t.state.step), (1, 6));
+    t.fit(&train1, Some(&val1), &mut Silent).unwrap();
+    assert_eq!(t.state.epoch, 3);
+
+    let (a, b) = (weights(&straight), weights(&interrupted));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let diff = (ta - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name} differs after resume");
+    }
+    // Training moved the weights (the comparison above is not between two untouched models).
+    let fresh = la_vgg::trainable(
+        tiny_model(),
+        HashMap::new(),
+        3,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .1;
+    let w0 = fresh.data().lock().unwrap()["blocks.0.convs.0.weight"]
+        .as_tensor()
+        .clone();
+    let moved = (w0 - &a["blocks.0.convs.0.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-3);
+
+    for file in [
+        "checkpoint.safetensors",
+        "last.safetensors",
+        "best.safetensors",
+        "metrics.jsonl",
+        "epochs.csv",
+        "curves.png",
+    ] {
+        assert!(straight.join(file).exists(), "{file} missing");
+    }
+    let csv = std::fs::read_to_string(straight.join("epochs.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    let png = std::fs::read(straight.join("curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    // A second run in the same directory is refused rather than overwriting it.
+    let err = Trainer::new(&straight, info(3, 0.05), HashMap::new(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&interrupted);
+}
+
+#[test]
+fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
+    let (train, val) = loaders(2);
+    let dir = tempdir("diverge");
+    let mut t = Trainer::new(&dir, info(2, 0.05), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut StopAfter(1)).unwrap();
+    let good = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    drop(t);
+    // Resume with an absurd learning rate: the weights blow up within a few steps.
+    let mut t = Trainer::resume(&dir, &Device::Cpu).unwrap();
+    t.info.train.lr = 1e30;
+    t.info.train.grad_clip = None;
+    let err = t
+        .fit(&train, Some(&val), &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training diverged at step"), "{err}");
+    assert!(err.contains("NaN or infinite"), "{err}");
+    assert!(
+        err.contains("parameter ") || err.contains("gradient of") || err.contains("loss"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint.safetensors"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("checkpoint.safetensors")).unwrap(),
+        good,
+        "the good checkpoint was overwritten"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unwritable_run_directories_fail_before_training() {
+    let err = Trainer::new(
+        Path::new("/proc/la-train-cannot-write-here"),
+        info(1, 0.05),
+        HashMap::new(),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("/proc/la-train-cannot-write-here"), "{err}");
+    assert!(
+        err.contains("cannot create") || err.contains("not writable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_named_on_resume() {
+    let dir = tempdir("corrupt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("checkpoint.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
+    )
+    .unwrap();
+    let err = Trainer::resume(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("not a valid checkpoint"),
+        "{err}"
+    );
+    let err = Trainer::resume(&dir.join("missing"), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("is this a run directory"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
