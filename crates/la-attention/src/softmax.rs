@@ -15,8 +15,8 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use num_traits::Float;
 use rayon::prelude::*;
 
-const TILE_Q: usize = 32;
-const TILE_K: usize = 128;
+const TILE_Q: usize = 64;
+const TILE_K: usize = 256;
 
 /// `softmax(q k^T * scale) v` for q, k: [b, n, d] and v: [b, n, c]; returns [b, n, c].
 ///
@@ -268,30 +268,72 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     sum
 }
 
-#[inline]
-fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * *xi;
-    }
+/// A matrix inside a slice: element (r, c) is at `r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
 }
 
-/// Scores of queries `q_tile` ([tq, d]) against keys `kt` (the key tile transposed, [d, tk])
-/// into `scores` ([tq, tk]), times `scale`.
-fn tile_scores<T: Real>(q_tile: &[T], kt: &[T], d: usize, tk: usize, scale: T, scores: &mut [T]) {
-    for (qi, row) in q_tile.chunks_exact(d).zip(scores.chunks_exact_mut(tk)) {
-        row.fill(T::zero());
-        for (dd, &qv) in qi.iter().enumerate() {
-            axpy(qv * scale, &kt[dd * tk..(dd + 1) * tk], row);
-        }
-    }
+fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
+    View { data, rs, cs }
 }
 
-/// Copies keys `k[j0..j0+tk]` ([tk, d]) transposed into `kt` ([d, tk]).
-fn transpose_keys<T: Real>(k: &[T], j0: usize, tk: usize, d: usize, kt: &mut [T]) {
-    for j in 0..tk {
-        for dd in 0..d {
-            kt[dd * tk + j] = k[(j0 + j) * d + dd];
+/// `dst[m x n] (row-major, row stride n) = (accumulate ? dst : 0) + scale * lhs[m x k] rhs[k x n]`
+/// with the `gemm` crate (Candle's own matmul kernel), single-threaded: the callers already
+/// run one tile per rayon task.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    scale: T,
+    lhs: View<T>,
+    rhs: View<T>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |v: &View<T>, rows: usize, cols: usize| (rows - 1) * v.rs + (cols - 1) * v.cs;
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
         }
+        return;
+    }
+    assert!(
+        last(&lhs, m, k) < lhs.data.len() && last(&rhs, k, n) < rhs.data.len(),
+        "matmul: operand too small"
+    );
+    // SAFETY: the asserts above keep every element that gemm reads (lhs, rhs) or writes
+    // (dst, m x n with row stride n) inside its slice; the slices do not overlap (dst is a
+    // distinct &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -316,34 +358,50 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                 .for_each(|(ti, (acc, lse_t))| {
                     let i0 = ti * TILE_Q;
                     let tq = lse_t.len();
-                    let q_tile = &q_b[i0 * d..(i0 + tq) * d];
+                    let q_tile = view(&q_b[i0 * d..(i0 + tq) * d], d, 1);
                     let mut running_max = vec![T::neg_infinity(); tq];
                     let mut running_sum = vec![T::zero(); tq];
                     let mut scores = vec![T::zero(); tq * TILE_K];
-                    let mut kt = vec![T::zero(); d * TILE_K];
                     for j0 in (0..n).step_by(TILE_K) {
                         let tk = TILE_K.min(n - j0);
-                        transpose_keys(k_b, j0, tk, d, &mut kt);
                         let scores = &mut scores[..tq * tk];
-                        tile_scores(q_tile, &kt[..d * tk], d, tk, scale, scores);
+                        // S = scale * Q K^T, with K's rows read as columns.
+                        matmul(
+                            tq,
+                            tk,
+                            d,
+                            scores,
+                            false,
+                            scale,
+                            q_tile,
+                            view(&k_b[j0 * d..(j0 + tk) * d], 1, d),
+                        );
                         for i in 0..tq {
                             let row = &mut scores[i * tk..(i + 1) * tk];
                             let tile_max = row.iter().copied().fold(T::neg_infinity(), T::max);
                             let new_max = running_max[i].max(tile_max);
                             let correction = (running_max[i] - new_max).exp();
-                            let acc_i = &mut acc[i * c..(i + 1) * c];
                             if correction != T::one() {
-                                acc_i.iter_mut().for_each(|a| *a = *a * correction);
+                                acc[i * c..(i + 1) * c]
+                                    .iter_mut()
+                                    .for_each(|a| *a = *a * correction);
                             }
                             T::exp_shifted(row, new_max);
-                            let mut tile_sum = T::zero();
-                            for (j, &p) in row.iter().enumerate() {
-                                tile_sum += p;
-                                axpy(p, &v_b[(j0 + j) * c..(j0 + j + 1) * c], acc_i);
-                            }
-                            running_sum[i] = running_sum[i] * correction + tile_sum;
+                            running_sum[i] =
+                                running_sum[i] * correction + row.iter().copied().sum::<T>();
                             running_max[i] = new_max;
                         }
+                        // acc += P V
+                        matmul(
+                            tq,
+                            c,
+                            tk,
+                            acc,
+                            true,
+                            T::one(),
+                            view(scores, tk, 1),
+                            view(&v_b[j0 * c..(j0 + tk) * c], c, 1),
+                        );
                     }
                     for i in 0..tq {
                         let inv = T::one() / running_sum[i];
@@ -355,6 +413,28 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                 });
         });
     (out, lse)
+}
+
+/// P_ij = exp(S_ij - lse_i) and dS_ij = P_ij (dP_ij - delta_i) * scale for one tile, given
+/// S in `p` and dP in `ds` ([tq, tk] each): `p` becomes P and `ds` becomes dS.
+fn softmax_grad_tile<T: Real>(
+    p: &mut [T],
+    ds: &mut [T],
+    tk: usize,
+    lse: &[T],
+    delta: &[T],
+    scale: T,
+) {
+    for (i, (p_row, ds_row)) in p
+        .chunks_exact_mut(tk)
+        .zip(ds.chunks_exact_mut(tk))
+        .enumerate()
+    {
+        T::exp_shifted(p_row, lse[i]);
+        for (g, &pv) in ds_row.iter_mut().zip(p_row.iter()) {
+            *g = pv * (*g - delta[i]) * scale;
+        }
+    }
 }
 
 /// Backward pass (flash-attention 2): with P = exp(S - lse) recomputed per tile,
@@ -382,44 +462,63 @@ fn backward<T: Real>(
     let mut dq = vec![T::zero(); b * n * d];
     let mut dk = vec![T::zero(); b * n * d];
     let mut dv = vec![T::zero(); b * n * c];
-
-    // Pass 1: dQ, one query tile per task.
-    dq.par_chunks_mut(n * d).enumerate().for_each(|(bi, dq_b)| {
-        let (q_b, k_b, v_b) = (
+    let slices = |bi: usize| {
+        (
             &q[bi * n * d..(bi + 1) * n * d],
             &k[bi * n * d..(bi + 1) * n * d],
             &v[bi * n * c..(bi + 1) * n * c],
-        );
-        let (go_b, lse_b, delta_b) = (
             &grad_out[bi * n * c..(bi + 1) * n * c],
             &lse[bi * n..(bi + 1) * n],
             &delta[bi * n..(bi + 1) * n],
-        );
+        )
+    };
+
+    // Pass 1: dQ, one query tile per task.
+    dq.par_chunks_mut(n * d).enumerate().for_each(|(bi, dq_b)| {
+        let (q_b, k_b, v_b, go_b, lse_b, delta_b) = slices(bi);
         dq_b.par_chunks_mut(TILE_Q * d)
             .enumerate()
             .for_each(|(ti, dq_t)| {
                 let i0 = ti * TILE_Q;
                 let tq = dq_t.len() / d;
-                let q_tile = &q_b[i0 * d..(i0 + tq) * d];
-                let mut scores = vec![T::zero(); tq * TILE_K];
-                let mut kt = vec![T::zero(); d * TILE_K];
+                let mut p = vec![T::zero(); tq * TILE_K];
+                let mut ds = vec![T::zero(); tq * TILE_K];
                 for j0 in (0..n).step_by(TILE_K) {
                     let tk = TILE_K.min(n - j0);
-                    transpose_keys(k_b, j0, tk, d, &mut kt);
-                    let scores = &mut scores[..tq * tk];
-                    tile_scores(q_tile, &kt[..d * tk], d, tk, scale, scores);
-                    for i in 0..tq {
-                        let gi = &go_b[(i0 + i) * c..(i0 + i + 1) * c];
-                        let row = &mut scores[i * tk..(i + 1) * tk];
-                        T::exp_shifted(row, lse_b[i0 + i]); // row = P_i
-                        for (j, p) in row.iter_mut().enumerate() {
-                            let dp = dot(gi, &v_b[(j0 + j) * c..(j0 + j + 1) * c]);
-                            *p = *p * (dp - delta_b[i0 + i]) * scale; // dS_ij * scale
-                        }
-                        for dd in 0..d {
-                            dq_t[i * d + dd] += dot(row, &kt[dd * tk..(dd + 1) * tk]);
-                        }
-                    }
+                    let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
+                    let k_rows = &k_b[j0 * d..(j0 + tk) * d];
+                    let v_rows = &v_b[j0 * c..(j0 + tk) * c];
+                    matmul(
+                        tq,
+                        tk,
+                        d,
+                        p,
+                        false,
+                        scale,
+                        view(&q_b[i0 * d..(i0 + tq) * d], d, 1),
+                        view(k_rows, 1, d),
+                    );
+                    matmul(
+                        tq,
+                        tk,
+                        c,
+                        ds,
+                        false,
+                        T::one(),
+                        view(&go_b[i0 * c..(i0 + tq) * c], c, 1),
+                        view(v_rows, 1, c),
+                    );
+                    softmax_grad_tile(p, ds, tk, &lse_b[i0..i0 + tq], &delta_b[i0..i0 + tq], scale);
+                    matmul(
+                        tq,
+                        d,
+                        tk,
+                        dq_t,
+                        true,
+                        T::one(),
+                        view(ds, tk, 1),
+                        view(k_rows, d, 1),
+                    );
                 }
             });
     });
@@ -429,51 +528,71 @@ fn backward<T: Real>(
         .zip(dv.par_chunks_mut(n * c))
         .enumerate()
         .for_each(|(bi, (dk_b, dv_b))| {
-            let (q_b, k_b, v_b) = (
-                &q[bi * n * d..(bi + 1) * n * d],
-                &k[bi * n * d..(bi + 1) * n * d],
-                &v[bi * n * c..(bi + 1) * n * c],
-            );
-            let (go_b, lse_b, delta_b) = (
-                &grad_out[bi * n * c..(bi + 1) * n * c],
-                &lse[bi * n..(bi + 1) * n],
-                &delta[bi * n..(bi + 1) * n],
-            );
+            let (q_b, k_b, v_b, go_b, lse_b, delta_b) = slices(bi);
             dk_b.par_chunks_mut(TILE_K * d)
                 .zip(dv_b.par_chunks_mut(TILE_K * c))
                 .enumerate()
                 .for_each(|(tj, (dk_t, dv_t))| {
                     let j0 = tj * TILE_K;
                     let tk = dk_t.len() / d;
-                    let mut kt = vec![T::zero(); d * tk];
-                    transpose_keys(k_b, j0, tk, d, &mut kt);
-                    let mut scores = vec![T::zero(); TILE_Q * tk];
-                    // dK of the tile, transposed ([d, tk]) so that each query adds along keys.
-                    let mut dkt = vec![T::zero(); d * tk];
-                    let mut ds = vec![T::zero(); tk];
+                    let k_rows = &k_b[j0 * d..(j0 + tk) * d];
+                    let v_rows = &v_b[j0 * c..(j0 + tk) * c];
+                    let mut p = vec![T::zero(); TILE_Q * tk];
+                    let mut ds = vec![T::zero(); TILE_Q * tk];
                     for i0 in (0..n).step_by(TILE_Q) {
                         let tq = TILE_Q.min(n - i0);
-                        let scores = &mut scores[..tq * tk];
-                        tile_scores(&q_b[i0 * d..(i0 + tq) * d], &kt, d, tk, scale, scores);
-                        for i in 0..tq {
-                            let gi = &go_b[(i0 + i) * c..(i0 + i + 1) * c];
-                            let qi = &q_b[(i0 + i) * d..(i0 + i + 1) * d];
-                            let row = &mut scores[i * tk..(i + 1) * tk];
-                            T::exp_shifted(row, lse_b[i0 + i]); // row = P_i
-                            for (j, &p) in row.iter().enumerate() {
-                                axpy(p, gi, &mut dv_t[j * c..(j + 1) * c]);
-                                let dp = dot(gi, &v_b[(j0 + j) * c..(j0 + j + 1) * c]);
-                                ds[j] = p * (dp - delta_b[i0 + i]) * scale;
-                            }
-                            for (dd, &qv) in qi.iter().enumerate() {
-                                axpy(qv, &ds, &mut dkt[dd * tk..(dd + 1) * tk]);
-                            }
-                        }
-                    }
-                    for j in 0..tk {
-                        for dd in 0..d {
-                            dk_t[j * d + dd] = dkt[dd * tk + j];
-                        }
+                        let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
+                        let q_rows = &q_b[i0 * d..(i0 + tq) * d];
+                        let go_rows = &go_b[i0 * c..(i0 + tq) * c];
+                        matmul(
+                            tq,
+                            tk,
+                            d,
+                            p,
+                            false,
+                            scale,
+                            view(q_rows, d, 1),
+                            view(k_rows, 1, d),
+                        );
+                        matmul(
+                            tq,
+                            tk,
+                            c,
+                            ds,
+                            false,
+                            T::one(),
+                            view(go_rows, c, 1),
+                            view(v_rows, 1, c),
+                        );
+                        softmax_grad_tile(
+                            p,
+                            ds,
+                            tk,
+                            &lse_b[i0..i0 + tq],
+                            &delta_b[i0..i0 + tq],
+                            scale,
+                        );
+                        // dV += P^T dO and dK += dS^T Q: the tiles read transposed.
+                        matmul(
+                            tk,
+                            c,
+                            tq,
+                            dv_t,
+                            true,
+                            T::one(),
+                            view(p, 1, tk),
+                            view(go_rows, c, 1),
+                        );
+                        matmul(
+                            tk,
+                            d,
+                            tq,
+                            dk_t,
+                            true,
+                            T::one(),
+                            view(ds, 1, tk),
+                            view(q_rows, d, 1),
+                        );
                     }
                 });
         });

@@ -63,7 +63,7 @@ pub struct Data {
     pub val: Arc<dyn Dataset>,
 }
 
-fn need_dir(kind: DataKind, dir: Option<&Path>) -> Result<&Path> {
+pub fn need_dir(kind: DataKind, dir: Option<&Path>) -> Result<&Path> {
     let hint = match kind {
         DataKind::Cifar10 | DataKind::Cifar100 => {
             "the extracted folder or the .tar.gz; `la-cli data fetch` downloads it"

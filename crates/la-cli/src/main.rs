@@ -37,6 +37,11 @@ enum Command {
     Predict(commands::predict::Args),
     /// Print every layer's output shape, parameters and multiply-accumulates.
     Summary(commands::summary::Args),
+    /// Training or inference images/s on random data, with a per-block breakdown.
+    Bench(commands::bench::Args),
+    /// Download data sets and describe them.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Grad-CAM heat map of a class over an image (PNG).
     Gradcam(commands::gradcam::GradcamArgs),
     /// Softmax attention weights of one query position over the image (PNG).
@@ -44,12 +49,21 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Die quietly when the reader of our output goes away (`la-cli data info ... | head`),
+    // as command-line tools do, instead of panicking on a failed print.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Summary(args) => commands::summary::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Data(command) => commands::data::run(command),
         Command::Gradcam(args) => commands::gradcam::run_gradcam(args),
         Command::AttentionMap(args) => commands::gradcam::run_attention_map(args),
     };

@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
+pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod gradcam;
 pub mod predict;

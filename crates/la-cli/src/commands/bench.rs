@@ -1,0 +1,204 @@
+//! `la-cli bench`: training-step or inference images/s of a model on random data, with a
+//! per-block breakdown of the forward pass. The last line printed is `images/s: X`, like the
+//! PyTorch reference scripts, so the two can be compared in one run.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Module, ModuleT, Tensor};
+
+use crate::device::{parse_device, set_threads};
+use crate::model_args::ModelArgs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Forward + backward + SGD step (momentum 0.9), cross-entropy loss.
+    Train,
+    /// Forward only, evaluation mode.
+    Infer,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  la-cli bench --mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64\n  la-cli bench --mode infer --attention none --size 224 --batch 1"
+)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_enum, default_value = "train")]
+    mode: Mode,
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed steps (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Skip the per-block breakdown.
+    #[arg(long)]
+    no_breakdown: bool,
+}
+
+fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
+fn sync(t: &Tensor) -> Result<()> {
+    // Reading one value waits for the device to finish.
+    t.flatten_all()?
+        .narrow(0, 0, 1)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    set_threads(args.threads)?;
+    let device = parse_device(&args.device)?;
+    if args.batch == 0 || args.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let config = args.model.config()?;
+    let min = 1usize << config.blocks.len();
+    if args.size < min {
+        bail!(
+            "--size {} is too small for {} pools (at least {min})",
+            args.size,
+            config.blocks.len()
+        );
+    }
+    let (model, varmap) =
+        la_vgg::trainable(config.clone(), Default::default(), 0, DType::F32, &device)?;
+    let params = la_train::optim::param_groups(&varmap, &la_train::optim::GroupRules::default());
+    let mut optimizer = la_train::Optimizer::new(
+        la_train::OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        },
+        params,
+    );
+    let x = Tensor::randn(0f32, 1.0, (args.batch, 3, args.size, args.size), &device)?;
+    let labels: Vec<usize> = (0..args.batch)
+        .map(|i| (i * 7919) % config.num_classes)
+        .collect();
+    let summary = la_vgg::summary::summarize(&config, args.size);
+    println!(
+        "model={} attention={} head={} params={} size={} batch={} classes={} mode={:?} threads={} device={}",
+        config.arch_name(),
+        config.attention.map_or("none".into(), |a| a.kind.to_string()),
+        config.head.name(),
+        la_vgg::summary::thousands(summary.params),
+        args.size,
+        args.batch,
+        config.num_classes,
+        args.mode,
+        rayon::current_num_threads(),
+        crate::device::describe(&device),
+    );
+
+    let mut step = || -> Result<()> {
+        match args.mode {
+            Mode::Train => {
+                let logits = model.forward_t(&x, true)?;
+                let loss = la_train::loss::cross_entropy(&logits, &labels, 0.0)?;
+                let grads = loss.backward()?;
+                optimizer.step(&grads, 0.01)?;
+                sync(&loss)
+            }
+            Mode::Infer => sync(&model.forward_t(&x, false)?),
+        }
+    };
+    for i in 0..args.warmup {
+        let t = Instant::now();
+        step()?;
+        println!("warmup {i}: {:.3} s", t.elapsed().as_secs_f64());
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.steps {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
+        println!("step {i}: {:.3} s", times[i]);
+    }
+    if !args.no_breakdown {
+        breakdown(&model, &x)?;
+    }
+    let total: f64 = times.iter().sum();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "mean {:.3} s/step, median {:.3} s/step, min {:.3} s/step",
+        total / times.len() as f64,
+        sorted[sorted.len() / 2],
+        sorted[0]
+    );
+    if let Some(gib) = peak_rss_gib() {
+        println!("peak RSS: {gib:.2} GiB");
+    }
+    println!(
+        "images/s: {:.2}",
+        args.batch as f64 * times.len() as f64 / total
+    );
+    Ok(())
+}
+
+/// Forward time of each block's convs, its attention module and its pool, and of the head,
+/// in evaluation mode (one pass, after the timed steps).
+fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
+    println!("forward breakdown (evaluation mode, one pass):");
+    let mut h = x.clone();
+    let mut total = 0.0;
+    for i in 0..model.config().blocks.len() {
+        let body_start = Instant::now();
+        let body = model.block_output(i, h.clone())?;
+        sync(&body)?;
+        let body_time = body_start.elapsed().as_secs_f64();
+        let attention_time = match model.attention(i) {
+            Some(a) => {
+                // Time the module alone on its own input (the block's last conv output).
+                let input = model.attention_input(x, i)?;
+                sync(&input)?;
+                let t = Instant::now();
+                let out = a.forward(&input)?;
+                sync(&out)?;
+                Some(t.elapsed().as_secs_f64())
+            }
+            None => None,
+        };
+        let t_pool = Instant::now();
+        h = la_vgg::pool::max_pool_2x2(&body)?;
+        sync(&h)?;
+        let pool_time = t_pool.elapsed().as_secs_f64();
+        let convs_time = body_time - attention_time.unwrap_or(0.0);
+        println!(
+            "  block {}: convs {:>8.2} ms{}  pool {:>6.2} ms",
+            i + 1,
+            convs_time * 1e3,
+            attention_time.map_or(String::new(), |a| format!(
+                "  attention {:>8.2} ms",
+                a * 1e3
+            )),
+            pool_time * 1e3
+        );
+        total += body_time + pool_time;
+    }
+    let t = Instant::now();
+    sync(&model.head(&h, false)?)?;
+    let head = t.elapsed().as_secs_f64();
+    println!(
+        "  head: {:.2} ms; forward total {:.2} ms",
+        head * 1e3,
+        (total + head) * 1e3
+    );
+    Ok(())
+}
