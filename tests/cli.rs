@@ -312,3 +312,85 @@ fn bad_inputs_to_train_and_predict_are_one_line_errors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
+    // The golden tiny VGG16 + attention, in the seed's PyTorch layout, 10 classes like digits.
+    let dir = temp("finetune");
+    let weights = fixture("golden/vgg16_la_tiny.safetensors");
+    let out = la_cli(&[
+        "train",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--runs-dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "ft",
+        "--threads",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("vgg16 with softmax attention: 458,016 parameters"),
+        "{err}"
+    );
+    let trained =
+        la_vgg::load_weights(&dir.join("ft/best.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        trained.config.blocks[0],
+        vec![8, 8],
+        "the file's widths, not the default --width"
+    );
+    assert_eq!(
+        trained.normalization,
+        Some(la_vgg::Normalization::IMAGENET),
+        "pretrained weights keep their normalisation"
+    );
+
+    // A file whose classes differ gets a new last layer, and says so: a 3-class image folder.
+    let folder = dir.join("folder");
+    for (c, name) in ["cat", "dog", "fox"].iter().enumerate() {
+        std::fs::create_dir_all(folder.join(name)).unwrap();
+        for i in 0..5u8 {
+            let img = image::RgbImage::from_fn(12, 10, |x, y| {
+                image::Rgb([(x as u8) * 20, (y as u8) * 20 + i, 80 * c as u8])
+            });
+            img.save(folder.join(name).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    let out = la_cli(&[
+        "train",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        folder.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--runs-dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "three",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has 10 classes, the data 3: the last layer is replaced"),
+        "{}",
+        stderr(&out)
+    );
+    let trained = la_vgg::load_weights(
+        &dir.join("three/last.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(trained.config.num_classes, 3);
+    assert_eq!(trained.metadata["classes"], r#"["cat","dog","fox"]"#);
+    let _ = std::fs::remove_dir_all(&dir);
+}

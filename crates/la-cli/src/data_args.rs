@@ -92,6 +92,7 @@ pub fn open_data(
     val_dir: Option<&Path>,
     val_fraction: f64,
     seed: u64,
+    skip_bad: bool,
 ) -> Result<Data> {
     if !(0.0..1.0).contains(&val_fraction) || val_fraction == 0.0 {
         bail!("--val-fraction {val_fraction} must be between 0 and 1");
@@ -126,14 +127,25 @@ pub fn open_data(
         }
         DataKind::Imagefolder => {
             let dir = need_dir(kind, dir)?;
-            let train = la_data::image_folder(dir, Default::default())?;
+            let folder_options = la_data::ImageFolderOptions {
+                skip_bad,
+                ..Default::default()
+            };
+            let train = la_data::image_folder(dir, folder_options.clone())?;
+            if !train.skipped().is_empty() {
+                eprintln!(
+                    "note: skipped {} undecodable images in {}",
+                    train.skipped().len(),
+                    dir.display()
+                );
+            }
             match val_dir {
                 Some(v) => {
                     // The validation root takes the training root's labels, so a class folder
                     // missing there does not shift the others.
                     let options = la_data::ImageFolderOptions {
                         classes: Some(train.classes().to_vec()),
-                        ..Default::default()
+                        ..folder_options
                     };
                     let val = la_data::image_folder(v, options)?;
                     Data {
@@ -155,5 +167,5 @@ pub fn open_eval_data(
     val_fraction: f64,
     seed: u64,
 ) -> Result<Arc<dyn Dataset>> {
-    Ok(open_data(kind, dir, val_dir, val_fraction, seed)?.val)
+    Ok(open_data(kind, dir, val_dir, val_fraction, seed, false)?.val)
 }

@@ -82,7 +82,7 @@ pub struct AttentionMapArgs {
     #[arg(long)]
     block: Option<usize>,
     /// The query position as ROW,COL in input pixels [default: the centre].
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     query: Option<Vec<usize>>,
     #[arg(long, default_value = "attention.png")]
     out: PathBuf,

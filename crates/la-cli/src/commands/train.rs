@@ -60,6 +60,9 @@ pub struct Options {
     /// Validation folder for --data imagefolder (else a split of --data-dir).
     #[arg(long)]
     pub val_dir: Option<PathBuf>,
+    /// ImageFolder: skip (and count) undecodable images instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: Option<bool>,
     /// Fraction held out for validation when the data set has no test split [default: 0.2].
     #[arg(long)]
     pub val_fraction: Option<f64>,
@@ -425,6 +428,7 @@ pub fn run(args: Args) -> Result<()> {
         r.o.val_dir.as_deref(),
         r.o.val_fraction.unwrap_or(0.2),
         r.seed(),
+        r.o.skip_bad.unwrap_or(false),
     )?;
     let classes = data.train.classes().to_vec();
     let threads = r.o.threads.unwrap_or(0);

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Side-by-side images/s of la-cli and the PyTorch reference (bench/reference), same model,
+# batch and thread count, measured in one run on this machine. Prints a markdown table.
+# Usage: scripts/bench-vs-pytorch.sh [python]   (default: .venv-torch/bin/python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${1:-.venv-torch/bin/python}
+threads=${THREADS:-2}
+cargo build --release -q -p la-cli
+la=target/release/la-cli
+rate() { grep '^images/s:' | tail -n 1 | awk '{print $2}'; }
+rss() { grep '^peak RSS:' | tail -n 1 | awk '{print $3}'; }
+
+row() { # name, torch args, la args
+    local name=$1 targs=$2 largs=$3 t l tr lr
+    t=$($py bench/reference/$targs --threads "$threads" 2>&1 || true)
+    l=$($la bench $largs --threads "$threads" --no-breakdown 2>&1 || true)
+    tr=$(echo "$t" | rate); lr=$(echo "$l" | rate)
+    ratio=$(python3 -c "print(f'{float(\"$lr\")/float(\"$tr\"):.2f}x' if '$tr' and '$lr' else 'n/a')")
+    echo "| $name | ${tr:-fails} ($(echo "$t" | rss) GiB) | ${lr:-fails} ($(echo "$l" | rss) GiB) | $ratio |"
+}
+
+echo "| benchmark (threads=$threads) | PyTorch images/s (peak RSS) | la-cli images/s (peak RSS) | la / PyTorch |"
+echo "|---|---|---|---|"
+row "train VGG16, cifar head, 32x32, batch 64" \
+    "bench_train.py --model vgg16 --head compact --size 32 --batch 64 --steps 5" \
+    "--mode train --attention none --head cifar --classes 100 --size 32 --batch 64 --steps 5"
+row "train VGG16 + softmax attention, cifar head, 32x32, batch 64" \
+    "bench_train.py --model vgg16_la --head compact --size 32 --batch 64 --steps 5" \
+    "--mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 --steps 5"
+row "inference VGG16, 224x224, batch 1" \
+    "bench_infer.py --model vgg16 --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 5" \
+    "--mode infer --attention none --head imagenet --classes 1000 --size 224 --batch 1 --steps 5"
+row "inference VGG16 + softmax attention, 224x224, batch 1" \
+    "bench_infer.py --model vgg16_la --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 1 --warmup 0" \
+    "--mode infer --attention softmax --head imagenet --classes 1000 --size 224 --batch 1 --steps 1 --warmup 0"
+echo
+echo "VGG16 + linear attention against plain VGG16 (la-cli, inference, 224x224, batch 1):"
+p=$($la bench --mode infer --attention none --size 224 --batch 1 --steps 5 --threads "$threads" --no-breakdown | rate)
+l=$($la bench --mode infer --attention linear --size 224 --batch 1 --steps 5 --threads "$threads" --no-breakdown | rate)
+python3 -c "p, l = float('$p'), float('$l'); print(f'plain {p:.2f} images/s, linear {l:.2f} images/s: linear is {100 * (p / l - 1):.1f} % slower')"
