@@ -207,7 +207,7 @@ fn import_features(
     let mut blocks: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut batch_norm = None;
-    let mut attention: Option<AttentionConfig> = None;
+    let mut attention_sites: Vec<(usize, usize, usize)> = Vec::new(); // (index, c, d)
     let mut channels = 3usize;
     let mut idx = 0;
     while idx <= last_index {
@@ -258,19 +258,8 @@ fn import_features(
                         "attention before any conv of its block",
                     ));
                 }
-                let config = import_attention(pending, out, idx, block, channels)?;
-                if let Some(previous) = attention {
-                    if previous.reduction != config.reduction {
-                        return Err(bad(
-                            format!("features.{idx}.linear_query.weight"),
-                            format!(
-                                "reduction {} differs from an earlier module's {}",
-                                config.reduction, previous.reduction
-                            ),
-                        ));
-                    }
-                }
-                attention = Some(config);
+                let d = import_attention(pending, out, idx, block, channels)?;
+                attention_sites.push((idx, channels, d));
                 idx += 1;
             }
             Slot::Empty => {
@@ -302,7 +291,40 @@ fn import_features(
     if !current.is_empty() {
         blocks.push(current); // its pool has no tensors and may lie past the last index
     }
+    let attention = if attention_sites.is_empty() {
+        None
+    } else {
+        Some(AttentionConfig {
+            kind: AttentionKind::Softmax,
+            reduction: shared_reduction(&attention_sites)?,
+            zero_init_out: false,
+        })
+    };
     Ok((blocks, batch_norm.unwrap_or(false), attention, channels))
+}
+
+/// The reduction r that gives every module its query width d = max(1, c / r) (integer
+/// division), preferring the seed's 8. Widths alone do not pin r down (64 channels with 8-wide
+/// queries allow only 8, a 4-channel block with 1-wide queries allows any r >= 3), so the
+/// ranges of all modules are intersected.
+fn shared_reduction(sites: &[(usize, usize, usize)]) -> Result<usize> {
+    let (mut lo, mut hi) = (1usize, usize::MAX);
+    for &(idx, c, d) in sites {
+        let (l, h) = if d == 1 {
+            (c / 2 + 1, usize::MAX)
+        } else {
+            (c / (d + 1) + 1, c / d)
+        };
+        lo = lo.max(l);
+        hi = hi.min(h);
+        if lo > hi {
+            return Err(bad(
+                format!("features.{idx}.linear_query.weight"),
+                format!("query width {d} for {c} channels fits no channel reduction shared with the other attention modules"),
+            ));
+        }
+    }
+    Ok(if (lo..=hi).contains(&8) { 8 } else { lo })
 }
 
 fn import_attention(
@@ -311,13 +333,13 @@ fn import_attention(
     idx: usize,
     block: usize,
     channels: usize,
-) -> Result<AttentionConfig> {
+) -> Result<usize> {
     let q_name = format!("features.{idx}.linear_query.weight");
     let d = pending.get(&q_name).map_or(0, |t| t.dim(0).unwrap_or(0));
-    if d == 0 || !channels.is_multiple_of(d) {
+    if d == 0 || d > channels {
         return Err(bad(
             q_name,
-            format!("query width {d} does not divide the {channels} channels"),
+            format!("query width {d} does not fit {channels} channels"),
         ));
     }
     for (seed, ours, rows) in [
@@ -335,11 +357,7 @@ fn import_attention(
         out.insert(format!("blocks.{block}.attention.{ours}.weight"), w);
         out.insert(format!("blocks.{block}.attention.{ours}.bias"), b);
     }
-    Ok(AttentionConfig {
-        kind: AttentionKind::Softmax,
-        reduction: channels / d,
-        zero_init_out: false,
-    })
+    Ok(d)
 }
 
 /// The classifier: a chain of Linear layers, the first of which sees the c x p x p pooled map.
@@ -504,4 +522,37 @@ pub fn export_seed_layout(
         }
     }
     Ok(out)
+}
+
+/// Collapses the head's adaptive pool for inputs whose last feature map is 1x1 (32x32 images
+/// through five pools): the pool then copies that value to all p x p positions, so the first
+/// Linear (`head.fc1`, or `head.logits` without hidden layers) sees each channel p² times and
+/// can sum its weights over the positions. The result, with a pool-1 head, gives the same
+/// logits on such inputs from a [out, c] weight instead of [out, c·p²]. Errors unless the head
+/// pools to p > 1 and the first Linear has its [out, c·p²] shape; other tensors are kept.
+pub fn collapse_fc1(
+    config: &VggConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(VggConfig, HashMap<String, Tensor>)> {
+    let p = config.head.pool;
+    if p < 2 {
+        return Err(Error::Config(format!(
+            "collapse_fc1 needs a head that pools to p x p with p > 1 (as ImageNet's 7), this one pools to {p} x {p}"
+        )));
+    }
+    let name = if config.head.hidden.is_empty() {
+        "head.logits.weight"
+    } else {
+        "head.fc1.weight"
+    };
+    let w = tensors
+        .get(name)
+        .ok_or_else(|| bad(name, "missing (the first Linear of the head, to collapse)"))?;
+    let (rows, c) = (w.dim(0).unwrap_or(0), config.out_channels());
+    expect_dims(name, w, &[rows, c * p * p])?;
+    let mut out = tensors.clone();
+    out.insert(name.to_string(), w.reshape((rows, c, p * p))?.sum(2)?);
+    let mut config = config.clone();
+    config.head.pool = 1;
+    Ok((config, out))
 }

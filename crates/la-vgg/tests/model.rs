@@ -664,3 +664,29 @@ fn whole_model_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn the_reduction_is_inferred_from_all_modules_together() {
+    // Widths / 16: block 1 has 4 channels (1-wide queries, any reduction >= 3 fits), the
+    // others pin it to 8.
+    let dev = Device::Cpu;
+    let config = VggConfig::vgg(16, 10)
+        .unwrap()
+        .with_attention(softmax())
+        .with_head(HeadConfig::cifar(None))
+        .with_width(1.0 / 16.0)
+        .unwrap();
+    assert_eq!(config.blocks[0], vec![4, 4]);
+    let (_, varmap) =
+        la_vgg::trainable(config.clone(), HashMap::new(), 0, DType::F32, &dev).unwrap();
+    let ours: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let imported = import_state_dict(export_seed_layout(&config, &ours).unwrap()).unwrap();
+    assert_eq!(imported.config.attention.unwrap().reduction, 8);
+    assert_eq!(imported.config, config);
+}
