@@ -2,6 +2,7 @@
 //! `la-attention` after the last conv of chosen blocks, as the seed article does.
 //!
 //! - [`config`]: the serde config table (depth, widths, attention sites, head).
+//! - [`conv`]: the 3x3 convolution, forward and backward as im2col/col2im + GEMM on the CPU.
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
 //! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
 //! - [`io`]: weights files that carry their config, written atomically.
@@ -10,6 +11,7 @@
 //! - [`explain`]: Grad-CAM on any block's output.
 
 pub mod config;
+pub mod conv;
 pub mod explain;
 pub mod import;
 pub mod io;

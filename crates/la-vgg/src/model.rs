@@ -5,17 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_nn::{BatchNorm, Init, Linear, VarBuilder};
 use la_attention::SpatialAttention;
 use rand::Rng;
 
 use crate::config::VggConfig;
+use crate::conv::Conv3x3;
 use crate::{Error, Result};
 
 /// One block: convs, optional attention, then the pool.
 #[derive(Clone, Debug)]
 struct Block {
-    convs: Vec<Conv2d>,
+    convs: Vec<Conv3x3>,
     norms: Vec<BatchNorm>,
     attention: Option<SpatialAttention>,
 }
@@ -51,10 +52,6 @@ impl Vgg {
             fan: candle_nn::init::FanInOut::FanOut,
             non_linearity: candle_nn::init::NonLinearity::ReLU,
         };
-        let conv_cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let mut blocks = Vec::with_capacity(config.blocks.len());
         let mut channels = config.in_channels;
         for (i, widths) in config.blocks.iter().enumerate() {
@@ -66,7 +63,7 @@ impl Vgg {
                 let weight =
                     vb_conv.get_with_hints((width, channels, 3, 3), "weight", conv_init)?;
                 let bias = vb_conv.get_with_hints(width, "bias", Init::Const(0.0))?;
-                convs.push(Conv2d::new(weight, Some(bias), conv_cfg));
+                convs.push(Conv3x3::new(weight, Some(bias)));
                 if config.batch_norm {
                     let bn = candle_nn::batch_norm(width, 1e-5, vb_block.pp(format!("norms.{j}")))?;
                     norms.push(bn);

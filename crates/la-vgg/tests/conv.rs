@@ -1,0 +1,213 @@
+//! The GEMM 3x3 conv against Candle's own conv2d (values and gradients) and finite differences.
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use la_vgg::conv::Conv3x3;
+
+/// (batch, c_in, c_out, h, w): odd, 1x1, non-square, one task per image, several images per
+/// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles.
+const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+    (1, 3, 1, 1, 1),
+    (3, 3, 16, 1, 1),
+    (1, 8, 16, 5, 7),
+    (3, 17, 33, 5, 7),
+    (3, 8, 1, 8, 8),
+    (1, 17, 33, 13, 2),
+    (3, 3, 16, 32, 32),
+    (2, 3, 8, 40, 36),
+    (1, 2, 3, 3, 1030),
+    (5, 8, 16, 2, 2),
+];
+
+fn randn(dtype: DType, shape: &[usize]) -> Tensor {
+    Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest difference, relative to the reference's largest magnitude (at least 1).
+fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
+    assert_eq!(ours.dims(), reference.dims());
+    let (a, b) = (values(ours), values(reference));
+    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// Candle's conv2d with the same parameters, plus the bias as candle-nn adds it.
+fn candle_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let y = x.conv2d(w, 1, 1, 1, 1).unwrap();
+    match b {
+        Some(b) => y
+            .broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap())
+            .unwrap(),
+        None => y,
+    }
+}
+
+#[test]
+fn forward_matches_candle_conv2d() {
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-10)] {
+        for (k, &(b, ci, co, h, w)) in SHAPES.iter().enumerate() {
+            let x = randn(dtype, &[b, ci, h, w]);
+            let weight = randn(dtype, &[co, ci, 3, 3]);
+            let bias = (k % 2 == 0).then(|| randn(dtype, &[co]));
+            let ours = Conv3x3::new(weight.clone(), bias.clone())
+                .forward(&x)
+                .unwrap();
+            let reference = candle_conv(&x, &weight, bias.as_ref());
+            let err = rel_err(&ours, &reference);
+            assert!(
+                err < tol,
+                "{dtype:?} {:?}: error {err:e}",
+                (b, ci, co, h, w)
+            );
+        }
+    }
+}
+
+#[test]
+fn forward_accepts_non_contiguous_input() {
+    let x = randn(DType::F32, &[2, 4, 7, 5]).transpose(2, 3).unwrap();
+    assert!(!x.is_contiguous());
+    let weight = randn(DType::F32, &[6, 4, 3, 3]);
+    let ours = Conv3x3::new(weight.clone(), None).forward(&x).unwrap();
+    let reference = candle_conv(&x.contiguous().unwrap(), &weight, None);
+    assert!(rel_err(&ours, &reference) < 1e-4);
+}
+
+#[test]
+fn other_dtypes_fall_back_to_candle() {
+    let x = randn(DType::F16, &[2, 3, 6, 5]);
+    let weight = randn(DType::F16, &[4, 3, 3, 3]);
+    let bias = randn(DType::F16, &[4]);
+    let ours = Conv3x3::new(weight.clone(), Some(bias.clone()))
+        .forward(&x)
+        .unwrap();
+    assert_eq!(ours.dtype(), DType::F16);
+    let reference = candle_conv(&x, &weight, Some(&bias));
+    assert_eq!(values(&ours), values(&reference));
+}
+
+#[test]
+fn gradients_match_candle_conv2d() {
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-9)] {
+        for (k, &(b, ci, co, h, w)) in SHAPES.iter().enumerate() {
+            let x = Var::from_tensor(&randn(dtype, &[b, ci, h, w])).unwrap();
+            let weight = Var::from_tensor(&randn(dtype, &[co, ci, 3, 3])).unwrap();
+            let bias = Var::from_tensor(&randn(dtype, &[co])).unwrap();
+            let with_bias = k % 3 != 1;
+            let probe = randn(dtype, &[b, co, h, w]);
+            let grads = |out: Tensor| {
+                let g = (out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                [&x, &weight, &bias].map(|v| g.get(v.as_tensor()).cloned())
+            };
+            let b_ours = with_bias.then(|| bias.as_tensor().clone());
+            let conv = Conv3x3::new(weight.as_tensor().clone(), b_ours);
+            let ours = grads(conv.forward(x.as_tensor()).unwrap());
+            let reference = grads(candle_conv(
+                x.as_tensor(),
+                weight.as_tensor(),
+                with_bias.then_some(bias.as_tensor()),
+            ));
+            for (name, (o, r)) in ["input", "weight", "bias"]
+                .iter()
+                .zip(ours.iter().zip(&reference))
+            {
+                let (o, r) = match (o, r) {
+                    (Some(o), Some(r)) => (o, r),
+                    (None, None) => continue,
+                    _ => panic!("grad {name}: ours {o:?}, candle {r:?}"),
+                };
+                let err = rel_err(o, r);
+                assert!(
+                    err < tol,
+                    "{dtype:?} {:?} grad {name}: error {err:e}",
+                    (b, ci, co, h, w)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_untracked_input_gets_no_gradient() {
+    // The images into the first conv: their gradient is skipped, the others are unchanged.
+    let x = randn(DType::F64, &[3, 3, 6, 5]);
+    let weight = Var::from_tensor(&randn(DType::F64, &[4, 3, 3, 3])).unwrap();
+    let bias = Var::from_tensor(&randn(DType::F64, &[4])).unwrap();
+    let probe = randn(DType::F64, &[3, 4, 6, 5]);
+    let conv = Conv3x3::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+    let ours = (conv.forward(&x).unwrap() * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let reference = (candle_conv(&x, weight.as_tensor(), Some(bias.as_tensor())) * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(ours.get(&x).is_none());
+    for v in [&weight, &bias] {
+        let (o, r) = (ours.get(v.as_tensor()), reference.get(v.as_tensor()));
+        assert!(rel_err(o.unwrap(), r.unwrap()) < 1e-9);
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn(DType::F64, &[2, 2, 3, 4])).unwrap();
+    let weight = Var::from_tensor(&randn(DType::F64, &[3, 2, 3, 3])).unwrap();
+    let bias = Var::from_tensor(&randn(DType::F64, &[3])).unwrap();
+    let probe = randn(DType::F64, &[2, 3, 3, 4]);
+    let loss = || {
+        let conv = Conv3x3::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+        (conv.forward(x.as_tensor()).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    for var in [&x, &weight, &bias] {
+        let analytic = values(grads.get(var.as_tensor()).unwrap());
+        let base = values(var.as_tensor());
+        let shape = var.as_tensor().shape().clone();
+        for idx in 0..base.len() {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, shape.clone(), &dev).unwrap())
+                    .unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+            var.set(&Tensor::from_vec(base.clone(), shape.clone(), &dev).unwrap())
+                .unwrap();
+            assert!(
+                (numeric - analytic[idx]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "{shape:?}[{idx}]: numeric {numeric} vs analytic {}",
+                analytic[idx]
+            );
+        }
+    }
+}
