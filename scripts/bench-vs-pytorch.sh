@@ -8,8 +8,8 @@ py=${1:-.venv-torch/bin/python}
 threads=${THREADS:-2}
 cargo build --release -q -p la-cli
 la=target/release/la-cli
-rate() { grep '^images/s:' | tail -n 1 | awk '{print $2}'; }
-rss() { grep '^peak RSS:' | tail -n 1 | awk '{print $3}'; }
+rate() { grep '^images/s:' | tail -n 1 | awk '{print $2}' || true; }
+rss() { grep '^peak RSS:' | tail -n 1 | awk '{print $3}' || true; }
 
 row() { # name, torch args, la args
     local name=$1 targs=$2 largs=$3 t l tr lr

@@ -155,7 +155,7 @@ fn train_eval_predict_explain_and_resume_on_digits() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("359 images of digits")
+        text.contains("359 images of digits (the run's validation data")
             && text.contains("top-1")
             && text.contains("per-class accuracy"),
         "{text}"

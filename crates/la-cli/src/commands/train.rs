@@ -75,7 +75,9 @@ pub struct Options {
     /// [default: softmax]
     #[arg(long, value_enum)]
     pub attention: Option<AttentionArg>,
-    /// Start attention modules as the identity (output projection zero).
+    /// Start attention modules as the identity (output projection zero) [default: true].
+    /// With Kaiming-initialised output projections (`false`, the seed's advice) every block
+    /// adds a large random residual at step 0, and VGG16 from scratch barely learns.
     #[arg(long)]
     pub zero_init_attention: Option<bool>,
     /// [default: cifar]
@@ -93,7 +95,7 @@ pub struct Options {
     /// Input side in pixels [default: 32].
     #[arg(long)]
     pub size: Option<usize>,
-    /// [default: 15]
+    /// [default: 6]
     #[arg(long)]
     pub epochs: Option<usize>,
     /// [default: 64]
@@ -274,7 +276,7 @@ impl Resolved {
         self.o.size.unwrap_or(32)
     }
     fn epochs(&self) -> usize {
-        self.o.epochs.unwrap_or(15)
+        self.o.epochs.unwrap_or(6)
     }
     fn batch_size(&self) -> usize {
         self.o.batch_size.unwrap_or(64)
@@ -540,7 +542,7 @@ fn model_and_weights(
             bn: r.bn(),
             attention: r.attention(),
             reduction: 8,
-            zero_init_attention: r.o.zero_init_attention.unwrap_or(false),
+            zero_init_attention: r.o.zero_init_attention.unwrap_or(true),
             head: r.head(),
             hidden: r.o.hidden,
             classes,
@@ -559,7 +561,7 @@ fn model_and_weights(
             config = config.with_attention(kind.map(|k| la_attention::AttentionConfig {
                 kind: k,
                 reduction: 8,
-                zero_init_out: r.o.zero_init_attention.unwrap_or(false),
+                zero_init_out: r.o.zero_init_attention.unwrap_or(true),
             }));
             tensors.retain(|name, _| !name.contains(".attention."));
         }
