@@ -103,9 +103,9 @@ pub fn run(args: Args) -> Result<()> {
         report.count,
         data.name(),
         if args.run.is_some() {
-            "validation split of the run"
+            "the run's validation data: the test split, or the held-out part"
         } else {
-            "test split"
+            "the test split, or the held-out part"
         }
     );
     println!(
