@@ -350,6 +350,23 @@ fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
         "pretrained weights keep their normalisation"
     );
 
+    // Flags that contradict the file's architecture are refused, naming both.
+    let out = la_cli(&[
+        "train",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--arch",
+        "vgg11",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("holds a vgg16")
+            && err.contains("vgg11")
+            && err.contains("vgg16_la_tiny.safetensors"),
+        "{err}"
+    );
+
     // A file whose classes differ gets a new last layer, and says so: a 3-class image folder.
     let folder = dir.join("folder");
     for (c, name) in ["cat", "dog", "fox"].iter().enumerate() {

@@ -553,6 +553,27 @@ fn model_and_weights(
     };
     let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
     let mut config = weights.config.clone();
+    // The file decides the architecture; a flag that says otherwise is a mistake to report.
+    let file_arch = config.arch_name();
+    let conflicts = [
+        r.o.arch
+            .map(|a| format!("vgg{}", a.depth()))
+            .filter(|a| !file_arch.starts_with(&format!("{a}_")) && file_arch != *a)
+            .map(|a| format!("--arch {a}")),
+        r.o.bn
+            .filter(|&bn| bn != config.batch_norm)
+            .map(|bn| format!("--bn {bn}")),
+        r.o.width
+            .filter(|&w| w != 1.0)
+            .map(|w| format!("--width {w}")),
+    ];
+    if let Some(flag) = conflicts.into_iter().flatten().next() {
+        bail!(
+            "{} holds a {file_arch} (widths {:?}); {flag} asks for another architecture. Drop the flag: the weights file decides the architecture",
+            path.display(),
+            config.blocks.iter().map(|b| b[0]).collect::<Vec<_>>()
+        );
+    }
     let mut tensors = weights.tensors;
     // The attention flag may add modules to a file without them (fresh, seeded).
     if let Some(kind) = r.o.attention.map(|a| a.kind()) {
