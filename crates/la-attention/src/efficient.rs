@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::ops::softmax;
 
-/// q, k: [b, n, d]; v: [b, n, c] -> [b, n, c].
+/// Channel-first: q, k: [b, d, n]; v: [b, c, n] -> [b, c, n].
 pub fn efficient_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
     let work = if dtype == DType::F64 {
@@ -14,8 +14,8 @@ pub fn efficient_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::R
         DType::F32
     };
     let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
-    let q = softmax(&q, 2)?; // over channels, per position
-    let k = softmax(&k, 1)?; // over positions, per channel
-    let context = k.t()?.matmul(&v)?; // [b, d, c]
-    q.matmul(&context)?.to_dtype(dtype)
+    let q = softmax(&q, 1)?; // over channels, per position
+    let k = softmax(&k, 2)?; // over positions, per channel
+    let context = k.matmul(&v.t()?)?; // [b, d, c]
+    context.t()?.matmul(&q)?.to_dtype(dtype)
 }

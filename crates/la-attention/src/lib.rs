@@ -219,15 +219,36 @@ impl SpatialAttention {
     }
 }
 
+/// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n]:
+/// W x + b as one batched product, without moving the channels last.
+fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let b = x.dim(0)?;
+    let y = lin.weight().broadcast_left(b)?.matmul(x)?;
+    match lin.bias() {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1))?),
+        None => Ok(y),
+    }
+}
+
 impl Module for SpatialAttention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = Self::tokens(x)?;
-        let q = self.query.forward(&tokens)?;
-        let k = self.key.forward(&tokens)?;
-        let v = self.value.forward(&tokens)?;
+        if self.kind == AttentionKind::Softmax {
+            // The fused kernel works on token-major rows.
+            let tokens = Self::tokens(x)?;
+            let q = self.query.forward(&tokens)?;
+            let k = self.key.forward(&tokens)?;
+            let v = self.value.forward(&tokens)?;
+            let mixed = softmax::softmax_attention(&q, &k, &v, self.scale)?;
+            let out = self.out.forward(&mixed)?; // [b, n, c]
+            return x + out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        }
+        // The linear kinds stay channel-first: a [b, c, h, w] map is already [b, c, n].
+        let map = x.reshape((b, c, h * w))?;
+        let q = project_channels(&self.query, &map)?;
+        let k = project_channels(&self.key, &map)?;
+        let v = project_channels(&self.value, &map)?;
         let mixed = match self.kind {
-            AttentionKind::Softmax => softmax::softmax_attention(&q, &k, &v, self.scale)?,
             AttentionKind::Linear => linear::linear_attention(
                 &q,
                 &k,
@@ -239,8 +260,8 @@ impl Module for SpatialAttention {
                 linear::linear_attention(&q, &k, &v, linear::FeatureMap::Relu, linear::RELU_EPS)?
             }
             AttentionKind::Efficient => efficient::efficient_attention(&q, &k, &v)?,
+            AttentionKind::Softmax => unreachable!("handled above"),
         };
-        let out = self.out.forward(&mixed)?; // [b, n, c]
-        x + out.transpose(1, 2)?.reshape((b, c, h, w))?
+        x + project_channels(&self.out, &mixed)?.reshape((b, c, h, w))?
     }
 }

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::ops::{elu_plus_one, sum_tokens};
+use crate::ops::elu_plus_one;
 
 /// Katharopoulos et al.'s epsilon in the denominator.
 pub const ELU_EPS: f64 = 1e-6;
@@ -30,7 +30,8 @@ impl FeatureMap {
     }
 }
 
-/// q, k: [b, n, d]; v: [b, n, c] -> [b, n, c]. Computed in f32 (or f64) whatever the input dtype.
+/// Channel-first, as the feature map is stored (no token transposes): q, k: [b, d, n];
+/// v: [b, c, n] -> [b, c, n]. Computed in f32 (or f64) whatever the input dtype.
 pub fn linear_attention(
     q: &Tensor,
     k: &Tensor,
@@ -46,9 +47,9 @@ pub fn linear_attention(
     };
     let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
     let (q, k) = (phi.apply(&q)?, phi.apply(&k)?);
-    let context = k.t()?.matmul(&v)?; // [b, d, c]
-    let numerator = q.matmul(&context)?; // [b, n, c]
-    let key_sum = sum_tokens(&k)?; // [b, 1, d]
-    let denominator = (q.broadcast_mul(&key_sum)?.sum_keepdim(2)? + eps)?; // [b, n, 1]
+    let context = k.matmul(&v.t()?)?; // [b, d, c] = sum_j phi(k_j) v_j^T
+    let numerator = context.t()?.matmul(&q)?; // [b, c, n]
+    let key_sum = k.sum_keepdim(2)?; // [b, d, 1]
+    let denominator = (q.broadcast_mul(&key_sum)?.sum_keepdim(1)? + eps)?; // [b, 1, n]
     numerator.broadcast_div(&denominator)?.to_dtype(dtype)
 }

@@ -19,8 +19,3 @@ pub fn softmax<Dim: candle_core::shape::Dim + Copy>(
 pub fn elu_plus_one(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.relu()? + xs.minimum(0.0)?.exp()?
 }
-
-/// Sum over the token axis (1) of [b, n, x], keeping it: [b, 1, x].
-pub fn sum_tokens(xs: &Tensor) -> candle_core::Result<Tensor> {
-    xs.sum_keepdim(1)
-}

@@ -158,14 +158,3 @@ pub fn open_data(
         }
     })
 }
-
-/// The evaluation split of `kind` alone (the test split, or the held-out part).
-pub fn open_eval_data(
-    kind: DataKind,
-    dir: Option<&Path>,
-    val_dir: Option<&Path>,
-    val_fraction: f64,
-    seed: u64,
-) -> Result<Arc<dyn Dataset>> {
-    Ok(open_data(kind, dir, val_dir, val_fraction, seed, false)?.val)
-}

@@ -218,6 +218,8 @@ impl Trainer {
             device,
         )?;
         let optimizer = Self::optimizer(&info, &varmap, pretrained);
+        // A directory without a checkpoint may hold the log of a run that never finished an epoch.
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         Ok(Self {
             info,
             state,
@@ -242,6 +244,12 @@ impl Trainer {
         let pretrained: HashSet<String> = ckpt.state.pretrained.iter().cloned().collect();
         let mut optimizer = Self::optimizer(&ckpt.info, &varmap, pretrained);
         optimizer.load_state(ckpt.optimizer, ckpt.optimizer_steps)?;
+        // Steps of an epoch cut short are in metrics.jsonl already and will be redone: mark
+        // where the log resumes.
+        metrics::append_jsonl(
+            run_dir,
+            &serde_json::json!({"type": "resume", "epoch": ckpt.state.epoch, "step": ckpt.state.step}),
+        )?;
         Ok(Self {
             info: ckpt.info,
             state: ckpt.state,
@@ -386,17 +394,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes checkpoint.safetensors, last.safetensors (and best.safetensors), the CSV and
-    /// the curves, each atomically.
+    /// Writes last.safetensors (and best.safetensors), the CSV, the curves and then
+    /// checkpoint.safetensors, each atomically. The checkpoint goes last because it is what
+    /// commits the epoch: after a crash in between, resuming redoes the epoch and rewrites
+    /// the others.
     pub fn save(&self, is_best: bool) -> Result<()> {
         let tensors = self.tensors()?;
-        checkpoint::save_checkpoint(
-            &self.run_dir,
-            &self.info,
-            &self.state,
-            &tensors,
-            self.optimizer.state(),
-        )?;
         let meta = checkpoint::model_metadata(&self.info, &self.state)?;
         let norm = Some(self.info.normalization);
         la_vgg::save_weights(
@@ -417,6 +420,13 @@ impl Trainer {
         }
         metrics::write_csv(&self.run_dir, &self.state.history)?;
         plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;
+        checkpoint::save_checkpoint(
+            &self.run_dir,
+            &self.info,
+            &self.state,
+            &tensors,
+            self.optimizer.state(),
+        )?;
         Ok(())
     }
 

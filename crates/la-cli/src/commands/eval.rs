@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use la_data::{Loader, LoaderConfig};
 
-use crate::data_args::{open_eval_data, DataKind};
+use crate::data_args::{open_data, DataKind};
 use crate::device::{parse_device, set_threads};
 use crate::model_file::load_model;
 
@@ -24,8 +24,8 @@ pub struct Args {
     data: Option<DataKind>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
     /// Where confusion.csv and confusion.png go [default: the run directory, or beside the weights].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     set_threads(args.threads)?;
     let device = parse_device(&args.device)?;
-    let (weights, data, data_dir, val_fraction, seed) = match &args.run {
+    let (weights, data, data_dir, val_dir, val_fraction, seed, skip_bad) = match &args.run {
         Some(run) => {
             let text = std::fs::read_to_string(run.join("options.json")).with_context(|| {
                 format!("{}: not a run directory (no options.json)", run.display())
@@ -52,8 +52,10 @@ pub fn run(args: Args) -> Result<()> {
                 weights,
                 args.data.or(o.data).unwrap_or(DataKind::Digits),
                 args.data_dir.clone().or(o.data_dir),
+                o.val_dir,
                 o.val_fraction.unwrap_or(0.2),
                 o.seed.unwrap_or(0),
+                o.skip_bad.unwrap_or(false),
             )
         }
         None => {
@@ -64,11 +66,31 @@ pub fn run(args: Args) -> Result<()> {
             let data = args
                 .data
                 .context("--weights needs --data (and --data-dir)")?;
-            (weights, data, args.data_dir.clone(), 0.2, 0)
+            (weights, data, args.data_dir.clone(), None, 0.2, 0, false)
         }
     };
     let loaded = load_model(&weights, None, &device)?;
-    let dataset = open_eval_data(data, data_dir.as_deref(), None, val_fraction, seed)?;
+    // The same split as training: the run's validation folder, or its seeded held-out part.
+    let dataset = open_data(
+        data,
+        data_dir.as_deref(),
+        val_dir.as_deref(),
+        val_fraction,
+        seed,
+        skip_bad,
+    )?
+    .val;
+    if dataset.classes().len() == loaded.classes.len()
+        && dataset.classes() != loaded.classes.as_slice()
+    {
+        anyhow::bail!(
+            "{} was trained on classes {:?}, the {} data has {:?}: outputs would be matched to the wrong names",
+            weights.display(),
+            loaded.classes,
+            data.name(),
+            dataset.classes()
+        );
+    }
     if dataset.classes().len() != loaded.classes.len() {
         anyhow::bail!(
             "{} has {} classes, the {} data {}",
@@ -83,7 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         std: loaded.normalization.std,
     };
     let config = LoaderConfig {
-        batch_size: args.batch_size.max(1),
+        batch_size: args.batch_size as usize,
         shuffle: false,
         drop_last: false,
         seed: 0,
@@ -128,13 +150,15 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| weights.parent().map(PathBuf::from).unwrap_or_default());
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut csv = String::from("true\\predicted");
+    // Class names come from folder names: quote them so commas cannot shift the columns.
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     for name in &loaded.classes {
         csv.push(',');
-        csv.push_str(name);
+        csv.push_str(&quote(name));
     }
     csv.push('\n');
     for (name, row) in loaded.classes.iter().zip(&report.confusion) {
-        csv.push_str(name);
+        csv.push_str(&quote(name));
         for v in row {
             csv.push_str(&format!(",{v}"));
         }

@@ -19,8 +19,8 @@ pub struct Args {
     /// Image files (png, jpeg, bmp, webp), any size.
     #[arg(long = "image", required = true)]
     images: Vec<PathBuf>,
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    top_k: u64,
     /// Print JSON (one object per image: file, and a list of class index, name, probability).
     #[arg(long)]
     json: bool,
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let top: Vec<serde_json::Value> = order
             .iter()
-            .take(args.top_k.max(1))
+            .take(args.top_k as usize)
             .map(|&i| serde_json::json!({"class": i, "name": loaded.classes[i], "probability": probs[i]}))
             .collect();
         if !args.json {

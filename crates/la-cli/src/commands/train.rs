@@ -176,7 +176,9 @@ pub struct Args {
     config: Option<PathBuf>,
     #[arg(long, value_enum)]
     preset: Option<Preset>,
-    /// Continue the run in this directory with its saved options (and more --epochs if given).
+    /// Continue the run in this directory with its saved options. Only --epochs (to train
+    /// longer; a cosine schedule is then stretched over the new length), --device and
+    /// --threads may be given with it.
     #[arg(long, conflicts_with_all = ["config", "preset"])]
     resume: Option<PathBuf>,
 }
@@ -424,6 +426,9 @@ pub fn run(args: Args) -> Result<()> {
 
     // Data first: a missing data set fails before anything is written.
     let size = r.size();
+    if size < 32 {
+        bail!("--size {size}: VGG's five 2x2 pools need inputs of at least 32x32");
+    }
     let data = open_data(
         r.data(),
         r.o.data_dir.as_deref(),
@@ -445,11 +450,25 @@ pub fn run(args: Args) -> Result<()> {
     if r.batch_size() == 0 {
         bail!("--batch-size must be at least 1");
     }
+    // Checked before the run directory is written.
+    if data.train.len() < r.batch_size() {
+        bail!(
+            "the training split has {} images, fewer than one batch of --batch-size {}",
+            data.train.len(),
+            r.batch_size()
+        );
+    }
+    if data.val.is_empty() {
+        bail!("the validation split is empty (raise --val-fraction, or give --val-dir)");
+    }
 
     let mut trainer = match &resume {
         Some(dir) => {
             let mut t = Trainer::resume(dir, &device)?;
             t.info.train.epochs = r.epochs();
+            // The options file is what the next --resume reads: keep it current.
+            let json = serde_json::to_string_pretty(&r.o)?;
+            la_vgg::io::write_atomically(&dir.join("options.json"), json.as_bytes())?;
             eprintln!(
                 "resuming {} after epoch {} (step {})",
                 dir.display(),
@@ -564,8 +583,20 @@ fn model_and_weights(
             .filter(|&bn| bn != config.batch_norm)
             .map(|bn| format!("--bn {bn}")),
         r.o.width
-            .filter(|&w| w != 1.0)
+            .filter(|&w| ((64.0 * w).round() as usize).max(1) != config.blocks[0][0])
             .map(|w| format!("--width {w}")),
+        r.o.head
+            .filter(|h| (*h == HeadArg::Imagenet) != (config.head.pool == 7))
+            .map(|h| {
+                format!(
+                    "--head {}",
+                    if h == HeadArg::Imagenet {
+                        "imagenet"
+                    } else {
+                        "cifar"
+                    }
+                )
+            }),
     ];
     if let Some(flag) = conflicts.into_iter().flatten().next() {
         bail!(
