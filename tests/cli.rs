@@ -411,3 +411,94 @@ fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
     assert_eq!(trained.metadata["classes"], r#"["cat","dog","fox"]"#);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn device_auto_falls_back_to_the_cpu_with_a_notice() {
+    let dir = temp("auto");
+    let png = digit_png(&dir);
+    let weights = fixture("golden/vgg16_la_tiny.safetensors");
+    let out = la_cli(&[
+        "predict",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--size",
+        "32",
+        "--device",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let notes: Vec<String> = stderr(&out)
+        .lines()
+        .filter(|l| l.contains("using the CPU"))
+        .map(String::from)
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A one-shot HTTP server on 127.0.0.1 answering every request with `status` and `body`.
+fn serve(status: &'static str, body: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, handle)
+}
+
+#[test]
+fn data_fetch_checks_the_archive_and_leaves_nothing_behind() {
+    let dir = temp("fetch");
+    // A server that answers with the wrong bytes: the MD5 check must reject them.
+    let (url, server) = serve("200 OK", b"not the CIFAR-10 archive".to_vec());
+    let out = la_cli(&[
+        "data",
+        "fetch",
+        "cifar10",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--base-url",
+        &url,
+    ]);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out).to_lowercase();
+    assert!(err.contains("md5") || err.contains("checksum"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "files left behind"
+    );
+    // A 404 names the URL.
+    let (url, server) = serve("404 Not Found", b"no".to_vec());
+    let out = la_cli(&[
+        "data",
+        "fetch",
+        "cifar100",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--base-url",
+        &url,
+    ]);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "files left behind"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

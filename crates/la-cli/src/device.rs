@@ -17,6 +17,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cuda" => cuda(0),
         "auto" => {
             if !candle_core::utils::cuda_is_available() {
+                eprintln!("note: no CUDA device (this la-cli was built without the `cuda` feature); using the CPU");
                 return Ok(Device::Cpu);
             }
             match Device::new_cuda(0) {
