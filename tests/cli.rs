@@ -231,6 +231,15 @@ fn train_eval_predict_explain_and_resume_on_digits() {
     );
     assert!(image::open(&att).is_ok());
 
+    // Resuming refuses options that would change the run.
+    let out = la_cli(&["train", "--resume", run.to_str().unwrap(), "--lr", "0.1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--lr cannot change a run being resumed"),
+        "{}",
+        stderr(&out)
+    );
+
     // Resume for one more epoch.
     let out = la_cli(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));

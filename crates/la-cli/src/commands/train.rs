@@ -395,6 +395,13 @@ pub fn run(args: Args) -> Result<()> {
                     path.display()
                 )
             })?;
+            // Anything but a longer run or other machine settings would change the run.
+            let given = serde_json::to_value(&args.options)?;
+            if let Some((flag, _)) = given.as_object().into_iter().flatten().find(|(k, v)| {
+                !v.is_null() && !matches!(k.as_str(), "epochs" | "device" | "threads")
+            }) {
+                bail!("--{flag} cannot change a run being resumed: only --epochs, --device and --threads may be given with --resume");
+            }
             let saved: Options = serde_json::from_str(&text)
                 .with_context(|| format!("{}: malformed options", path.display()))?;
             // Only a longer run and the machine-related settings may change on resume.
