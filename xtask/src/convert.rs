@@ -179,43 +179,14 @@ pub fn prepare(
         drop_prefix(&mut tensors, "head.");
         notes.push("the classifier is replaced by a CIFAR head (global pool, one Linear)".into());
     }
-    if let Some(n) = opts.classes {
-        config.num_classes = n as usize;
-        drop_prefix(&mut tensors, "head.logits.");
-        notes.push(format!("a new last layer with {n} outputs"));
-    }
-    let source_attention = config
-        .attention
-        .filter(|_| !config.attention_blocks.is_empty());
-    match (source_attention, opts.attention.0) {
-        (Some(a), Some(kind)) if a.kind == kind => {
-            // The source's own modules (the seed's softmax attention): kept where they are.
-            config.attention = Some(AttentionConfig {
-                zero_init_out: opts.zero_init_attention,
-                ..a
-            });
-            notes.push(format!(
-                "the source's {kind} attention modules (blocks {:?}) are kept",
-                config.attention_blocks
-            ));
-        }
-        (source_attention, target) => {
-            if let Some(a) = source_attention {
-                notes.push(format!(
-                    "the source's {} attention modules are dropped{}",
-                    a.kind,
-                    target.map_or(String::new(), |k| format!(" for fresh {k} ones"))
-                ));
-            }
-            tensors.retain(|name, _| !name.contains(".attention."));
-            config = config.with_attention(target.map(|kind| AttentionConfig {
-                kind,
-                reduction: 8,
-                zero_init_out: opts.zero_init_attention,
-            }));
-        }
-    }
-    la_vgg::io::check_tensors_subset(&config, &tensors)?;
+    let wanted = opts.attention.0.map(|kind| AttentionConfig {
+        kind,
+        reduction: 8,
+        zero_init_out: opts.zero_init_attention,
+    });
+    let (config, tensors, adapted) =
+        la_vgg::import::adapt(config, tensors, wanted, opts.classes.map(|n| n as usize))?;
+    notes.extend(adapted);
     let fresh: Vec<String> = la_vgg::io::expected_shapes(&config)
         .into_keys()
         .filter(|name| !tensors.contains_key(name))

@@ -73,10 +73,14 @@ impl LoadedModel {
     pub fn prepare(&self, path: &Path) -> Result<(Tensor, Image)> {
         let image = la_data::folder::decode_image(path)?;
         let pipeline = self.pipeline();
+        // The evaluation transforms draw nothing at random; the generator only fills the slot.
         let mut rng = la_data::rng::sample_rng(0, 0, 0);
-        let seen = pipeline.augment(image.clone(), &mut rng)?;
-        let mut rng = la_data::rng::sample_rng(0, 0, 0);
-        let (chw, h, w) = pipeline.process(image, &mut rng)?;
+        let seen = pipeline.augment(image, &mut rng)?;
+        let (chw, h, w) = (
+            pipeline.normalization().to_chw(&seen),
+            seen.height,
+            seen.width,
+        );
         let tensor = Tensor::from_vec(chw, (1, 3, h, w), &Device::Cpu)?.to_device(&self.device)?;
         self.model.check_input(&tensor)?;
         Ok((tensor, seen))

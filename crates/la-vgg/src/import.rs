@@ -50,6 +50,30 @@ fn bad(tensor: impl Into<String>, reason: impl Into<String>) -> Error {
     }
 }
 
+/// A tensor as f32 (f16, bf16 and f64 are converted), rejected when its dtype is not a float
+/// or it holds NaN or infinite values.
+pub(crate) fn float32(name: &str, t: Tensor) -> Result<Tensor> {
+    let t = match t.dtype() {
+        DType::F32 => t,
+        DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+        other => {
+            return Err(bad(
+                name,
+                format!("has dtype {other:?}, expected a float type"),
+            ))
+        }
+    };
+    let finite = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|x| x.is_finite());
+    if !finite {
+        return Err(bad(name, "contains NaN or infinite values"));
+    }
+    Ok(t)
+}
+
 /// Guesses the layout from the names present.
 pub fn detect_layout(tensors: &HashMap<String, Tensor>) -> Result<SourceLayout> {
     let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
@@ -86,24 +110,7 @@ pub fn import_state_dict(tensors: HashMap<String, Tensor>) -> Result<Imported> {
         if name.ends_with("num_batches_tracked") {
             continue; // a BatchNorm counter, not a weight
         }
-        let t = match t.dtype() {
-            DType::F32 => t,
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            other => {
-                return Err(bad(
-                    name,
-                    format!("has dtype {other:?}, expected a float type"),
-                ))
-            }
-        };
-        let finite = t
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|x| x.is_finite());
-        if !finite {
-            return Err(bad(name, "contains NaN or infinite values"));
-        }
+        let t = float32(&name, t)?;
         pending.insert(name, t);
     }
     let mut out = HashMap::new();
@@ -555,4 +562,52 @@ pub fn collapse_fc1(
     let mut config = config.clone();
     config.head.pool = 1;
     Ok((config, out))
+}
+
+/// Adapts a loaded model before it is trained or saved again: `attention` is the attention
+/// wanted (None: no modules), `classes` asks for a fresh last layer with that many outputs.
+/// Modules of the kind already there are kept (with `attention`'s `zero_init_out` recorded);
+/// those of another kind are dropped and the removed tensors are left for seeded
+/// initialisation. Returns the new config, the tensors kept, and notes for the user.
+pub fn adapt(
+    mut config: VggConfig,
+    mut tensors: HashMap<String, Tensor>,
+    attention: Option<AttentionConfig>,
+    classes: Option<usize>,
+) -> Result<(VggConfig, HashMap<String, Tensor>, Vec<String>)> {
+    let mut notes = Vec::new();
+    if let Some(n) = classes {
+        config.num_classes = n;
+        tensors.retain(|name, _| !name.starts_with("head.logits."));
+        notes.push(format!("a new last layer with {n} outputs"));
+    }
+    let source = config
+        .attention
+        .filter(|_| !config.attention_blocks.is_empty());
+    match (source, attention) {
+        (Some(a), Some(wanted)) if a.kind == wanted.kind => {
+            config.attention = Some(AttentionConfig {
+                zero_init_out: wanted.zero_init_out,
+                ..a
+            });
+            notes.push(format!(
+                "the source's {} attention modules (blocks {:?}) are kept",
+                a.kind, config.attention_blocks
+            ));
+        }
+        (None, None) => {}
+        (source, wanted) => {
+            if let Some(a) = source {
+                notes.push(format!(
+                    "the source's {} attention modules are dropped{}",
+                    a.kind,
+                    wanted.map_or(String::new(), |w| format!(" for fresh {} ones", w.kind))
+                ));
+            }
+            tensors.retain(|name, _| !name.contains(".attention."));
+            config = config.with_attention(wanted);
+        }
+    }
+    crate::io::check_tensors_subset(&config, &tensors)?;
+    Ok((config, tensors, notes))
 }

@@ -94,38 +94,20 @@ pub fn expected_shapes(config: &VggConfig) -> BTreeMap<String, Vec<usize>> {
     shapes
 }
 
-/// Checks that `tensors` are exactly the model's: no name missing or extra, every shape right.
+/// Checks that `tensors` are exactly the model's: every name present with its shape, and
+/// no other.
 pub fn check_tensors(config: &VggConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let expected = expected_shapes(config);
-    for (name, shape) in &expected {
-        match tensors.get(name) {
-            None => {
-                return Err(Error::Import {
-                    tensor: name.clone(),
-                    reason: format!("missing (a {} needs it)", config.arch_name()),
-                })
-            }
-            Some(t) if t.dims() != shape.as_slice() => {
-                return Err(Error::Import {
-                    tensor: name.clone(),
-                    reason: format!("has shape {:?}, the config says {shape:?}", t.dims()),
-                })
-            }
-            Some(_) => {}
-        }
+    check_tensors_subset(config, tensors)?;
+    match expected_shapes(config)
+        .into_keys()
+        .find(|name| !tensors.contains_key(name))
+    {
+        Some(name) => Err(Error::Import {
+            tensor: name,
+            reason: format!("missing (a {} needs it)", config.arch_name()),
+        }),
+        None => Ok(()),
     }
-    let mut extra: Vec<&String> = tensors
-        .keys()
-        .filter(|k| !expected.contains_key(*k))
-        .collect();
-    extra.sort();
-    if let Some(name) = extra.first() {
-        return Err(Error::Import {
-            tensor: name.to_string(),
-            reason: format!("is not part of a {} with this config", config.arch_name()),
-        });
-    }
-    Ok(())
 }
 
 /// Checks that every tensor of `tensors` belongs to the model with the right shape; missing
@@ -212,14 +194,7 @@ pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
 fn to_f32(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
     tensors
         .into_iter()
-        .map(|(name, t)| match t.dtype() {
-            DType::F32 => Ok((name, t)),
-            DType::F16 | DType::BF16 | DType::F64 => Ok((name, t.to_dtype(DType::F32)?)),
-            other => Err(Error::Import {
-                tensor: name,
-                reason: format!("has dtype {other:?}, expected a float type"),
-            }),
-        })
+        .map(|(name, t)| Ok((name.clone(), crate::import::float32(&name, t)?)))
         .collect()
 }
 

@@ -123,8 +123,8 @@ impl Vgg {
         self.blocks.get(block).and_then(|b| b.attention.as_ref())
     }
 
-    /// Block `i`'s convs (+ BatchNorm) + ReLUs.
-    fn block_convs(&self, i: usize, mut x: Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// Block `i`'s convs (+ BatchNorm) + ReLUs: the input of its attention module.
+    pub fn block_convs(&self, i: usize, mut x: Tensor, train: bool) -> candle_core::Result<Tensor> {
         let block = &self.blocks[i];
         for (j, conv) in block.convs.iter().enumerate() {
             x = conv.forward(&x)?;

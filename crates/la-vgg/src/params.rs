@@ -155,18 +155,7 @@ pub fn trainable(
     dtype: DType,
     device: &Device,
 ) -> Result<(Vgg, VarMap)> {
-    let expected = crate::io::expected_shapes(&config);
-    let mut unused: Vec<&String> = initial
-        .keys()
-        .filter(|k| !expected.contains_key(*k))
-        .collect();
-    unused.sort();
-    if let Some(name) = unused.first() {
-        return Err(crate::Error::Import {
-            tensor: name.to_string(),
-            reason: format!("is not part of a {} with this config", config.arch_name()),
-        });
-    }
+    crate::io::check_tensors_subset(&config, &initial)?;
     let backend = SeededVarMap::new(seed, initial);
     let varmap = backend.varmap.clone();
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());

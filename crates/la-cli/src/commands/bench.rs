@@ -159,27 +159,23 @@ fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
     let mut h = x.clone();
     let mut total = 0.0;
     for i in 0..model.config().blocks.len() {
-        let body_start = Instant::now();
-        let body = model.block_output(i, h.clone())?;
-        sync(&body)?;
-        let body_time = body_start.elapsed().as_secs_f64();
-        let attention_time = match model.attention(i) {
+        let t = Instant::now();
+        let convs = model.block_convs(i, h.clone(), false)?;
+        sync(&convs)?;
+        let convs_time = t.elapsed().as_secs_f64();
+        let (body, attention_time) = match model.attention(i) {
             Some(a) => {
-                // Time the module alone on its own input (the block's last conv output).
-                let input = model.attention_input(x, i)?;
-                sync(&input)?;
                 let t = Instant::now();
-                let out = a.forward(&input)?;
+                let out = a.forward(&convs)?;
                 sync(&out)?;
-                Some(t.elapsed().as_secs_f64())
+                (out, Some(t.elapsed().as_secs_f64()))
             }
-            None => None,
+            None => (convs, None),
         };
         let t_pool = Instant::now();
         h = la_vgg::pool::max_pool_2x2(&body)?;
         sync(&h)?;
         let pool_time = t_pool.elapsed().as_secs_f64();
-        let convs_time = body_time - attention_time.unwrap_or(0.0);
         println!(
             "  block {}: convs {:>8.2} ms{}  pool {:>6.2} ms",
             i + 1,
@@ -190,7 +186,7 @@ fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
             )),
             pool_time * 1e3
         );
-        total += body_time + pool_time;
+        total += convs_time + attention_time.unwrap_or(0.0) + pool_time;
     }
     let t = Instant::now();
     sync(&model.head(&h, false)?)?;

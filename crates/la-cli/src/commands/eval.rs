@@ -40,10 +40,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = parse_device(&args.device)?;
     let (weights, data, data_dir, val_dir, val_fraction, seed, skip_bad) = match &args.run {
         Some(run) => {
-            let text = std::fs::read_to_string(run.join("options.json")).with_context(|| {
-                format!("{}: not a run directory (no options.json)", run.display())
-            })?;
-            let o: crate::commands::train::Options = serde_json::from_str(&text)?;
+            let o = crate::commands::train::read_options(run)?;
             let weights = args
                 .weights
                 .clone()

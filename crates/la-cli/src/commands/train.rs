@@ -385,16 +385,27 @@ impl Resolved {
     }
 }
 
+/// The options a run was started (or last resumed) with: `<run>/options.json`.
+pub fn read_options(run_dir: &std::path::Path) -> Result<Options> {
+    let path = run_dir.join("options.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read the run's options; is this a run directory?",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{}: malformed options", path.display()))
+}
+
+fn write_options(run_dir: &std::path::Path, options: &Options) -> Result<()> {
+    let json = serde_json::to_string_pretty(options)?;
+    la_vgg::io::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (options, resume) = match &args.resume {
         Some(dir) => {
-            let path = dir.join("options.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "{}: cannot read the run's options; is this a run directory?",
-                    path.display()
-                )
-            })?;
             // Anything but a longer run or other machine settings would change the run.
             let given = serde_json::to_value(&args.options)?;
             if let Some((flag, _)) = given.as_object().into_iter().flatten().find(|(k, v)| {
@@ -402,8 +413,7 @@ pub fn run(args: Args) -> Result<()> {
             }) {
                 bail!("--{flag} cannot change a run being resumed: only --epochs, --device and --threads may be given with --resume");
             }
-            let saved: Options = serde_json::from_str(&text)
-                .with_context(|| format!("{}: malformed options", path.display()))?;
+            let saved = read_options(dir)?;
             // Only a longer run and the machine-related settings may change on resume.
             let mut o = saved;
             if let Some(e) = args.options.epochs {
@@ -474,8 +484,7 @@ pub fn run(args: Args) -> Result<()> {
             let mut t = Trainer::resume(dir, &device)?;
             t.info.train.epochs = r.epochs();
             // The options file is what the next --resume reads: keep it current.
-            let json = serde_json::to_string_pretty(&r.o)?;
-            la_vgg::io::write_atomically(&dir.join("options.json"), json.as_bytes())?;
+            write_options(dir, &r.o)?;
             eprintln!(
                 "resuming {} after epoch {} (step {})",
                 dir.display(),
@@ -499,8 +508,7 @@ pub fn run(args: Args) -> Result<()> {
                     .unwrap_or_else(|| PathBuf::from("runs"))
                     .join(r.run_name());
             let t = Trainer::new(&run_dir, info, initial, &device)?;
-            let json = serde_json::to_string_pretty(&r.o)?;
-            la_vgg::io::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
+            write_options(&run_dir, &r.o)?;
             t
         }
     };
@@ -578,7 +586,7 @@ fn model_and_weights(
         return Ok((args.config()?, Default::default(), normalization));
     };
     let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
-    let mut config = weights.config.clone();
+    let config = weights.config.clone();
     // The file decides the architecture; a flag that says otherwise is a mistake to report.
     let file_arch = config.arch_name();
     let conflicts = [
@@ -612,30 +620,26 @@ fn model_and_weights(
             config.blocks.iter().map(|b| b[0]).collect::<Vec<_>>()
         );
     }
-    let mut tensors = weights.tensors;
-    // The attention flag may add modules to a file without them (fresh, seeded).
-    if let Some(kind) = r.o.attention.map(|a| a.kind()) {
-        let file_kind = config.attention.map(|a| a.kind);
-        if kind != file_kind && !(kind.is_none() && config.attention_blocks.is_empty()) {
-            config = config.with_attention(kind.map(|k| la_attention::AttentionConfig {
-                kind: k,
-                reduction: 8,
-                zero_init_out: r.o.zero_init_attention.unwrap_or(true),
-            }));
-            tensors.retain(|name, _| !name.contains(".attention."));
-        }
-    }
-    if config.num_classes != classes {
+    // The attention flag may swap the file's modules for fresh ones; without it they stay.
+    let wanted = match r.o.attention {
+        Some(arg) => arg.kind().map(|kind| la_attention::AttentionConfig {
+            kind,
+            reduction: 8,
+            zero_init_out: r.o.zero_init_attention.unwrap_or(true),
+        }),
+        None => config
+            .attention
+            .filter(|_| !config.attention_blocks.is_empty()),
+    };
+    let new_classes = (config.num_classes != classes).then_some(classes);
+    if new_classes.is_some() {
         eprintln!(
             "note: {} has {} classes, the data {classes}: the last layer is replaced (fresh, seeded)",
             path.display(),
             config.num_classes
         );
-        config.num_classes = classes;
-        tensors.remove("head.logits.weight");
-        tensors.remove("head.logits.bias");
     }
-    la_vgg::io::check_tensors_subset(&config, &tensors)
+    let (config, tensors, _) = la_vgg::import::adapt(config, weights.tensors, wanted, new_classes)
         .with_context(|| format!("{} does not fit the model", path.display()))?;
     let normalization = weights.normalization.unwrap_or(Normalization::IMAGENET);
     Ok((config, tensors, normalization))
