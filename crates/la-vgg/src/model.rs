@@ -127,11 +127,10 @@ impl Vgg {
     pub fn block_convs(&self, i: usize, mut x: Tensor, train: bool) -> candle_core::Result<Tensor> {
         let block = &self.blocks[i];
         for (j, conv) in block.convs.iter().enumerate() {
-            x = conv.forward(&x)?;
-            if let Some(bn) = block.norms.get(j) {
-                x = bn.forward_t(&x, train)?;
-            }
-            x = x.relu()?;
+            x = match block.norms.get(j) {
+                Some(bn) => bn.forward_t(&conv.forward(&x)?, train)?.relu()?,
+                None => conv.forward_relu(&x)?,
+            };
         }
         Ok(x)
     }

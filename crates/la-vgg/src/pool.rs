@@ -1,6 +1,8 @@
 //! Adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
 
-use candle_core::Tensor;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Pools [b, c, h, w] to [b, c, out, out] with PyTorch's bins: output cell i averages rows
 /// floor(i h / out) .. ceil((i + 1) h / out). A 1x1 map is copied to every cell (what
@@ -55,32 +57,77 @@ pub fn max_pool_2x2(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct MaxPool2x2;
 
-/// For each output cell, the flat input index of its window's first maximum.
-fn argmax_2x2<T: candle_core::WithDType + PartialOrd>(
-    x: &[T],
-    planes: usize,
-    h: usize,
-    w: usize,
-) -> Vec<usize> {
-    let (oh, ow) = (h / 2, w / 2);
-    let mut out = Vec::with_capacity(planes * oh * ow);
-    for p in 0..planes {
-        let base = p * h * w;
-        for i in 0..oh {
-            for j in 0..ow {
-                let top = base + 2 * i * w + 2 * j;
-                let mut best = top;
-                for idx in [top + 1, top + w, top + w + 1] {
-                    // `>` keeps the first maximum; a NaN propagates as in PyTorch.
-                    if x[idx] > x[best] || x[idx].partial_cmp(&x[idx]).is_none() {
-                        best = idx;
-                    }
-                }
-                out.push(best);
-            }
+/// The flat index, within a plane of width `w`, of the first maximum of the 2x2 window whose
+/// top-left corner is `top`.
+#[inline]
+fn window_argmax<T: WithDType>(plane: &[T], top: usize, w: usize) -> usize {
+    let mut best = top;
+    for idx in [top + 1, top + w, top + w + 1] {
+        // `>` keeps the first maximum; a NaN propagates as in PyTorch.
+        if plane[idx] > plane[best] || plane[idx].partial_cmp(&plane[idx]).is_none() {
+            best = idx;
         }
     }
+    best
+}
+
+/// Planes per rayon task: whole planes, at least about 16K input elements.
+fn planes_per_task(h: usize, w: usize) -> usize {
+    (16_384 / (h * w).max(1)).max(1)
+}
+
+fn pool_forward<T: WithDType>(x: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut out = vec![T::zero(); planes * oh * ow];
+    if out.is_empty() {
+        return out;
+    }
+    let per_task = planes_per_task(h, w);
+    out.par_chunks_mut(per_task * oh * ow)
+        .zip(x.par_chunks(per_task * h * w))
+        .for_each(|(out, x)| {
+            for (out, plane) in out.chunks_exact_mut(oh * ow).zip(x.chunks_exact(h * w)) {
+                for (i, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                    for (j, o) in out_row.iter_mut().enumerate() {
+                        *o = plane[window_argmax(plane, 2 * i * w + 2 * j, w)];
+                    }
+                }
+            }
+        });
     out
+}
+
+/// Routes each output gradient, whole, to its window's first maximum; all else is zero.
+fn pool_backward<T: WithDType>(x: &[T], grad: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut grad_in = vec![T::zero(); planes * h * w];
+    if grad.is_empty() {
+        return grad_in;
+    }
+    let per_task = planes_per_task(h, w);
+    grad_in
+        .par_chunks_mut(per_task * h * w)
+        .zip(x.par_chunks(per_task * h * w))
+        .zip(grad.par_chunks(per_task * oh * ow))
+        .for_each(|((grad_in, x), grad)| {
+            let planes = grad_in.chunks_exact_mut(h * w).zip(x.chunks_exact(h * w));
+            for ((grad_in, plane), grad) in planes.zip(grad.chunks_exact(oh * ow)) {
+                for (i, grad_row) in grad.chunks_exact(ow).enumerate() {
+                    for (j, &g) in grad_row.iter().enumerate() {
+                        grad_in[window_argmax(plane, 2 * i * w + 2 * j, w)] = g;
+                    }
+                }
+            }
+        });
+    grad_in
+}
+
+/// The contiguous data of a CPU tensor.
+fn cpu_data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => candle_core::bail!("max-pool-2x2 needs a contiguous input"),
+    }
 }
 
 impl candle_core::CustomOp1 for MaxPool2x2 {
@@ -88,75 +135,45 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
         "max-pool-2x2"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("max-pool-2x2 needs a contiguous input")
-        };
-        let shape = candle_core::Shape::from((b, c, h / 2, w / 2));
+        let shape = Shape::from((b, c, h / 2, w / 2));
         let storage = match storage {
-            candle_core::CpuStorage::F32(v) => {
-                let x = &v[start..end];
-                candle_core::CpuStorage::F32(
-                    argmax_2x2(x, b * c, h, w)
-                        .into_iter()
-                        .map(|i| x[i])
-                        .collect(),
-                )
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(pool_forward(cpu_data(storage, layout)?, b * c, h, w))
             }
-            candle_core::CpuStorage::F64(v) => {
-                let x = &v[start..end];
-                candle_core::CpuStorage::F64(
-                    argmax_2x2(x, b * c, h, w)
-                        .into_iter()
-                        .map(|i| x[i])
-                        .collect(),
-                )
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(pool_forward(cpu_data(storage, layout)?, b * c, h, w))
             }
-            _ => candle_core::bail!("max-pool-2x2: unsupported dtype"),
+            _ => candle_core::bail!("max-pool-2x2: unsupported dtype {:?}", storage.dtype()),
         };
         Ok((storage, shape))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (b, c, h, w) = arg.dims4()?;
-        let grad = match arg.dtype() {
-            candle_core::DType::F32 => {
-                let x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
-                let g: Vec<f32> = grad_res
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let mut out = vec![0f32; x.len()];
-                for (k, idx) in argmax_2x2(&x, b * c, h, w).into_iter().enumerate() {
-                    out[idx] += g[k];
-                }
-                Tensor::from_vec(out, (b, c, h, w), arg.device())?
-            }
-            _ => {
-                let x: Vec<f64> = arg
-                    .to_dtype(candle_core::DType::F64)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let g: Vec<f64> = grad_res
-                    .to_dtype(candle_core::DType::F64)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let mut out = vec![0f64; x.len()];
-                for (k, idx) in argmax_2x2(&x, b * c, h, w).into_iter().enumerate() {
-                    out[idx] += g[k];
-                }
-                Tensor::from_vec(out, (b, c, h, w), arg.device())?.to_dtype(arg.dtype())?
-            }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad_res = grad_res.contiguous()?;
+        let (xs, xl) = arg.storage_and_layout();
+        let (gs, gl) = grad_res.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
+            candle_core::bail!("max-pool-2x2: expected CPU tensors")
+        };
+        fn run<T: WithDType>(
+            arg: &Tensor,
+            (xs, xl): (&CpuStorage, &Layout),
+            (gs, gl): (&CpuStorage, &Layout),
+        ) -> Result<Tensor> {
+            let (b, c, h, w) = arg.dims4()?;
+            let grad = pool_backward(cpu_data::<T>(xs, xl)?, cpu_data(gs, gl)?, b * c, h, w);
+            Tensor::from_vec(grad, arg.shape(), arg.device())
+        }
+        let grad = match (xs, gs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => run::<f32>(arg, (xs, xl), (gs, gl))?,
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => run::<f64>(arg, (xs, xl), (gs, gl))?,
+            _ => candle_core::bail!(
+                "max-pool-2x2: expected matching f32 or f64 input and gradient, got {:?} and {:?}",
+                xs.dtype(),
+                gs.dtype()
+            ),
         };
         Ok(Some(grad))
     }

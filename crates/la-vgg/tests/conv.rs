@@ -63,14 +63,19 @@ fn forward_matches_candle_conv2d() {
             let x = randn(dtype, &[b, ci, h, w]);
             let weight = randn(dtype, &[co, ci, 3, 3]);
             let bias = (k % 2 == 0).then(|| randn(dtype, &[co]));
-            let ours = Conv3x3::new(weight.clone(), bias.clone())
-                .forward(&x)
-                .unwrap();
+            let conv = Conv3x3::new(weight.clone(), bias.clone());
             let reference = candle_conv(&x, &weight, bias.as_ref());
-            let err = rel_err(&ours, &reference);
+            let err = rel_err(&conv.forward(&x).unwrap(), &reference);
             assert!(
                 err < tol,
                 "{dtype:?} {:?}: error {err:e}",
+                (b, ci, co, h, w)
+            );
+            let fused = conv.forward_relu(&x).unwrap();
+            let err = rel_err(&fused, &reference.relu().unwrap());
+            assert!(
+                err < tol,
+                "{dtype:?} {:?} + relu: error {err:e}",
                 (b, ci, co, h, w)
             );
         }
@@ -102,7 +107,12 @@ fn other_dtypes_fall_back_to_candle() {
 
 #[test]
 fn gradients_match_candle_conv2d() {
-    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-9)] {
+    for (dtype, tol, relu) in [
+        (DType::F32, 1e-4, false),
+        (DType::F64, 1e-9, false),
+        (DType::F32, 1e-4, true),
+        (DType::F64, 1e-9, true),
+    ] {
         for (k, &(b, ci, co, h, w)) in SHAPES.iter().enumerate() {
             let x = Var::from_tensor(&randn(dtype, &[b, ci, h, w])).unwrap();
             let weight = Var::from_tensor(&randn(dtype, &[co, ci, 3, 3])).unwrap();
@@ -120,12 +130,22 @@ fn gradients_match_candle_conv2d() {
             };
             let b_ours = with_bias.then(|| bias.as_tensor().clone());
             let conv = Conv3x3::new(weight.as_tensor().clone(), b_ours);
-            let ours = grads(conv.forward(x.as_tensor()).unwrap());
-            let reference = grads(candle_conv(
+            let reference = candle_conv(
                 x.as_tensor(),
                 weight.as_tensor(),
                 with_bias.then_some(bias.as_tensor()),
-            ));
+            );
+            let (ours, reference) = if relu {
+                (
+                    grads(conv.forward_relu(x.as_tensor()).unwrap()),
+                    grads(reference.relu().unwrap()),
+                )
+            } else {
+                (
+                    grads(conv.forward(x.as_tensor()).unwrap()),
+                    grads(reference),
+                )
+            };
             for (name, (o, r)) in ["input", "weight", "bias"]
                 .iter()
                 .zip(ours.iter().zip(&reference))
@@ -138,7 +158,7 @@ fn gradients_match_candle_conv2d() {
                 let err = rel_err(o, r);
                 assert!(
                     err < tol,
-                    "{dtype:?} {:?} grad {name}: error {err:e}",
+                    "{dtype:?} {:?} relu {relu} grad {name}: error {err:e}",
                     (b, ci, co, h, w)
                 );
             }

@@ -577,6 +577,39 @@ fn max_pool_matches_candle_forward_and_routes_gradients_to_the_maximum() {
         .unwrap();
     assert_eq!(grad.iter().sum::<f64>(), 2.0 * 3.0 * 9.0);
     assert!(grad.iter().all(|&v| v == 0.0 || v == 1.0));
+    // A random output gradient, against a loop: each value lands on its window's maximum.
+    let probe = Tensor::randn(0f64, 1.0, (2, 3, 3, 3), &dev).unwrap();
+    let g = la_vgg::pool::max_pool_2x2(x.as_tensor())
+        .unwrap()
+        .mul(&probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad: Vec<f64> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let xs: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let ps: Vec<f64> = probe.flatten_all().unwrap().to_vec1().unwrap();
+    let mut expected = vec![0f64; xs.len()];
+    for plane in 0..6 {
+        for i in 0..3 {
+            for j in 0..3 {
+                let window = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .map(|(dy, dx)| plane * 42 + (2 * i + dy) * 6 + 2 * j + dx);
+                let best = window
+                    .into_iter()
+                    .fold(window[0], |b, k| if xs[k] > xs[b] { k } else { b });
+                expected[best] = ps[plane * 9 + i * 3 + j];
+            }
+        }
+    }
+    assert_eq!(grad, expected);
     // Ties (a ReLU'd window of zeros): only the first element gets the gradient.
     let zeros = candle_core::Var::zeros((1, 1, 2, 2), DType::F32, &dev).unwrap();
     let g = la_vgg::pool::max_pool_2x2(zeros.as_tensor())

@@ -106,29 +106,44 @@ pub fn run(args: Args) -> Result<()> {
         crate::device::describe(&device),
     );
 
-    let mut step = || -> Result<()> {
+    // One step; in training mode, the seconds of its forward, backward and optimiser phases.
+    let mut step = || -> Result<Option<[f64; 3]>> {
         match args.mode {
             Mode::Train => {
+                let start = Instant::now();
                 let logits = model.forward_t(&x, true)?;
+                sync(&logits)?;
+                let forward = start.elapsed().as_secs_f64();
                 let loss = la_train::loss::cross_entropy(&logits, &labels, 0.0)?;
                 let grads = loss.backward()?;
+                let backward = start.elapsed().as_secs_f64() - forward;
                 optimizer.step(&grads, 0.01)?;
-                sync(&loss)
+                sync(&loss)?;
+                let update = start.elapsed().as_secs_f64() - forward - backward;
+                Ok(Some([forward, backward, update]))
             }
-            Mode::Infer => sync(&model.forward_t(&x, false)?),
+            Mode::Infer => sync(&model.forward_t(&x, false)?).map(|_| None),
         }
+    };
+    let phases = |p: Option<[f64; 3]>| match p {
+        Some([f, b, u]) => format!(" (forward {f:.3}, loss + backward {b:.3}, SGD {u:.3})"),
+        None => String::new(),
     };
     for i in 0..args.warmup {
         let t = Instant::now();
-        step()?;
-        println!("warmup {i}: {:.3} s", t.elapsed().as_secs_f64());
+        let p = step()?;
+        println!(
+            "warmup {i}: {:.3} s{}",
+            t.elapsed().as_secs_f64(),
+            phases(p)
+        );
     }
     let mut times = Vec::with_capacity(args.steps);
     for i in 0..args.steps {
         let t = Instant::now();
-        step()?;
+        let p = step()?;
         times.push(t.elapsed().as_secs_f64());
-        println!("step {i}: {:.3} s", times[i]);
+        println!("step {i}: {:.3} s{}", times[i], phases(p));
     }
     if !args.no_breakdown {
         breakdown(&model, &x)?;
