@@ -221,6 +221,18 @@ impl SpatialAttention {
 
 /// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n]:
 /// W x + b as one batched product, without moving the channels last.
+/// A layer's bias, or zeros where it has none.
+fn bias_of(lin: &Linear) -> candle_core::Result<Tensor> {
+    match lin.bias() {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(
+            lin.weight().dim(0)?,
+            lin.weight().dtype(),
+            lin.weight().device(),
+        ),
+    }
+}
+
 fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
     let y = lin.weight().broadcast_left(b)?.matmul(x)?;
@@ -245,21 +257,41 @@ impl Module for SpatialAttention {
         }
         // The linear kinds stay channel-first: a [b, c, h, w] map is already [b, c, n].
         let map = x.reshape((b, c, h * w))?;
-        let q = project_channels(&self.query, &map)?;
-        let k = project_channels(&self.key, &map)?;
-        let v = project_channels(&self.value, &map)?;
+        // One product for the three projections: their weights stacked [2d + c, c].
+        let fused = Linear::new(
+            Tensor::cat(
+                &[self.query.weight(), self.key.weight(), self.value.weight()],
+                0,
+            )?,
+            Some(Tensor::cat(
+                &[
+                    bias_of(&self.query)?,
+                    bias_of(&self.key)?,
+                    bias_of(&self.value)?,
+                ],
+                0,
+            )?),
+        );
+        let qkv = project_channels(&fused, &map)?;
+        let d = self.query.weight().dim(0)?;
         let mixed = match self.kind {
-            AttentionKind::Linear => linear::linear_attention(
-                &q,
-                &k,
-                &v,
+            AttentionKind::Linear => linear::linear_attention_packed(
+                &qkv,
+                d,
                 linear::FeatureMap::EluPlusOne,
                 linear::ELU_EPS,
             )?,
-            AttentionKind::ReluLinear => {
-                linear::linear_attention(&q, &k, &v, linear::FeatureMap::Relu, linear::RELU_EPS)?
-            }
-            AttentionKind::Efficient => efficient::efficient_attention(&q, &k, &v)?,
+            AttentionKind::ReluLinear => linear::linear_attention_packed(
+                &qkv,
+                d,
+                linear::FeatureMap::Relu,
+                linear::RELU_EPS,
+            )?,
+            AttentionKind::Efficient => efficient::efficient_attention(
+                &qkv.narrow(1, 0, d)?,
+                &qkv.narrow(1, d, d)?,
+                &qkv.narrow(1, 2 * d, c)?,
+            )?,
             AttentionKind::Softmax => unreachable!("handled above"),
         };
         x + project_channels(&self.out, &mixed)?.reshape((b, c, h, w))?

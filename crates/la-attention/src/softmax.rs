@@ -213,7 +213,9 @@ fn flat<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
 }
 
 /// The float operations the kernels need, for f32 and f64.
-trait Real: Float + Send + Sync + Default + std::ops::AddAssign + std::iter::Sum + 'static {
+pub(crate) trait Real:
+    Float + Send + Sync + Default + std::ops::AddAssign + std::iter::Sum + 'static
+{
     /// `x = exp(x - shift)` over a slice.
     fn exp_shifted(xs: &mut [Self], shift: Self);
 }
@@ -251,7 +253,7 @@ impl Real for f64 {
 /// Dot product with eight independent accumulators so that the compiler vectorises it
 /// (a single float accumulator forces a sequential sum).
 #[inline]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks_a = a.chunks_exact(8);
     let chunks_b = b.chunks_exact(8);
@@ -270,13 +272,13 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// A matrix inside a slice: element (r, c) is at `r * rs + c * cs`.
 #[derive(Clone, Copy)]
-struct View<'a, T> {
+pub(crate) struct View<'a, T> {
     data: &'a [T],
     rs: usize,
     cs: usize,
 }
 
-fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
+pub(crate) fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
     View { data, rs, cs }
 }
 
@@ -284,7 +286,7 @@ fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
 /// with the `gemm` crate (Candle's own matmul kernel), single-threaded: the callers already
 /// run one tile per rayon task.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Real>(
+pub(crate) fn matmul<T: Real>(
     m: usize,
     n: usize,
     k: usize,

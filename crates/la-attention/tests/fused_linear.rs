@@ -1,0 +1,112 @@
+//! The fused linear attention op against the plain Candle composition of the same function
+//! (`linear_attention_reference`): values and gradients of q, k and v, for both feature maps,
+//! with token counts below, at and across the op's 512-token chunks.
+
+use candle_core::{DType, Device, Tensor, Var};
+use la_attention::linear::{
+    linear_attention, linear_attention_reference, FeatureMap, ELU_EPS, RELU_EPS,
+};
+
+/// Largest difference relative to the reference's largest magnitude (at least 1).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let values = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (values(a), values(b));
+    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn check(b: usize, d: usize, c: usize, n: usize, phi: FeatureMap, dtype: DType, tol: f64) {
+    let dev = Device::Cpu;
+    let mk = |shape: (usize, usize, usize)| {
+        Var::from_tensor(
+            &Tensor::randn(0f64, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (q, k, v) = (mk((b, d, n)), mk((b, d, n)), mk((b, c, n)));
+    let probe = Tensor::randn(0f64, 1.0, (b, c, n), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let eps = match phi {
+        FeatureMap::EluPlusOne => ELU_EPS,
+        FeatureMap::Relu => RELU_EPS,
+    };
+    let args = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    let fused = linear_attention(args.0, args.1, args.2, phi, eps).unwrap();
+    let plain = linear_attention_reference(args.0, args.1, args.2, phi, eps).unwrap();
+    assert_eq!(fused.dims(), &[b, c, n]);
+    let diff = rel_diff(&fused, &plain);
+    let case = format!("b={b} d={d} c={c} n={n} {phi:?} {dtype:?}");
+    assert!(diff < tol, "{case}: outputs differ by {diff:e}");
+
+    let grads = |out: Tensor| {
+        (out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (g_fused, g_plain) = (grads(fused), grads(plain));
+    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+        let a = g_fused.get(var.as_tensor()).expect("fused gradient");
+        let b = g_plain.get(var.as_tensor()).expect("plain gradient");
+        let diff = rel_diff(a, b);
+        assert!(diff < tol, "{case}: d{name} differs by {diff:e}");
+    }
+}
+
+#[test]
+fn fused_op_matches_plain_candle() {
+    for phi in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
+        for (b, d, c, n) in [
+            (1, 1, 1, 1),
+            (2, 3, 5, 7),
+            (3, 8, 16, 512),
+            (2, 4, 12, 1100),
+        ] {
+            check(b, d, c, n, phi, DType::F64, 1e-9);
+            check(b, d, c, n, phi, DType::F32, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn other_dtypes_fall_back_to_the_reference() {
+    let dev = Device::Cpu;
+    let t = |shape: (usize, usize, usize)| {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let (q, k, v) = (t((1, 2, 9)), t((1, 2, 9)), t((1, 3, 9)));
+    let out = linear_attention(&q, &k, &v, FeatureMap::EluPlusOne, ELU_EPS).unwrap();
+    let reference =
+        linear_attention_reference(&q, &k, &v, FeatureMap::EluPlusOne, ELU_EPS).unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
+    assert_eq!(rel_diff(&out, &reference), 0.0);
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let dev = Device::Cpu;
+    let q = Tensor::zeros((1, 2, 9), DType::F32, &dev).unwrap();
+    let v = Tensor::zeros((1, 3, 8), DType::F32, &dev).unwrap();
+    let err = linear_attention(&q, &q, &v, FeatureMap::Relu, RELU_EPS).unwrap_err();
+    assert!(err.to_string().contains("linear attention"), "{err}");
+}
