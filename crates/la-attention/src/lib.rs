@@ -10,6 +10,7 @@
 pub mod efficient;
 pub mod linear;
 pub mod ops;
+mod simd;
 pub mod softmax;
 
 use candle_core::{Module, Tensor};
@@ -233,13 +234,31 @@ fn bias_of(lin: &Linear) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `lin` on channel-first maps [b, c_in, n] -> [b, c_out, n].
 fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
     let y = lin.weight().broadcast_left(b)?.matmul(x)?;
     match lin.bias() {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1))?),
+        Some(bias) => ops::add_bias(&y, bias, 1),
         None => Ok(y),
     }
+}
+
+/// `lin` on tokens [b, n, c_in] -> [b, n, c_out], as candle-nn's `Linear::forward` but with
+/// [`ops::add_bias`], whose gradient is far cheaper than `broadcast_add`'s.
+fn project_tokens(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, n, c_in) = x.dims3()?;
+    // One [b n, c_in] x [c_in, c_out] product: a batched product with a broadcast weight
+    // is slower, and its weight gradient is a slow sum over the batch.
+    let y = x
+        .contiguous()?
+        .reshape((b * n, c_in))?
+        .matmul(&lin.weight().t()?)?;
+    let y = match lin.bias() {
+        Some(bias) => ops::add_bias(&y, bias, 1)?,
+        None => y,
+    };
+    y.reshape((b, n, ()))
 }
 
 impl Module for SpatialAttention {
@@ -248,11 +267,11 @@ impl Module for SpatialAttention {
         if self.kind == AttentionKind::Softmax {
             // The fused kernel works on token-major rows.
             let tokens = Self::tokens(x)?;
-            let q = self.query.forward(&tokens)?;
-            let k = self.key.forward(&tokens)?;
-            let v = self.value.forward(&tokens)?;
+            let q = project_tokens(&self.query, &tokens)?;
+            let k = project_tokens(&self.key, &tokens)?;
+            let v = project_tokens(&self.value, &tokens)?;
             let mixed = softmax::softmax_attention(&q, &k, &v, self.scale)?;
-            let out = self.out.forward(&mixed)?; // [b, n, c]
+            let out = project_tokens(&self.out, &mixed)?; // [b, n, c]
             return x + out.transpose(1, 2)?.reshape((b, c, h, w))?;
         }
         // The linear kinds stay channel-first: a [b, c, h, w] map is already [b, c, n].
