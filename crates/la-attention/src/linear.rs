@@ -7,7 +7,7 @@
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::elu_plus_one;
@@ -27,7 +27,7 @@ pub enum FeatureMap {
 }
 
 impl FeatureMap {
-    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             FeatureMap::EluPlusOne => elu_plus_one(xs),
             FeatureMap::Relu => xs.relu(),
@@ -512,5 +512,467 @@ impl CustomOp1 for FusedLinearAttention {
             dt => candle_core::bail!("linear attention: no backward for {dt:?}"),
         };
         Ok(Some(dqkv))
+    }
+}
+
+/// The last step of linear attention with the value and output projections folded in:
+/// `out[:, j] = M phi(q_j) / (s . phi(q_j) + eps)` for q [b, d, n], M [b, c, d], s [b, d].
+///
+/// With v = W_v x + b_v and y = W_o mixed + b_o, the output projection of the attention is
+/// y = (W_o A^T) phi(Q) / den + b_o, where A = phi(K) v^T = (phi(K) x^T) W_v^T + s b_v^T.
+/// [`crate::SpatialAttention`] computes the small matrices A and M = W_o A^T (d x c) with
+/// Candle ops and this op does the per-token part: the two c x c projections over all n
+/// tokens (the bulk of the module's cost at 224x224) are never computed.
+pub fn folded_output(
+    q: &Tensor,
+    m: &Tensor,
+    s: &Tensor,
+    phi: FeatureMap,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, d, _) = q.dims3()?;
+    let (mb, _, md) = m.dims3()?;
+    if (mb, md) != (b, d) || s.dims() != [b, d] {
+        candle_core::bail!(
+            "linear attention output: expected q [b, d, n], M [b, c, d], s [b, d], got {:?}, {:?}, {:?}",
+            q.shape(),
+            m.shape(),
+            s.shape()
+        );
+    }
+    q.contiguous()?.apply_op3(
+        &m.contiguous()?,
+        &s.contiguous()?,
+        FoldedOutput { phi, eps },
+    )
+}
+
+struct FoldedOutput {
+    phi: FeatureMap,
+    eps: f64,
+}
+
+/// phi(q) [d, n] and 1 / (s . phi(q) + eps) [n] of one image.
+fn folded_features<T: Real>(
+    q: &[T],
+    s: &[T],
+    n: usize,
+    phi: FeatureMap,
+    eps: T,
+) -> (Vec<T>, Vec<T>) {
+    let mut phiq = vec![T::zero(); q.len()];
+    let all = 0..n;
+    phiq.par_chunks_mut(n)
+        .zip(q.par_chunks(n))
+        .for_each(|(dst, src)| phi.map_chunk(src, n, &all, dst));
+    let mut rden = vec![T::zero(); n];
+    rden.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(j, rden)| {
+            let l0 = j * CHUNK;
+            rden.fill(eps);
+            for (&s, row) in s.iter().zip(phiq.chunks_exact(n)) {
+                rden.iter_mut()
+                    .zip(&row[l0..])
+                    .for_each(|(x, &p)| *x += s * p);
+            }
+            rden.iter_mut().for_each(|x| *x = T::one() / *x);
+        });
+    (phiq, rden)
+}
+
+fn folded_forward<T: Real>(
+    q: &[T],
+    m: &[T],
+    s: &[T],
+    dims: LinDims,
+    phi: FeatureMap,
+    eps: T,
+) -> Vec<T> {
+    let LinDims { d, c, n } = dims;
+    let mut out = vec![T::zero(); q.len() / (d * n).max(1) * c * n];
+    if out.is_empty() || d == 0 {
+        return out;
+    }
+    for (i, out) in out.chunks_exact_mut(c * n).enumerate() {
+        let (q, m, s) = (
+            &q[i * d * n..][..d * n],
+            &m[i * c * d..][..c * d],
+            &s[i * d..][..d],
+        );
+        let (phiq, rden) = folded_features(q, s, n, phi, eps);
+        // out[ch] = (sum_r M[ch, r] phi(Q)[r]) / den: d axpys per row, written in place.
+        out.par_chunks_mut(n).enumerate().for_each(|(ch, row)| {
+            for (l0, row) in (0..n).step_by(CHUNK).zip(row.chunks_mut(CHUNK)) {
+                row.fill(T::zero());
+                for (&w, phi_row) in m[ch * d..][..d].iter().zip(phiq.chunks_exact(n)) {
+                    row.iter_mut()
+                        .zip(&phi_row[l0..])
+                        .for_each(|(o, &p)| *o += w * p);
+                }
+                row.iter_mut()
+                    .zip(&rden[l0..])
+                    .for_each(|(o, &r)| *o = *o * r);
+            }
+        });
+    }
+    out
+}
+
+/// (dq, dM, ds) from the output and its gradient `grad`, both [b, c, n].
+#[allow(clippy::too_many_arguments)]
+fn folded_backward<T: Real>(
+    q: &[T],
+    m: &[T],
+    s: &[T],
+    out: &[T],
+    grad: &[T],
+    dims: LinDims,
+    phi: FeatureMap,
+    eps: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let LinDims { d, c, n } = dims;
+    let (mut dq, mut dm, mut ds) = (
+        vec![T::zero(); q.len()],
+        vec![T::zero(); m.len()],
+        vec![T::zero(); s.len()],
+    );
+    if q.is_empty() || d == 0 || c == 0 {
+        return (dq, dm, ds);
+    }
+    for i in 0..q.len() / (d * n) {
+        let (q, m_i, s_i) = (
+            &q[i * d * n..][..d * n],
+            &m[i * c * d..][..c * d],
+            &s[i * d..][..d],
+        );
+        let (out, grad) = (&out[i * c * n..][..c * n], &grad[i * c * n..][..c * n]);
+        let (phiq, rden) = folded_features(q, s_i, n, phi, eps);
+        let per_chunk: Vec<_> = chunks(n)
+            .into_par_iter()
+            .map(|cols| {
+                let len = cols.len();
+                // gd = grad / den, dden = -sum_c grad * out / den.
+                let mut gd = vec![T::zero(); c * len];
+                let mut dden = vec![T::zero(); len];
+                for ch in 0..c {
+                    let g = &grad[ch * n..][cols.clone()];
+                    let o = &out[ch * n..][cols.clone()];
+                    let r = &rden[cols.clone()];
+                    let row = &mut gd[ch * len..][..len];
+                    for l in 0..len {
+                        row[l] = g[l] * r[l];
+                        dden[l] = dden[l] - g[l] * o[l] * r[l];
+                    }
+                }
+                let phiq_chunk = |r: usize| &phiq[r * n..][cols.clone()];
+                // dM = gd phi(Q)^T; ds = phi(Q) dden.
+                let mut dm_part = vec![T::zero(); c * d];
+                let mut phiq_tile = vec![T::zero(); d * len];
+                for r in 0..d {
+                    phiq_tile[r * len..][..len].copy_from_slice(phiq_chunk(r));
+                }
+                matmul(
+                    c,
+                    d,
+                    len,
+                    &mut dm_part,
+                    false,
+                    T::one(),
+                    view(&gd, len, 1),
+                    view(&phiq_tile, 1, len),
+                );
+                let ds_part: Vec<T> = (0..d)
+                    .map(|r| {
+                        phiq_chunk(r)
+                            .iter()
+                            .zip(&dden)
+                            .map(|(&p, &g)| p * g)
+                            .sum::<T>()
+                    })
+                    .collect();
+                // d phi(Q) = M^T gd + s dden^T, then through phi.
+                let mut dphiq = vec![T::zero(); d * len];
+                matmul(
+                    d,
+                    len,
+                    c,
+                    &mut dphiq,
+                    false,
+                    T::one(),
+                    view(m_i, 1, d),
+                    view(&gd, len, 1),
+                );
+                for (r, row) in dphiq.chunks_exact_mut(len).enumerate() {
+                    let src = &q[r * n..][cols.clone()];
+                    let phis = phiq_chunk(r);
+                    for l in 0..len {
+                        row[l] = (row[l] + s_i[r] * dden[l]) * phi.slope(src[l], phis[l]);
+                    }
+                }
+                (cols, dphiq, dm_part, ds_part)
+            })
+            .collect();
+        let mut dq_tiles = Vec::with_capacity(per_chunk.len());
+        for (cols, tile, dm_part, ds_part) in per_chunk {
+            add_into(&mut dm[i * c * d..][..c * d], &dm_part);
+            add_into(&mut ds[i * d..][..d], &ds_part);
+            dq_tiles.push((cols, tile));
+        }
+        assemble(dq_tiles, n, &mut dq[i * d * n..][..d * n]);
+    }
+    (dq, dm, ds)
+}
+
+impl CustomOp3 for FoldedOutput {
+    fn name(&self) -> &'static str {
+        "linear-attention-output"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, d, n) = l1.shape().dims3()?;
+        let c = l2.shape().dims3()?.1;
+        let dims = LinDims { d, c, n };
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(folded_forward(
+                    cpu_data(s1, l1)?,
+                    cpu_data(s2, l2)?,
+                    cpu_data(s3, l3)?,
+                    dims,
+                    self.phi,
+                    self.eps as f32,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(folded_forward(
+                    cpu_data(s1, l1)?,
+                    cpu_data(s2, l2)?,
+                    cpu_data(s3, l3)?,
+                    dims,
+                    self.phi,
+                    self.eps,
+                ))
+            }
+            _ => candle_core::bail!("linear attention output: expected f32 or f64 of one dtype"),
+        };
+        Ok((out, Shape::from((b, c, n))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        m: &Tensor,
+        s: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, d, n) = q.dims3()?;
+        let dims = LinDims { d, c: m.dim(1)?, n };
+        let grad = grad.contiguous()?;
+        fn run<T: Real + candle_core::WithDType>(
+            op: &FoldedOutput,
+            [q, m, s, out, grad]: [&Tensor; 5],
+            dims: LinDims,
+            eps: T,
+        ) -> candle_core::Result<[Tensor; 3]> {
+            let guards = [q, m, s, out, grad].map(|t| t.storage_and_layout());
+            let mut data = Vec::with_capacity(5);
+            for (storage, layout) in &guards {
+                match &**storage {
+                    Storage::Cpu(st) => data.push(cpu_data::<T>(st, layout)?),
+                    _ => candle_core::bail!("linear attention output: expected CPU tensors"),
+                }
+            }
+            let (dq, dm, ds) = folded_backward(
+                data[0], data[1], data[2], data[3], data[4], dims, op.phi, eps,
+            );
+            Ok([
+                Tensor::from_vec(dq, q.shape(), q.device())?,
+                Tensor::from_vec(dm, m.shape(), m.device())?,
+                Tensor::from_vec(ds, s.shape(), s.device())?,
+            ])
+        }
+        let args = [q, m, s, out, &grad];
+        let [dq, dm, ds] = match q.dtype() {
+            DType::F32 => run::<f32>(self, args, dims, self.eps as f32)?,
+            DType::F64 => run::<f64>(self, args, dims, self.eps)?,
+            dt => candle_core::bail!("linear attention output: no backward for {dt:?}"),
+        };
+        Ok((Some(dq), Some(dm), Some(ds)))
+    }
+}
+
+/// `phi_k x^T` [b, d, c] for phi_k [b, d, n] and x [b, c, n]: the context of linear attention
+/// before the value projection. As d x c dot products over the tokens, each row of x read
+/// once; Candle's matmul (gemm) at this shape (d = c/8 rows, n = 50,176 deep) was 5x slower.
+pub fn token_context(phi_k: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, _, n) = phi_k.dims3()?;
+    let (xb, _, xn) = x.dims3()?;
+    if (xb, xn) != (b, n) {
+        candle_core::bail!(
+            "token context: expected [b, d, n] and [b, c, n], got {:?} and {:?}",
+            phi_k.shape(),
+            x.shape()
+        );
+    }
+    if !fused(phi_k) || x.dtype() != phi_k.dtype() {
+        return phi_k.matmul(&x.t()?);
+    }
+    phi_k
+        .contiguous()?
+        .apply_op2(&x.contiguous()?, TokenContext)
+}
+
+struct TokenContext;
+
+fn token_context_forward<T: Real>(phi_k: &[T], x: &[T], d: usize, c: usize, n: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(phi_k.len() / n.max(1) * c);
+    if n == 0 {
+        out.resize(phi_k.len() / n.max(1) * c, T::zero());
+        return out;
+    }
+    for (k, x) in phi_k.chunks_exact(d * n).zip(x.chunks_exact(c * n)) {
+        let a_t: Vec<T> = x
+            .par_chunks(n)
+            .flat_map_iter(|x_row| k.chunks_exact(n).map(move |k_row| dot(k_row, x_row)))
+            .collect();
+        for r in 0..d {
+            out.extend((0..c).map(|ch| a_t[ch * d + r]));
+        }
+    }
+    out
+}
+
+/// (d phi_k, dx) from the gradient `grad` [b, d, c].
+fn token_context_backward<T: Real>(
+    phi_k: &[T],
+    x: &[T],
+    grad: &[T],
+    d: usize,
+    c: usize,
+    n: usize,
+) -> (Vec<T>, Vec<T>) {
+    let (mut dk, mut dx) = (vec![T::zero(); phi_k.len()], vec![T::zero(); x.len()]);
+    if n == 0 || d == 0 || c == 0 {
+        return (dk, dx);
+    }
+    for i in 0..phi_k.len() / (d * n) {
+        let (k, xs, g) = (
+            &phi_k[i * d * n..][..d * n],
+            &x[i * c * n..][..c * n],
+            &grad[i * d * c..][..d * c],
+        );
+        // dx[ch] = sum_r G[r, ch] phi_k[r]: d axpys per row.
+        dx[i * c * n..][..c * n]
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(ch, row)| {
+                for (r, k_row) in k.chunks_exact(n).enumerate() {
+                    let w = g[r * c + ch];
+                    row.iter_mut().zip(k_row).for_each(|(o, &v)| *o += w * v);
+                }
+            });
+        // d phi_k[:, cols] = G x[:, cols], by column chunks.
+        let tiles: Vec<_> = chunks(n)
+            .into_par_iter()
+            .map(|cols| {
+                let len = cols.len();
+                let mut tile = vec![T::zero(); d * len];
+                matmul(
+                    d,
+                    len,
+                    c,
+                    &mut tile,
+                    false,
+                    T::one(),
+                    view(g, c, 1),
+                    view(&xs[cols.start..], n, 1),
+                );
+                (cols, tile)
+            })
+            .collect();
+        assemble(tiles, n, &mut dk[i * d * n..][..d * n]);
+    }
+    (dk, dx)
+}
+
+impl candle_core::CustomOp2 for TokenContext {
+    fn name(&self) -> &'static str {
+        "token-context"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, d, n) = l1.shape().dims3()?;
+        let c = l2.shape().dims3()?.1;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(token_context_forward(
+                cpu_data(s1, l1)?,
+                cpu_data(s2, l2)?,
+                d,
+                c,
+                n,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(token_context_forward(
+                cpu_data(s1, l1)?,
+                cpu_data(s2, l2)?,
+                d,
+                c,
+                n,
+            )),
+            _ => candle_core::bail!("token context: expected f32 or f64 of one dtype"),
+        };
+        Ok((out, Shape::from((b, d, c))))
+    }
+
+    fn bwd(
+        &self,
+        phi_k: &Tensor,
+        x: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, d, n) = phi_k.dims3()?;
+        let c = x.dim(1)?;
+        let grad = grad.contiguous()?;
+        fn run<T: Real + candle_core::WithDType>(
+            [k, x, grad]: [&Tensor; 3],
+            (d, c, n): (usize, usize, usize),
+        ) -> candle_core::Result<[Tensor; 2]> {
+            let guards = [k, x, grad].map(|t| t.storage_and_layout());
+            let mut data = Vec::with_capacity(3);
+            for (storage, layout) in &guards {
+                match &**storage {
+                    Storage::Cpu(st) => data.push(cpu_data::<T>(st, layout)?),
+                    _ => candle_core::bail!("token context: expected CPU tensors"),
+                }
+            }
+            let (dk, dx) = token_context_backward(data[0], data[1], data[2], d, c, n);
+            Ok([
+                Tensor::from_vec(dk, k.shape(), k.device())?,
+                Tensor::from_vec(dx, x.shape(), x.device())?,
+            ])
+        }
+        let args = [phi_k, x, &grad];
+        let [dk, dx] = match phi_k.dtype() {
+            DType::F32 => run::<f32>(args, (d, c, n))?,
+            DType::F64 => run::<f64>(args, (d, c, n))?,
+            dt => candle_core::bail!("token context: no backward for {dt:?}"),
+        };
+        Ok((Some(dk), Some(dx)))
     }
 }

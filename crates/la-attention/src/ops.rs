@@ -75,12 +75,23 @@ fn contiguous_data<'a, T: WithDType>(
 
 fn add_bias_forward<T: WithDType>(x: &[T], bias: &[T], len: usize, inner: usize) -> Vec<T> {
     let mut out = x.to_vec();
-    let block = (len * inner).max(1);
-    out.par_chunks_mut(block).for_each(|block| {
-        for (run, &b) in block.chunks_mut(inner.max(1)).zip(bias) {
-            run.iter_mut().for_each(|v| *v += b);
-        }
-    });
+    if inner >= 1024 {
+        // Long runs (channel-first maps): one run of a single bias value per task.
+        out.par_chunks_mut(inner)
+            .enumerate()
+            .for_each(|(r, run)| run.iter_mut().for_each(|v| *v += bias[r % len]));
+    } else {
+        // Short runs (tokens): whole [len, inner] blocks, about 64K elements per task.
+        let block = (len * inner).max(1);
+        out.par_chunks_mut(block * (65_536 / block).max(1))
+            .for_each(|blocks| {
+                for block in blocks.chunks_mut(block) {
+                    for (run, &b) in block.chunks_mut(inner.max(1)).zip(bias) {
+                        run.iter_mut().for_each(|v| *v += b);
+                    }
+                }
+            });
+    }
     out
 }
 

@@ -110,3 +110,88 @@ fn mismatched_shapes_are_errors() {
     let err = linear_attention(&q, &q, &v, FeatureMap::Relu, RELU_EPS).unwrap_err();
     assert!(err.to_string().contains("linear attention"), "{err}");
 }
+
+/// `folded_output` against the same function from Candle ops, across several chunks.
+#[test]
+fn folded_output_matches_plain_candle() {
+    let dev = Device::Cpu;
+    for phi in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
+        let (b, d, c, n) = (2, 4, 6, 1100);
+        let var = |shape: &[usize], shift: f64| {
+            Var::from_tensor(&(Tensor::randn(0f64, 1.0, shape, &dev).unwrap() + shift).unwrap())
+                .unwrap()
+        };
+        // A positive key sum, as phi(K) 1 always is.
+        let (q, m, s) = (
+            var(&[b, d, n], 0.0),
+            var(&[b, c, d], 0.0),
+            var(&[b, d], 3.0),
+        );
+        let s_pos = s.as_tensor().abs().unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap();
+        let eps = 1e-6;
+        let ours =
+            la_attention::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, eps)
+                .unwrap();
+        let phi_q = match phi {
+            FeatureMap::Relu => q.as_tensor().relu().unwrap(),
+            FeatureMap::EluPlusOne => la_attention::ops::elu_plus_one(q.as_tensor()).unwrap(),
+        };
+        let den = (s_pos.unsqueeze(1).unwrap().matmul(&phi_q).unwrap() + eps).unwrap(); // [b, 1, n]
+        let reference = m
+            .as_tensor()
+            .matmul(&phi_q)
+            .unwrap()
+            .broadcast_div(&den)
+            .unwrap();
+        assert!(
+            rel_diff(&ours, &reference) < 1e-10,
+            "{phi:?}: outputs differ"
+        );
+        let grads = |out: Tensor| {
+            (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (grads(ours), grads(reference));
+        for (name, v) in [("q", &q), ("M", &m), ("s", &s)] {
+            let diff = rel_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(diff < 1e-9, "{phi:?}: d{name} differs by {diff:e}");
+        }
+    }
+}
+
+#[test]
+fn token_context_matches_candle_matmul() {
+    let dev = Device::Cpu;
+    let (b, d, c, n) = (2, 3, 5, 1100);
+    let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, d, n), &dev).unwrap()).unwrap();
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap()).unwrap();
+    let probe = Tensor::randn(0f64, 1.0, (b, d, c), &dev).unwrap();
+    let ours = la_attention::linear::token_context(k.as_tensor(), x.as_tensor()).unwrap();
+    let reference = k.as_tensor().matmul(&x.as_tensor().t().unwrap()).unwrap();
+    assert!(rel_diff(&ours, &reference) < 1e-10);
+    let grads = |out: Tensor| {
+        (out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (g1, g2) = (grads(ours), grads(reference));
+    for v in [&k, &x] {
+        assert!(
+            rel_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap()
+            ) < 1e-10
+        );
+    }
+}
