@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var, WithDType};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -106,6 +107,35 @@ impl Optimizer {
                     momentum,
                     nesterov,
                     weight_decay,
+                } if momentum != 0.0 && in_place(w, grad) => {
+                    let key = format!("momentum.{}", p.name);
+                    if !self.state.contains_key(&key) {
+                        // momentum * 0 + g = g: the first step's buffer, as PyTorch's.
+                        self.state.insert(key.clone(), w.zeros_like()?);
+                    }
+                    let weight_decay = if p.decay { weight_decay } else { 0.0 };
+                    let buf = &self.state[&key];
+                    buf.inplace_op3(
+                        grad,
+                        w,
+                        &MomentumBuffer {
+                            momentum,
+                            weight_decay,
+                        },
+                    )?;
+                    let update = SgdUpdate {
+                        lr,
+                        momentum,
+                        weight_decay,
+                        nesterov,
+                    };
+                    p.var.as_tensor().inplace_op3(grad, buf, &update)?;
+                    continue;
+                }
+                OptimizerConfig::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
                 } => {
                     let mut g = grad.clone();
                     if p.decay && weight_decay != 0.0 {
@@ -187,6 +217,128 @@ impl Optimizer {
         }
         self.state = state;
         self.steps = steps;
+        Ok(())
+    }
+}
+
+/// Whether SGD's in-place ops apply: contiguous f32/f64 tensors on the CPU.
+fn in_place(w: &Tensor, grad: &Tensor) -> bool {
+    w.device().is_cpu()
+        && matches!(w.dtype(), DType::F32 | DType::F64)
+        && grad.dtype() == w.dtype()
+        && w.is_contiguous()
+        && grad.is_contiguous()
+        && grad.dims() == w.dims()
+}
+
+/// The contiguous data of a CPU tensor.
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
+        None => candle_core::bail!("sgd: expected a contiguous tensor"),
+    }
+}
+
+fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("sgd: expected a contiguous tensor"),
+    }
+}
+
+/// `buf = momentum * buf + (grad + weight_decay * w)` in place, on (buf; grad, w). Why in
+/// place: as Candle tensor ops an SGD step was five passes over every parameter, each into a
+/// fresh allocation (about 12 ms per VGG16 step); here it is two passes.
+struct MomentumBuffer {
+    momentum: f64,
+    weight_decay: f64,
+}
+
+/// `w -= lr * (nesterov ? g + momentum * buf : buf)` with `g = grad + weight_decay * w`, in
+/// place, on (w; grad, buf), after [`MomentumBuffer`].
+struct SgdUpdate {
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+}
+
+fn momentum_buffer<T: WithDType>(op: &MomentumBuffer, buf: &mut [T], grad: &[T], w: &[T]) {
+    let (m, wd) = (T::from_f64(op.momentum), T::from_f64(op.weight_decay));
+    buf.par_chunks_mut(1 << 16)
+        .zip(grad.par_chunks(1 << 16).zip(w.par_chunks(1 << 16)))
+        .for_each(|(buf, (grad, w))| {
+            for ((b, &g), &w) in buf.iter_mut().zip(grad).zip(w) {
+                *b = *b * m + (g + w * wd);
+            }
+        });
+}
+
+fn sgd_update<T: WithDType>(op: &SgdUpdate, w: &mut [T], grad: &[T], buf: &[T]) {
+    let (lr, m, wd) = (
+        T::from_f64(op.lr),
+        T::from_f64(op.momentum),
+        T::from_f64(op.weight_decay),
+    );
+    let nesterov = op.nesterov;
+    w.par_chunks_mut(1 << 16)
+        .zip(grad.par_chunks(1 << 16).zip(buf.par_chunks(1 << 16)))
+        .for_each(|(w, (grad, buf))| {
+            for ((w, &g), &b) in w.iter_mut().zip(grad).zip(buf) {
+                let step = if nesterov { (g + *w * wd) + b * m } else { b };
+                *w -= step * lr;
+            }
+        });
+}
+
+impl InplaceOp3 for MomentumBuffer {
+    fn name(&self) -> &'static str {
+        "sgd-momentum-buffer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let r = range(l1)?;
+        match s1 {
+            CpuStorage::F32(v) => {
+                momentum_buffer::<f32>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?)
+            }
+            CpuStorage::F64(v) => {
+                momentum_buffer::<f64>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?)
+            }
+            _ => candle_core::bail!("sgd: expected f32 or f64 parameters"),
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for SgdUpdate {
+    fn name(&self) -> &'static str {
+        "sgd-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let r = range(l1)?;
+        match s1 {
+            CpuStorage::F32(v) => sgd_update::<f32>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?),
+            CpuStorage::F64(v) => sgd_update::<f64>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?),
+            _ => candle_core::bail!("sgd: expected f32 or f64 parameters"),
+        }
         Ok(())
     }
 }

@@ -366,7 +366,7 @@ fn backward<T: WithDType>(
         grad_bias: Vec<T>,
     }
     let out_chunk = plan.images * g.c_out * g.hw();
-    let (grad_weight_t, grad_bias) = grad_in
+    let (grad_weight_t, grad_bias_parts) = grad_in
         .par_chunks_mut(plan.images * g.c_in * g.hw())
         .zip(x.par_chunks(plan.images * g.c_in * g.hw()))
         .zip(grad_out.par_chunks(out_chunk))
@@ -416,16 +416,15 @@ fn backward<T: WithDType>(
             },
         )
         .map(|s| (s.grad_weight_t, s.grad_bias))
-        .reduce(
-            || (vec![zero; weight_len], vec![zero; g.c_out]),
-            |(mut aw, mut ab), (bw, bb)| {
-                aw.iter_mut().zip(&bw).for_each(|(a, &b)| *a += b);
-                ab.iter_mut().zip(&bb).for_each(|(a, &b)| *a += b);
-                (aw, ab)
-            },
-        );
-    // [9 c_in, c_out] back to the weight's [c_out, 9 c_in].
-    let grad_weight = transpose(&grad_weight_t, g.k(), g.c_out);
+        .collect::<Vec<_>>()
+        .into_iter()
+        .unzip::<_, _, Vec<_>, Vec<_>>();
+    let mut grad_bias = vec![zero; g.c_out];
+    for part in &grad_bias_parts {
+        grad_bias.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
+    }
+    // The threads' [9 c_in, c_out] sums, added and turned into the weight's [c_out, 9 c_in].
+    let grad_weight = transpose_sum(&grad_weight_t, g.k(), g.c_out);
     (grad_in, grad_weight, grad_bias)
 }
 
@@ -444,12 +443,14 @@ fn sum<T: WithDType>(v: &[T]) -> T {
     lanes.iter().fold(tail, |a, &x| a + x)
 }
 
-/// The transpose [cols, rows] of a row-major [rows, cols] matrix, in 32x32 blocks: a plain
-/// column-order write of a 4608 x 512 gradient took 10 ms, mostly cache misses.
-fn transpose<T: Copy + Send + Sync>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+/// The transpose [cols, rows] of the sum of row-major [rows, cols] matrices, in one pass of
+/// 32 x 32 blocks, in parallel: a plain column-order write of a 4608 x 512 gradient took
+/// 10 ms, mostly cache misses, and a serial sum of the threads' parts a few more.
+fn transpose_sum<T: WithDType>(parts: &[Vec<T>], rows: usize, cols: usize) -> Vec<T> {
     const BLOCK: usize = 32;
-    let mut t = a.to_vec();
-    if a.is_empty() {
+    let zero = T::from_f64(0.0);
+    let mut t = vec![zero; rows * cols];
+    if t.is_empty() {
         return t;
     }
     // Each task owns a band of BLOCK output rows (= BLOCK input columns).
@@ -459,9 +460,13 @@ fn transpose<T: Copy + Send + Sync>(a: &[T], rows: usize, cols: usize) -> Vec<T>
             let c0 = band * BLOCK;
             let c_end = (c0 + BLOCK).min(cols);
             for r0 in (0..rows).step_by(BLOCK) {
-                for r in r0..(r0 + BLOCK).min(rows) {
-                    for c in c0..c_end {
-                        out[(c - c0) * rows + r] = a[r * cols + c];
+                let r_end = (r0 + BLOCK).min(rows);
+                for c in c0..c_end {
+                    let out_row = &mut out[(c - c0) * rows..][r0..r_end];
+                    for part in parts {
+                        for (o, r) in out_row.iter_mut().zip(r0..r_end) {
+                            *o += part[r * cols + c];
+                        }
                     }
                 }
             }
