@@ -610,6 +610,15 @@ fn max_pool_matches_candle_forward_and_routes_gradients_to_the_maximum() {
         }
     }
     assert_eq!(grad, expected);
+    // A NaN anywhere in a window makes its output NaN, as in PyTorch.
+    let with_nan = Tensor::new(&[[[[1f32, f32::NAN], [3.0, 2.0]]]], &dev).unwrap();
+    let pooled: Vec<f32> = la_vgg::pool::max_pool_2x2(&with_nan)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(pooled[0].is_nan(), "{pooled:?}");
     // Ties (a ReLU'd window of zeros): only the first element gets the gradient.
     let zeros = candle_core::Var::zeros((1, 1, 2, 2), DType::F32, &dev).unwrap();
     let g = la_vgg::pool::max_pool_2x2(zeros.as_tensor())
