@@ -4,6 +4,7 @@
 //! - [`config`]: the serde config table (depth, widths, attention sites, head).
 //! - [`conv`]: the 3x3 convolution, forward and backward as im2col/col2im + GEMM on the CPU.
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
+//! - [`norm`]: BatchNorm + ReLU in training mode as one CPU op.
 //! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
 //! - [`io`]: weights files that carry their config, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
@@ -16,6 +17,7 @@ pub mod explain;
 pub mod import;
 pub mod io;
 pub mod model;
+pub mod norm;
 pub mod params;
 pub mod pool;
 pub mod summary;

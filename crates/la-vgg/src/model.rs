@@ -128,7 +128,8 @@ impl Vgg {
         let block = &self.blocks[i];
         for (j, conv) in block.convs.iter().enumerate() {
             x = match block.norms.get(j) {
-                Some(bn) => bn.forward_t(&conv.forward(&x)?, train)?.relu()?,
+                Some(bn) if train => crate::norm::batch_norm_relu_train(bn, &conv.forward(&x)?)?,
+                Some(bn) => bn.forward_t(&conv.forward(&x)?, false)?.relu()?,
                 None => conv.forward_relu(&x)?,
             };
         }
