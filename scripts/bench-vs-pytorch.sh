@@ -17,7 +17,13 @@ row() { # name, torch args, la args
     l=$($la bench $largs --threads "$threads" --no-breakdown 2>&1 || true)
     tr=$(echo "$t" | rate); lr=$(echo "$l" | rate)
     ratio=$(python3 -c "print(f'{float(\"$lr\")/float(\"$tr\"):.2f}x' if '$tr' and '$lr' else 'n/a')")
-    echo "| $name | ${tr:-fails} ($(echo "$t" | rss) GiB) | ${lr:-fails} ($(echo "$l" | rss) GiB) | $ratio |"
+    cell() { # output, rate: "rate (rss GiB)", or why there is none
+        local r; r=$(echo "$1" | rss)
+        if [ -n "$2" ]; then echo "$2 (${r:-?} GiB)"
+        elif echo "$1" | grep -q '^refusing'; then echo "refuses: $(echo "$1" | grep -o 'needs ~[^)]*GiB' | head -n 1)"
+        else echo "fails"; fi
+    }
+    echo "| $name | $(cell "$t" "$tr") | $(cell "$l" "$lr") | $ratio |"
 }
 
 echo "| benchmark (threads=$threads) | PyTorch images/s (peak RSS) | la-cli images/s (peak RSS) | la / PyTorch |"
