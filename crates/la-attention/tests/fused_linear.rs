@@ -125,8 +125,13 @@ fn mismatched_shapes_are_errors() {
 #[test]
 fn folded_output_matches_plain_candle() {
     let dev = Device::Cpu;
-    for phi in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
-        let (b, d, c, n) = (2, 4, 6, 1100);
+    // d = 4 takes the axpy path, d = 20 the GEMM path.
+    for (phi, (b, d, c, n)) in [
+        (FeatureMap::EluPlusOne, (2, 4, 6, 1100)),
+        (FeatureMap::Relu, (2, 4, 6, 1100)),
+        (FeatureMap::EluPlusOne, (2, 20, 24, 300)),
+        (FeatureMap::Relu, (1, 20, 24, 300)),
+    ] {
         let var = |shape: &[usize], shift: f64| {
             Var::from_tensor(&(Tensor::randn(0f64, 1.0, shape, &dev).unwrap() + shift).unwrap())
                 .unwrap()
@@ -180,28 +185,30 @@ fn folded_output_matches_plain_candle() {
 #[test]
 fn token_context_matches_candle_matmul() {
     let dev = Device::Cpu;
-    let (b, d, c, n) = (2, 3, 5, 1100);
-    let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, d, n), &dev).unwrap()).unwrap();
-    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap()).unwrap();
-    let probe = Tensor::randn(0f64, 1.0, (b, d, c), &dev).unwrap();
-    let ours = la_attention::linear::token_context(k.as_tensor(), x.as_tensor()).unwrap();
-    let reference = k.as_tensor().matmul(&x.as_tensor().t().unwrap()).unwrap();
-    assert!(rel_diff(&ours, &reference) < 1e-10);
-    let grads = |out: Tensor| {
-        (out * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-    };
-    let (g1, g2) = (grads(ours), grads(reference));
-    for v in [&k, &x] {
-        assert!(
-            rel_diff(
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap()
-            ) < 1e-10
-        );
+    // d = 3 takes the dot-product path, d = 17 the GEMM path.
+    for (b, d, c, n) in [(2, 3, 5, 1100), (2, 17, 40, 300)] {
+        let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, d, n), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (b, d, c), &dev).unwrap();
+        let ours = la_attention::linear::token_context(k.as_tensor(), x.as_tensor()).unwrap();
+        let reference = k.as_tensor().matmul(&x.as_tensor().t().unwrap()).unwrap();
+        assert!(rel_diff(&ours, &reference) < 1e-10);
+        let grads = |out: Tensor| {
+            (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (grads(ours), grads(reference));
+        for v in [&k, &x] {
+            assert!(
+                rel_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap()
+                ) < 1e-10
+            );
+        }
     }
 }
