@@ -615,22 +615,31 @@ fn folded_forward<T: Real>(
         let (phiq, rden) = folded_features(q, s, n, phi, eps);
         if d < GEMM_MIN_D {
             // Few features (block 1 at 224x224: d = 8): d axpys per row, written in place;
-            // gemm packs and re-packs more than it computes at that depth.
-            out.par_chunks_mut(n).enumerate().for_each(|(ch, row)| {
-                with_simd(|| {
-                    for (l0, row) in (0..n).step_by(CHUNK).zip(row.chunks_mut(CHUNK)) {
-                        row.fill(T::zero());
-                        for (&w, phi_row) in m[ch * d..][..d].iter().zip(phiq.chunks_exact(n)) {
-                            row.iter_mut()
-                                .zip(&phi_row[l0..])
-                                .for_each(|(o, &p)| *o += w * p);
+            // gemm packs and re-packs more than it computes at that depth. Column chunks
+            // outermost, so that phi(Q)'s chunk stays in L1 for all the rows of a block.
+            let rows = c.div_ceil(rayon::current_num_threads() * 2).max(1);
+            out.par_chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(t, block)| {
+                    with_simd(|| {
+                        for l0 in (0..n).step_by(CHUNK) {
+                            let len = CHUNK.min(n - l0);
+                            for (i, row) in block.chunks_exact_mut(n).enumerate() {
+                                let row = &mut row[l0..][..len];
+                                row.fill(T::zero());
+                                let weights = &m[(t * rows + i) * d..][..d];
+                                for (&w, phi_row) in weights.iter().zip(phiq.chunks_exact(n)) {
+                                    row.iter_mut()
+                                        .zip(&phi_row[l0..])
+                                        .for_each(|(o, &p)| *o += w * p);
+                                }
+                                row.iter_mut()
+                                    .zip(&rden[l0..])
+                                    .for_each(|(o, &r)| *o = *o * r);
+                            }
                         }
-                        row.iter_mut()
-                            .zip(&rden[l0..])
-                            .for_each(|(o, &r)| *o = *o * r);
-                    }
-                })
-            });
+                    })
+                });
             continue;
         }
         // out = (M phi(Q)) / den, by blocks of rows: one GEMM each (phi(Q) is packed once per
@@ -885,19 +894,25 @@ fn token_context_forward<T: Real>(phi_k: &[T], x: &[T], d: usize, c: usize, n: u
     }
     for (k, x) in phi_k.chunks_exact(d * n).zip(x.chunks_exact(c * n)) {
         if d < GEMM_MIN_D {
-            // Few features: d dot products per row of x, that row read once.
-            let a_t: Vec<T> = x
-                .par_chunks(n)
-                .flat_map_iter(|x_row| {
-                    let mut dots = vec![T::zero(); d];
+            // Few features: d dot products per row of x, accumulated over column chunks
+            // outermost so that phi_k's chunk stays in L1 for all the rows of a block.
+            let mut a_t = vec![T::zero(); c * d];
+            let rows = c.div_ceil(rayon::current_num_threads() * 2).max(1);
+            a_t.par_chunks_mut(rows * d)
+                .enumerate()
+                .for_each(|(t, block)| {
                     with_simd(|| {
-                        for (o, k_row) in dots.iter_mut().zip(k.chunks_exact(n)) {
-                            *o = dot(k_row, x_row);
+                        for l0 in (0..n).step_by(CHUNK) {
+                            let len = CHUNK.min(n - l0);
+                            for (i, dots) in block.chunks_exact_mut(d).enumerate() {
+                                let x_row = &x[(t * rows + i) * n + l0..][..len];
+                                for (o, k_row) in dots.iter_mut().zip(k.chunks_exact(n)) {
+                                    *o += dot(&k_row[l0..][..len], x_row);
+                                }
+                            }
                         }
-                    });
-                    dots
-                })
-                .collect();
+                    })
+                });
             for r in 0..d {
                 out.extend((0..c).map(|ch| a_t[ch * d + r]));
             }
