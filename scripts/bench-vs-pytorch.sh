@@ -41,7 +41,14 @@ row "inference VGG16 + softmax attention, 224x224, batch 1" \
     "bench_infer.py --model vgg16_la --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 1 --warmup 0" \
     "--mode infer --attention softmax --head imagenet --classes 1000 --size 224 --batch 1 --steps 1 --warmup 0"
 echo
-echo "VGG16 + linear attention against plain VGG16 (la-cli, inference, 224x224, batch 1):"
-p=$($la bench --mode infer --attention none --size 224 --batch 1 --steps 5 --threads "$threads" --no-breakdown | rate)
-l=$($la bench --mode infer --attention linear --size 224 --batch 1 --steps 5 --threads "$threads" --no-breakdown | rate)
-python3 -c "p, l = float('$p'), float('$l'); print(f'plain {p:.2f} images/s, linear {l:.2f} images/s: linear is {100 * (p / l - 1):.1f} % slower')"
+echo "VGG16 + linear attention against plain VGG16 (la-cli, inference, 224x224, batch 1;"
+echo "three alternating pairs of 10 steps: median and fastest step of each run):"
+steps() { grep -oP 'median \K[0-9.]+|min \K[0-9.]+' | paste -sd' '; }
+for _ in 1 2 3; do
+    p=$($la bench --mode infer --attention none --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
+    l=$($la bench --mode infer --attention linear --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
+    python3 -c "
+p, l = [float(v) for v in '$p'.split()], [float(v) for v in '$l'.split()]
+print(f'plain {p[0]:.3f} s (fastest {p[1]:.3f}), linear {l[0]:.3f} s (fastest {l[1]:.3f}): '
+      f'linear is {100 * (l[0] / p[0] - 1):.1f} % slower by medians, {100 * (l[1] / p[1] - 1):.1f} % by fastest steps')"
+done
