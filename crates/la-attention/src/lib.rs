@@ -262,10 +262,11 @@ fn project_tokens(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl SpatialAttention {
-    /// The output projection of linear attention on `map` [b, c, n], with the value and
-    /// output projections folded into d x c matrices (see [`linear::folded_output`]): the
-    /// same function as projecting v and the output over all n tokens, at a fraction of the
-    /// cost. Differentiable: Candle ops plus the op's own backward.
+    /// The module's output (`map` plus the projected attention) for linear attention on
+    /// `map` [b, c, n], with the value and output projections folded into d x c matrices
+    /// (see [`linear::folded_output`]): the same function as projecting v and the output
+    /// over all n tokens, at a fraction of the cost. Differentiable: Candle ops plus the
+    /// ops' own backward passes.
     fn linear_folded(
         &self,
         map: &Tensor,
@@ -295,8 +296,7 @@ impl SpatialAttention {
             )?;
         // M = W_o A^T   [b, c, d]
         let m = self.out.weight().broadcast_left(b)?.matmul(&context.t()?)?;
-        let out = linear::folded_output(&q, &m, &key_sum, phi, eps)?;
-        ops::add_bias(&out, &bias_of(&self.out)?, 1)
+        linear::folded_output_residual(&q, &m, &key_sum, &bias_of(&self.out)?, map, phi, eps)
     }
 }
 
@@ -322,7 +322,7 @@ impl Module for SpatialAttention {
         };
         if let Some((phi, eps)) = folded {
             if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-                return x + self.linear_folded(&map, phi, eps)?.reshape((b, c, h, w))?;
+                return self.linear_folded(&map, phi, eps)?.reshape((b, c, h, w));
             }
         }
         // One product for the three projections: their weights stacked [2d + c, c].

@@ -212,3 +212,64 @@ fn token_context_matches_candle_matmul() {
         }
     }
 }
+
+/// `folded_output_residual` against `x + folded_output + bias` from Candle ops.
+#[test]
+fn folded_output_residual_matches_plain_candle() {
+    let dev = Device::Cpu;
+    for (phi, (b, d, c, n)) in [
+        (FeatureMap::EluPlusOne, (2, 4, 6, 1100)),
+        (FeatureMap::Relu, (2, 20, 24, 300)),
+    ] {
+        let var = |shape: &[usize], shift: f64| {
+            Var::from_tensor(&(Tensor::randn(0f64, 1.0, shape, &dev).unwrap() + shift).unwrap())
+                .unwrap()
+        };
+        let (q, m, s) = (
+            var(&[b, d, n], 0.0),
+            var(&[b, c, d], 0.0),
+            var(&[b, d], 3.0),
+        );
+        let (bias, x) = (var(&[c], 0.0), var(&[b, c, n], 0.0));
+        let s_pos = s.as_tensor().abs().unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap();
+        let ours = la_attention::linear::folded_output_residual(
+            q.as_tensor(),
+            m.as_tensor(),
+            &s_pos,
+            bias.as_tensor(),
+            x.as_tensor(),
+            phi,
+            1e-6,
+        )
+        .unwrap();
+        let plain =
+            la_attention::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, 1e-6)
+                .unwrap();
+        let reference = (x.as_tensor()
+            + plain
+                .broadcast_add(&bias.as_tensor().reshape((1, c, 1)).unwrap())
+                .unwrap())
+        .unwrap();
+        assert!(
+            rel_diff(&ours, &reference) < 1e-10,
+            "{phi:?} d={d}: outputs differ"
+        );
+        let grads = |out: Tensor| {
+            (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (grads(ours), grads(reference));
+        for (name, v) in [("q", &q), ("M", &m), ("s", &s), ("bias", &bias), ("x", &x)] {
+            let diff = rel_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(diff < 1e-9, "{phi:?} d={d}: d{name} differs by {diff:e}");
+        }
+    }
+}
