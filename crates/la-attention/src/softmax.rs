@@ -167,51 +167,44 @@ impl CustomOp3 for TiledSoftmaxAttention {
             .expect("poisoned lse lock")
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("backward before forward".into()))?;
-        let grad_out = grad_out.to_dtype(q.dtype())?;
-        let (dq, dk, dv) = match q.dtype() {
+        let grad_out = grad_out.to_dtype(q.dtype())?.contiguous()?;
+        // The inputs are read in place (the forward made them contiguous), not copied out.
+        fn run<T: Real + candle_core::WithDType>(
+            [q, k, v, out, grad_out]: [&Tensor; 5],
+            lse: &[T],
+            dims: Dims,
+            scale: T,
+        ) -> candle_core::Result<[Tensor; 3]> {
+            let Dims { b, n, d, c } = dims;
+            let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
+            let mut data = Vec::with_capacity(5);
+            for (storage, layout) in &guards {
+                match &**storage {
+                    candle_core::Storage::Cpu(st) => data.push(slice::<T>(st, layout)?),
+                    _ => candle_core::bail!("tiled softmax attention: expected CPU tensors"),
+                }
+            }
+            let (dq, dk, dv) = backward::<T>(
+                data[0], data[1], data[2], data[3], data[4], lse, dims, scale,
+            );
+            Ok([
+                Tensor::from_vec(dq, (b, n, d), q.device())?,
+                Tensor::from_vec(dk, (b, n, d), q.device())?,
+                Tensor::from_vec(dv, (b, n, c), q.device())?,
+            ])
+        }
+        let out = out.contiguous()?;
+        let args = [q, k, v, &out, &grad_out];
+        let [dq, dk, dv] = match q.dtype() {
             DType::F32 => {
                 let lse: Vec<f32> = lse.iter().map(|&x| x as f32).collect();
-                let (dq, dk, dv) = backward::<f32>(
-                    &flat(q)?,
-                    &flat(k)?,
-                    &flat(v)?,
-                    &flat(out)?,
-                    &flat(&grad_out)?,
-                    &lse,
-                    dims,
-                    self.scale as f32,
-                );
-                (
-                    Tensor::from_vec(dq, (b, n, d), q.device())?,
-                    Tensor::from_vec(dk, (b, n, d), q.device())?,
-                    Tensor::from_vec(dv, (b, n, c), q.device())?,
-                )
+                run::<f32>(args, &lse, dims, self.scale as f32)?
             }
-            DType::F64 => {
-                let (dq, dk, dv) = backward::<f64>(
-                    &flat(q)?,
-                    &flat(k)?,
-                    &flat(v)?,
-                    &flat(out)?,
-                    &flat(&grad_out)?,
-                    &lse,
-                    dims,
-                    self.scale,
-                );
-                (
-                    Tensor::from_vec(dq, (b, n, d), q.device())?,
-                    Tensor::from_vec(dk, (b, n, d), q.device())?,
-                    Tensor::from_vec(dv, (b, n, c), q.device())?,
-                )
-            }
+            DType::F64 => run::<f64>(args, &lse, dims, self.scale)?,
             dt => candle_core::bail!("tiled softmax attention: unsupported dtype {dt:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
-}
-
-fn flat<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
 }
 
 /// The float operations the kernels need, for f32 and f64.
