@@ -220,8 +220,6 @@ impl SpatialAttention {
     }
 }
 
-/// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n]:
-/// W x + b as one batched product, without moving the channels last.
 /// A layer's bias, or zeros where it has none.
 fn bias_of(lin: &Linear) -> candle_core::Result<Tensor> {
     match lin.bias() {
@@ -234,7 +232,8 @@ fn bias_of(lin: &Linear) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `lin` on channel-first maps [b, c_in, n] -> [b, c_out, n].
+/// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n]:
+/// W x + b as one batched product, without moving the channels last.
 fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
     let y = lin.weight().broadcast_left(b)?.matmul(x)?;
@@ -286,7 +285,8 @@ impl SpatialAttention {
         let q = qk.narrow(1, 0, d)?;
         let phi_k = phi.apply(&qk.narrow(1, d, d)?)?; // [b, d, n]
         let key_sum = phi_k.sum(2)?; // [b, d]
-                                     // A = phi(K) v^T = (phi(K) x^T) W_v^T + s b_v^T   [b, d, c]
+
+        // A = phi(K) v^T = (phi(K) x^T) W_v^T + s b_v^T   [b, d, c]
         let context = linear::token_context(&phi_k, map)?
             .matmul(&self.value.weight().t()?.broadcast_left(b)?)?
             .add(
