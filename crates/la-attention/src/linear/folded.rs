@@ -382,7 +382,7 @@ impl CustomOp3 for FoldedOutput {
     }
 }
 
-/// `x + folded_output(q, m, s) + bias` (bias [c] per channel): the output projection's bias
+/// `x + folded_output(q, m, s) + bias` (bias of length c, per channel): the output projection's bias
 /// and the module's residual are added while the output is written, instead of in two more
 /// passes over the [c, n] map.
 pub fn folded_output_residual(
