@@ -10,9 +10,10 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, DType, Layout, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::data as cpu_data;
 use crate::ops::elu_plus_one;
 use crate::softmax::Real;
 
@@ -198,14 +199,4 @@ fn assemble<T: Real>(tiles: Vec<(Range<usize>, Vec<T>)>, n: usize, out: &mut [T]
             row[cols.clone()].copy_from_slice(&tile[r * len..][..len]);
         }
     });
-}
-
-fn cpu_data<'a, T: candle_core::WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("linear attention: expected a contiguous tensor"),
-    }
 }

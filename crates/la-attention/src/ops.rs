@@ -1,8 +1,10 @@
 //! Small differentiable building blocks that Candle lacks.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+use crate::cpu::data as contiguous_data;
 
 /// Softmax along `dim` from plain ops, so gradients flow through it
 /// (`candle_nn::ops::softmax_last_dim` is a custom op without a backward pass).
@@ -60,16 +62,6 @@ impl AddBias {
         let outer = dims[..self.axis].iter().product();
         let inner = dims[self.axis + 1..].iter().product();
         (outer, dims[self.axis], inner)
-    }
-}
-
-fn contiguous_data<'a, T: WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("add_bias: expected a contiguous tensor"),
     }
 }
 
@@ -174,32 +166,21 @@ impl CustomOp2 for AddBias {
     fn bwd(
         &self,
         x: &Tensor,
-        bias: &Tensor,
+        _bias: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, len, inner) = self.split(x.dims());
         let grad = grad.contiguous()?;
-        let grad_bias = {
-            let (storage, layout) = grad.storage_and_layout();
-            let Storage::Cpu(storage) = &*storage else {
-                candle_core::bail!("add_bias: expected a CPU gradient")
-            };
-            match storage {
-                CpuStorage::F32(_) => Tensor::from_vec(
-                    bias_grad(contiguous_data::<f32>(storage, layout)?, len, inner),
-                    len,
-                    bias.device(),
-                )?,
-                CpuStorage::F64(_) => Tensor::from_vec(
-                    bias_grad(contiguous_data::<f64>(storage, layout)?, len, inner),
-                    len,
-                    bias.device(),
-                )?,
-                _ => {
-                    candle_core::bail!("add_bias: unsupported gradient dtype {:?}", storage.dtype())
-                }
-            }
+        fn sums<T: WithDType>(grad: &Tensor, len: usize, inner: usize) -> Result<Tensor> {
+            let sums =
+                crate::cpu::with_slices::<T, _, 1>([grad], |[g]| Ok(bias_grad(g, len, inner)))?;
+            Tensor::from_vec(sums, len, grad.device())
+        }
+        let grad_bias = match grad.dtype() {
+            DType::F32 => sums::<f32>(&grad, len, inner)?,
+            DType::F64 => sums::<f64>(&grad, len, inner)?,
+            dt => candle_core::bail!("add_bias: unsupported gradient dtype {dt:?}"),
         };
         Ok((Some(grad), Some(grad_bias)))
     }

@@ -15,6 +15,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::cpu::data as slice;
 use crate::simd::with_simd;
 
 const TILE_Q: usize = 64;
@@ -93,16 +94,6 @@ struct Dims {
     c: usize,
 }
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("tiled softmax attention needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for TiledSoftmaxAttention {
     fn name(&self) -> &'static str {
         "tiled-softmax-attention"
@@ -176,17 +167,10 @@ impl CustomOp3 for TiledSoftmaxAttention {
             scale: T,
         ) -> candle_core::Result<[Tensor; 3]> {
             let Dims { b, n, d, c } = dims;
-            let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
-            let mut data = Vec::with_capacity(5);
-            for (storage, layout) in &guards {
-                match &**storage {
-                    candle_core::Storage::Cpu(st) => data.push(slice::<T>(st, layout)?),
-                    _ => candle_core::bail!("tiled softmax attention: expected CPU tensors"),
-                }
-            }
-            let (dq, dk, dv) = backward::<T>(
-                data[0], data[1], data[2], data[3], data[4], lse, dims, scale,
-            );
+            let (dq, dk, dv) =
+                crate::cpu::with_slices([q, k, v, out, grad_out], |[q, k, v, o, g]| {
+                    Ok(backward::<T>(q, k, v, o, g, lse, dims, scale))
+                })?;
             Ok([
                 Tensor::from_vec(dq, (b, n, d), q.device())?,
                 Tensor::from_vec(dk, (b, n, d), q.device())?,
@@ -473,6 +457,45 @@ fn softmax_grad_tile<T: Real>(
     }
 }
 
+/// One (query tile, key tile) pair of the backward: P = exp(scale Q K^T - lse) into `p` and
+/// dS = P (dO V^T - delta) scale into `ds`, both [tq, tk] (tq = `lse.len()`).
+#[allow(clippy::too_many_arguments)]
+fn tile_grads<T: Real>(
+    q_rows: &[T],
+    k_rows: &[T],
+    v_rows: &[T],
+    go_rows: &[T],
+    lse: &[T],
+    delta: &[T],
+    (d, c): (usize, usize),
+    scale: T,
+    p: &mut [T],
+    ds: &mut [T],
+) {
+    let (tq, tk) = (lse.len(), k_rows.len() / d.max(1));
+    matmul(
+        tq,
+        tk,
+        d,
+        p,
+        false,
+        scale,
+        view(q_rows, d, 1),
+        view(k_rows, 1, d),
+    );
+    matmul(
+        tq,
+        tk,
+        c,
+        ds,
+        false,
+        T::one(),
+        view(go_rows, c, 1),
+        view(v_rows, 1, c),
+    );
+    softmax_grad_tile(p, ds, tk, lse, delta, scale);
+}
+
 /// Backward pass (flash-attention 2): with P = exp(S - lse) recomputed per tile,
 /// dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale,
 /// dK = dS^T Q * scale. Query tiles and key tiles are walked in two separate parallel
@@ -538,33 +561,17 @@ fn backward<T: Real>(
                         let q_rows = &q_b[i0 * d..(i0 + tq) * d];
                         let go_rows = &go_b[i0 * c..(i0 + tq) * c];
                         let dq_t = &mut dq_b[i0 * d..(i0 + tq) * d];
-                        matmul(
-                            tq,
-                            tk,
-                            d,
-                            p,
-                            false,
-                            scale,
-                            view(q_rows, d, 1),
-                            view(k_rows, 1, d),
-                        );
-                        matmul(
-                            tq,
-                            tk,
-                            c,
-                            ds,
-                            false,
-                            T::one(),
-                            view(go_rows, c, 1),
-                            view(v_rows, 1, c),
-                        );
-                        softmax_grad_tile(
-                            p,
-                            ds,
-                            tk,
+                        tile_grads(
+                            q_rows,
+                            k_rows,
+                            v_rows,
+                            go_rows,
                             &lse_b[i0..i0 + tq],
                             &delta_b[i0..i0 + tq],
+                            (d, c),
                             scale,
+                            p,
+                            ds,
                         );
                         let (p, ds) = (&*p, &*ds);
                         matmul(
@@ -618,27 +625,18 @@ fn backward<T: Real>(
                     let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
                     let k_rows = &k_b[j0 * d..(j0 + tk) * d];
                     let v_rows = &v_b[j0 * c..(j0 + tk) * c];
-                    matmul(
-                        tq,
-                        tk,
-                        d,
-                        p,
-                        false,
+                    tile_grads(
+                        &q_b[i0 * d..(i0 + tq) * d],
+                        k_rows,
+                        v_rows,
+                        &go_b[i0 * c..(i0 + tq) * c],
+                        &lse_b[i0..i0 + tq],
+                        &delta_b[i0..i0 + tq],
+                        (d, c),
                         scale,
-                        view(&q_b[i0 * d..(i0 + tq) * d], d, 1),
-                        view(k_rows, 1, d),
-                    );
-                    matmul(
-                        tq,
-                        tk,
-                        c,
+                        p,
                         ds,
-                        false,
-                        T::one(),
-                        view(&go_b[i0 * c..(i0 + tq) * c], c, 1),
-                        view(v_rows, 1, c),
                     );
-                    softmax_grad_tile(p, ds, tk, &lse_b[i0..i0 + tq], &delta_b[i0..i0 + tq], scale);
                     matmul(
                         tq,
                         d,
@@ -674,33 +672,17 @@ fn backward<T: Real>(
                         let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
                         let q_rows = &q_b[i0 * d..(i0 + tq) * d];
                         let go_rows = &go_b[i0 * c..(i0 + tq) * c];
-                        matmul(
-                            tq,
-                            tk,
-                            d,
-                            p,
-                            false,
-                            scale,
-                            view(q_rows, d, 1),
-                            view(k_rows, 1, d),
-                        );
-                        matmul(
-                            tq,
-                            tk,
-                            c,
-                            ds,
-                            false,
-                            T::one(),
-                            view(go_rows, c, 1),
-                            view(v_rows, 1, c),
-                        );
-                        softmax_grad_tile(
-                            p,
-                            ds,
-                            tk,
+                        tile_grads(
+                            q_rows,
+                            k_rows,
+                            v_rows,
+                            go_rows,
                             &lse_b[i0..i0 + tq],
                             &delta_b[i0..i0 + tq],
+                            (d, c),
                             scale,
+                            p,
+                            ds,
                         );
                         // dV += P^T dO and dK += dS^T Q: the tiles read transposed.
                         matmul(

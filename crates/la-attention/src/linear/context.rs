@@ -1,6 +1,6 @@
 //! `phi_k x^T`, linear attention's context before the value projection, with its backward.
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{assemble, chunks, cpu_data, fused, CHUNK, GEMM_MIN_D};
@@ -189,15 +189,9 @@ impl candle_core::CustomOp2 for TokenContext {
             [k, x, grad]: [&Tensor; 3],
             (d, c, n): (usize, usize, usize),
         ) -> candle_core::Result<[Tensor; 2]> {
-            let guards = [k, x, grad].map(|t| t.storage_and_layout());
-            let mut data = Vec::with_capacity(3);
-            for (storage, layout) in &guards {
-                match &**storage {
-                    Storage::Cpu(st) => data.push(cpu_data::<T>(st, layout)?),
-                    _ => candle_core::bail!("token context: expected CPU tensors"),
-                }
-            }
-            let (dk, dx) = token_context_backward(data[0], data[1], data[2], d, c, n);
+            let (dk, dx) = crate::cpu::with_slices::<T, _, 3>([k, x, grad], |[k, x, g]| {
+                Ok(token_context_backward(k, x, g, d, c, n))
+            })?;
             Ok([
                 Tensor::from_vec(dk, k.shape(), k.device())?,
                 Tensor::from_vec(dx, x.shape(), x.device())?,

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, fused, FeatureMap, LinDims, CHUNK, GEMM_MIN_D};
@@ -355,17 +355,10 @@ impl CustomOp3 for FoldedOutput {
             dims: LinDims,
             eps: T,
         ) -> candle_core::Result<[Tensor; 3]> {
-            let guards = [q, m, s, out, grad].map(|t| t.storage_and_layout());
-            let mut data = Vec::with_capacity(5);
-            for (storage, layout) in &guards {
-                match &**storage {
-                    Storage::Cpu(st) => data.push(cpu_data::<T>(st, layout)?),
-                    _ => candle_core::bail!("linear attention output: expected CPU tensors"),
-                }
-            }
-            let (dq, dm, ds) = folded_backward(
-                data[0], data[1], data[2], data[3], data[4], dims, op.phi, eps,
-            );
+            let (dq, dm, ds) =
+                crate::cpu::with_slices::<T, _, 5>([q, m, s, out, grad], |[q, m, s, o, g]| {
+                    Ok(folded_backward(q, m, s, o, g, dims, op.phi, eps))
+                })?;
             Ok([
                 Tensor::from_vec(dq, q.shape(), q.device())?,
                 Tensor::from_vec(dm, m.shape(), m.device())?,
@@ -530,44 +523,10 @@ impl CustomOp3 for FoldedResidual {
             dims: LinDims,
             eps: T,
         ) -> candle_core::Result<[Tensor; 2]> {
-            let LinDims { d, c, n } = dims;
-            let guards = [q, p, x, out, grad].map(|t| t.storage_and_layout());
-            let mut data = Vec::with_capacity(5);
-            for (storage, layout) in &guards {
-                match &**storage {
-                    Storage::Cpu(st) => data.push(cpu_data::<T>(st, layout)?),
-                    _ => candle_core::bail!("linear attention output: expected CPU tensors"),
-                }
-            }
-            let (qs, ps, xs, outs, gs) = (data[0], data[1], data[2], data[3], data[4]);
-            let b = qs.len() / (d * n).max(1);
-            // Back to the parts: M, s, and the attention term (out - x - bias).
-            let (mut m, mut s) = (Vec::with_capacity(b * c * d), Vec::with_capacity(b * d));
-            let mut mixed = Vec::with_capacity(outs.len());
-            for i in 0..b {
-                let small = unpack(ps, i, dims);
-                for ch in 0..c {
-                    m.extend_from_slice(&small.m[ch * (d + 1)..][..d]);
-                }
-                s.extend_from_slice(small.s);
-                let bias = small.bias.expect("packed bias");
-                for ch in 0..c {
-                    let (o, x) = (&outs[(i * c + ch) * n..][..n], &xs[(i * c + ch) * n..][..n]);
-                    let b = bias[ch * (d + 1)];
-                    mixed.extend(o.iter().zip(x).map(|(&o, &x)| o - x - b));
-                }
-            }
-            let (dq, dm, ds) = folded_backward(qs, &m, &s, &mixed, gs, dims, op.phi, eps);
-            // dP: [dM | dbias] over [ds | 0], dbias the row sums of the gradient.
-            let mut dp = vec![T::zero(); ps.len()];
-            for i in 0..b {
-                let img = &mut dp[i * (c + 1) * (d + 1)..][..(c + 1) * (d + 1)];
-                for ch in 0..c {
-                    img[ch * (d + 1)..][..d].copy_from_slice(&dm[(i * c + ch) * d..][..d]);
-                    img[ch * (d + 1) + d] = gs[(i * c + ch) * n..][..n].iter().copied().sum();
-                }
-                img[c * (d + 1)..][..d].copy_from_slice(&ds[i * d..][..d]);
-            }
+            let (dq, dp) =
+                crate::cpu::with_slices::<T, _, 5>([q, p, x, out, grad], |[q, p, x, o, g]| {
+                    Ok(residual_backward(q, p, x, o, g, dims, op.phi, eps))
+                })?;
             Ok([
                 Tensor::from_vec(dq, q.shape(), q.device())?,
                 Tensor::from_vec(dp, p.shape(), p.device())?,
@@ -581,4 +540,48 @@ impl CustomOp3 for FoldedResidual {
         };
         Ok((Some(dq), Some(dp), Some(grad)))
     }
+}
+
+/// [`FoldedResidual`]'s backward: (dq, dP) from q, P, x, the output and its gradient.
+#[allow(clippy::too_many_arguments)]
+fn residual_backward<T: Real>(
+    qs: &[T],
+    ps: &[T],
+    xs: &[T],
+    outs: &[T],
+    gs: &[T],
+    dims: LinDims,
+    phi: FeatureMap,
+    eps: T,
+) -> (Vec<T>, Vec<T>) {
+    let LinDims { d, c, n } = dims;
+    let b = qs.len() / (d * n).max(1);
+    // Back to the parts: M, s, and the attention term (out - x - bias).
+    let (mut m, mut s) = (Vec::with_capacity(b * c * d), Vec::with_capacity(b * d));
+    let mut mixed = Vec::with_capacity(outs.len());
+    for i in 0..b {
+        let small = unpack(ps, i, dims);
+        for ch in 0..c {
+            m.extend_from_slice(&small.m[ch * (d + 1)..][..d]);
+        }
+        s.extend_from_slice(small.s);
+        let bias = small.bias.expect("packed bias");
+        for ch in 0..c {
+            let (o, x) = (&outs[(i * c + ch) * n..][..n], &xs[(i * c + ch) * n..][..n]);
+            let b = bias[ch * (d + 1)];
+            mixed.extend(o.iter().zip(x).map(|(&o, &x)| o - x - b));
+        }
+    }
+    let (dq, dm, ds) = folded_backward(qs, &m, &s, &mixed, gs, dims, phi, eps);
+    // dP: [dM | dbias] over [ds | 0], dbias the row sums of the gradient.
+    let mut dp = vec![T::zero(); ps.len()];
+    for i in 0..b {
+        let img = &mut dp[i * (c + 1) * (d + 1)..][..(c + 1) * (d + 1)];
+        for ch in 0..c {
+            img[ch * (d + 1)..][..d].copy_from_slice(&dm[(i * c + ch) * d..][..d]);
+            img[ch * (d + 1) + d] = gs[(i * c + ch) * n..][..n].iter().copied().sum();
+        }
+        img[c * (d + 1)..][..d].copy_from_slice(&ds[i * d..][..d]);
+    }
+    (dq, dp)
 }

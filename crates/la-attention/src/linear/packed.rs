@@ -1,7 +1,7 @@
 //! [`super::linear_attention_packed`]'s fused op: q, k and v stacked in one tensor.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
@@ -313,15 +313,10 @@ impl CustomOp1 for FusedLinearAttention {
             dims: LinDims,
             eps: T,
         ) -> candle_core::Result<Tensor> {
-            let guards = [qkv, mixed, grad].map(|t| t.storage_and_layout());
-            let mut data = Vec::with_capacity(3);
-            for (storage, layout) in &guards {
-                match &**storage {
-                    Storage::Cpu(s) => data.push(cpu_data::<T>(s, layout)?),
-                    _ => candle_core::bail!("linear attention: expected CPU tensors"),
-                }
-            }
-            let dqkv = fused_backward(data[0], data[1], data[2], dims, op.phi, eps);
+            let dqkv =
+                crate::cpu::with_slices::<T, _, 3>([qkv, mixed, grad], |[qkv, mixed, grad]| {
+                    Ok(fused_backward(qkv, mixed, grad, dims, op.phi, eps))
+                })?;
             Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
         }
         let args = [qkv, mixed, &grad];
