@@ -28,8 +28,8 @@ pub fn elu_plus_one(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// layer's bias on tokens (`axis` last) or on a channel-first map (`axis` 1).
 ///
 /// Why not `broadcast_add`: Candle 0.11 differentiates it by summing the gradient over the
-/// broadcast dims one element at a time. For a [64, 1024, 64] attention output that took
-/// about 120 ms, far more than the projection itself. This op sums rows (or contiguous runs)
+/// broadcast dims one element at a time: 35 ms forward + backward for a [64, 1024, 64]
+/// attention output, against 13 ms here (`examples/op_speed.rs`). This op sums rows (or contiguous runs)
 /// in parallel, vectorised. On other devices and dtypes it is `broadcast_add`.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
     let dims = x.dims();

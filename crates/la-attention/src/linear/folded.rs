@@ -166,7 +166,7 @@ fn folded_image<T: Real>(
         return;
     }
     // By blocks of rows: one GEMM each (phi(Q) is packed once per block rather than re-read
-    // from cache for every row: 4-7x faster at d >= 16), then the rest of each row.
+    // from cache for every row), then the rest of each row.
     out.par_chunks_mut(rows * n)
         .enumerate()
         .for_each(|(t, block)| {
