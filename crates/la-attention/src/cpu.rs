@@ -1,9 +1,10 @@
-//! Reading CPU tensors as plain slices, for the custom ops' kernels.
+//! Reading CPU tensors as plain slices, for custom ops' kernels (this crate's and
+//! `la-vgg`'s).
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 
 /// The data of a contiguous CPU storage under `layout`.
-pub(crate) fn data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+pub fn data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
         None => candle_core::bail!("expected a contiguous tensor"),
@@ -12,7 +13,7 @@ pub(crate) fn data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -
 
 /// Runs `f` on the data of contiguous CPU tensors, read in place (their storages locked for
 /// reading meanwhile): how a custom op's backward gets at its inputs without copying them.
-pub(crate) fn with_slices<T: WithDType, R, const N: usize>(
+pub fn with_slices<T: WithDType, R, const N: usize>(
     tensors: [&Tensor; N],
     f: impl FnOnce([&[T]; N]) -> Result<R>,
 ) -> Result<R> {

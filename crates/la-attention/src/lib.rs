@@ -7,7 +7,7 @@
 //! O(N) memory; `linear`, `efficient` and `relu-linear` are O(N) in time as well.
 //! This crate depends on Candle only and can be used without the rest of the workspace.
 
-mod cpu;
+pub mod cpu;
 pub mod efficient;
 pub mod linear;
 pub mod ops;

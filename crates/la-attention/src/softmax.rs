@@ -496,6 +496,55 @@ fn tile_grads<T: Real>(
     softmax_grad_tile(p, ds, tk, lse, delta, scale);
 }
 
+/// dV += P^T dO and dK += dS^T Q for one tile pair: the key tile's gradients, the tiles
+/// read transposed.
+fn add_key_grads<T: Real>(
+    p: &[T],
+    ds: &[T],
+    q_rows: &[T],
+    go_rows: &[T],
+    (d, c): (usize, usize),
+    dk_t: &mut [T],
+    dv_t: &mut [T],
+) {
+    let (tq, tk) = (q_rows.len() / d.max(1), dk_t.len() / d.max(1));
+    matmul(
+        tk,
+        c,
+        tq,
+        dv_t,
+        true,
+        T::one(),
+        view(p, 1, tk),
+        view(go_rows, c, 1),
+    );
+    matmul(
+        tk,
+        d,
+        tq,
+        dk_t,
+        true,
+        T::one(),
+        view(ds, 1, tk),
+        view(q_rows, d, 1),
+    );
+}
+
+/// dQ += dS K for one tile pair: the query tile's gradient.
+fn add_query_grad<T: Real>(ds: &[T], k_rows: &[T], d: usize, dq_t: &mut [T]) {
+    let (tq, tk) = (dq_t.len() / d.max(1), k_rows.len() / d.max(1));
+    matmul(
+        tq,
+        d,
+        tk,
+        dq_t,
+        true,
+        T::one(),
+        view(ds, tk, 1),
+        view(k_rows, d, 1),
+    );
+}
+
 /// Backward pass (flash-attention 2): with P = exp(S - lse) recomputed per tile,
 /// dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale,
 /// dK = dS^T Q * scale. Query tiles and key tiles are walked in two separate parallel
@@ -574,36 +623,8 @@ fn backward<T: Real>(
                             ds,
                         );
                         let (p, ds) = (&*p, &*ds);
-                        matmul(
-                            tk,
-                            c,
-                            tq,
-                            dv_t,
-                            true,
-                            T::one(),
-                            view(p, 1, tk),
-                            view(go_rows, c, 1),
-                        );
-                        matmul(
-                            tk,
-                            d,
-                            tq,
-                            dk_t,
-                            true,
-                            T::one(),
-                            view(ds, 1, tk),
-                            view(q_rows, d, 1),
-                        );
-                        matmul(
-                            tq,
-                            d,
-                            tk,
-                            dq_t,
-                            true,
-                            T::one(),
-                            view(ds, tk, 1),
-                            view(k_rows, d, 1),
-                        );
+                        add_key_grads(p, ds, q_rows, go_rows, (d, c), dk_t, dv_t);
+                        add_query_grad(ds, k_rows, d, dq_t);
                     }
                 }
             });
@@ -637,16 +658,7 @@ fn backward<T: Real>(
                         p,
                         ds,
                     );
-                    matmul(
-                        tq,
-                        d,
-                        tk,
-                        dq_t,
-                        true,
-                        T::one(),
-                        view(ds, tk, 1),
-                        view(k_rows, d, 1),
-                    );
+                    add_query_grad(ds, k_rows, d, dq_t);
                 }
             });
     });
@@ -684,27 +696,7 @@ fn backward<T: Real>(
                             p,
                             ds,
                         );
-                        // dV += P^T dO and dK += dS^T Q: the tiles read transposed.
-                        matmul(
-                            tk,
-                            c,
-                            tq,
-                            dv_t,
-                            true,
-                            T::one(),
-                            view(p, 1, tk),
-                            view(go_rows, c, 1),
-                        );
-                        matmul(
-                            tk,
-                            d,
-                            tq,
-                            dk_t,
-                            true,
-                            T::one(),
-                            view(ds, 1, tk),
-                            view(q_rows, d, 1),
-                        );
+                        add_key_grads(p, ds, q_rows, go_rows, (d, c), dk_t, dv_t);
                     }
                 });
         });

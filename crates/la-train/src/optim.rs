@@ -115,21 +115,17 @@ impl Optimizer {
                     }
                     let weight_decay = if p.decay { weight_decay } else { 0.0 };
                     let buf = &self.state[&key];
-                    buf.inplace_op3(
-                        grad,
-                        w,
-                        &MomentumBuffer {
-                            momentum,
-                            weight_decay,
-                        },
-                    )?;
-                    let update = SgdUpdate {
+                    let pass = |target| SgdPass {
                         lr,
                         momentum,
                         weight_decay,
                         nesterov,
+                        target,
                     };
-                    p.var.as_tensor().inplace_op3(grad, buf, &update)?;
+                    buf.inplace_op3(grad, w, &pass(SgdTarget::Buffer))?;
+                    p.var
+                        .as_tensor()
+                        .inplace_op3(grad, buf, &pass(SgdTarget::Weight))?;
                     continue;
                 }
                 OptimizerConfig::Sgd {
@@ -246,54 +242,58 @@ fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     }
 }
 
-/// `buf = momentum * buf + (grad + weight_decay * w)` in place, on (buf; grad, w). Why in
-/// place: as Candle tensor ops an SGD step was five passes over every parameter, each into a
-/// fresh allocation (about 12 ms per VGG16 step); here it is two passes.
-struct MomentumBuffer {
-    momentum: f64,
-    weight_decay: f64,
-}
-
-/// `w -= lr * (nesterov ? g + momentum * buf : buf)` with `g = grad + weight_decay * w`, in
-/// place, on (w; grad, buf), after [`MomentumBuffer`].
-struct SgdUpdate {
+/// One of SGD's two in-place passes over a parameter. Why in place: as Candle tensor ops an
+/// SGD step was five passes over every parameter, each into a fresh allocation; here it is
+/// two, bound by memory bandwidth.
+struct SgdPass {
     lr: f64,
     momentum: f64,
     weight_decay: f64,
     nesterov: bool,
+    target: SgdTarget,
 }
 
-fn momentum_buffer<T: WithDType>(op: &MomentumBuffer, buf: &mut [T], grad: &[T], w: &[T]) {
-    let (m, wd) = (T::from_f64(op.momentum), T::from_f64(op.weight_decay));
-    buf.par_chunks_mut(1 << 16)
-        .zip(grad.par_chunks(1 << 16).zip(w.par_chunks(1 << 16)))
-        .for_each(|(buf, (grad, w))| {
-            for ((b, &g), &w) in buf.iter_mut().zip(grad).zip(w) {
-                *b = *b * m + (g + w * wd);
-            }
-        });
+#[derive(Clone, Copy)]
+enum SgdTarget {
+    /// On (buf; grad, w): `buf = momentum * buf + (grad + weight_decay * w)`.
+    Buffer,
+    /// On (w; grad, buf), after `Buffer`: `w -= lr * (nesterov ? g + momentum * buf : buf)`
+    /// with `g = grad + weight_decay * w`.
+    Weight,
 }
 
-fn sgd_update<T: WithDType>(op: &SgdUpdate, w: &mut [T], grad: &[T], buf: &[T]) {
-    let (lr, m, wd) = (
-        T::from_f64(op.lr),
-        T::from_f64(op.momentum),
-        T::from_f64(op.weight_decay),
-    );
-    let nesterov = op.nesterov;
-    w.par_chunks_mut(1 << 16)
-        .zip(grad.par_chunks(1 << 16).zip(buf.par_chunks(1 << 16)))
-        .for_each(|(w, (grad, buf))| {
-            for ((w, &g), &b) in w.iter_mut().zip(grad).zip(buf) {
-                let step = if nesterov { (g + *w * wd) + b * m } else { b };
-                *w -= step * lr;
-            }
-        });
+impl SgdPass {
+    fn run<T: WithDType>(&self, dst: &mut [T], grad: &[T], other: &[T]) {
+        let (lr, m, wd) = (
+            T::from_f64(self.lr),
+            T::from_f64(self.momentum),
+            T::from_f64(self.weight_decay),
+        );
+        let (nesterov, target) = (self.nesterov, self.target);
+        dst.par_chunks_mut(1 << 16)
+            .zip(grad.par_chunks(1 << 16).zip(other.par_chunks(1 << 16)))
+            .for_each(|(dst, (grad, other))| {
+                let items = dst.iter_mut().zip(grad).zip(other);
+                match target {
+                    SgdTarget::Buffer => {
+                        for ((b, &g), &w) in items {
+                            *b = *b * m + (g + w * wd);
+                        }
+                    }
+                    SgdTarget::Weight => {
+                        for ((w, &g), &b) in items {
+                            let step = if nesterov { (g + *w * wd) + b * m } else { b };
+                            *w -= step * lr;
+                        }
+                    }
+                }
+            });
+    }
 }
 
-impl InplaceOp3 for MomentumBuffer {
+impl InplaceOp3 for SgdPass {
     fn name(&self) -> &'static str {
-        "sgd-momentum-buffer"
+        "sgd-pass"
     }
 
     fn cpu_fwd(
@@ -307,36 +307,8 @@ impl InplaceOp3 for MomentumBuffer {
     ) -> candle_core::Result<()> {
         let r = range(l1)?;
         match s1 {
-            CpuStorage::F32(v) => {
-                momentum_buffer::<f32>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?)
-            }
-            CpuStorage::F64(v) => {
-                momentum_buffer::<f64>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?)
-            }
-            _ => candle_core::bail!("sgd: expected f32 or f64 parameters"),
-        }
-        Ok(())
-    }
-}
-
-impl InplaceOp3 for SgdUpdate {
-    fn name(&self) -> &'static str {
-        "sgd-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let r = range(l1)?;
-        match s1 {
-            CpuStorage::F32(v) => sgd_update::<f32>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?),
-            CpuStorage::F64(v) => sgd_update::<f64>(self, &mut v[r], data(s2, l2)?, data(s3, l3)?),
+            CpuStorage::F32(v) => self.run::<f32>(&mut v[r], data(s2, l2)?, data(s3, l3)?),
+            CpuStorage::F64(v) => self.run::<f64>(&mut v[r], data(s2, l2)?, data(s3, l3)?),
             _ => candle_core::bail!("sgd: expected f32 or f64 parameters"),
         }
         Ok(())

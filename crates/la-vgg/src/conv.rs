@@ -27,9 +27,11 @@ use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor, WithDType,
+    bail, CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
+
+use la_attention::cpu::{data, with_slices};
 
 /// About this many output pixels per GEMM: big enough to keep gemm efficient, small enough
 /// that a tile's im2col (`9 c_in` rows of it) stays within a few MB.
@@ -118,24 +120,12 @@ impl CustomOp3 for Conv3x3Op {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), l3.dims())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    g,
-                    self.relu,
-                    contiguous(x, l1)?,
-                    contiguous(w, l2)?,
-                    contiguous(b, l3)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    g,
-                    self.relu,
-                    contiguous(x, l1)?,
-                    contiguous(w, l2)?,
-                    contiguous(b, l3)?,
-                ))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(
+                forward(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(
+                forward(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),
+            ),
             _ => bail!(
                 "conv3x3: expected f32 or f64 input, weight and bias, got {:?}, {:?} and {:?}",
                 s1.dtype(),
@@ -158,54 +148,33 @@ impl CustomOp3 for Conv3x3Op {
         let grad_out = grad_out.contiguous()?;
         // An input that wants no gradient (the images into the first conv) skips its GEMM.
         let need_input = input.track_op();
-        // Read guards on the three storages, held while their slices are in use.
-        let (xs, xl) = input.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let (gs, gl) = grad_out.storage_and_layout();
         // The output is only read for the ReLU's mask.
         let output = output.contiguous()?;
-        let (os, ol) = output.storage_and_layout();
+        let relu = self.relu;
         fn run<T: WithDType>(
             g: Geometry,
-            need_input: bool,
-            (x, w, go, o): (&Storage, &Storage, &Storage, Option<&Storage>),
-            (xl, wl, gl, ol): (&Layout, &Layout, &Layout, &Layout),
-            (input, weight, bias): (&Tensor, &Tensor, &Tensor),
+            (need_input, relu): (bool, bool),
+            [input, weight, grad_out, output]: [&Tensor; 4],
+            bias: &Tensor,
         ) -> Result<[Tensor; 3]> {
-            let (x, w, go) = (cpu_slice(x, xl)?, cpu_slice(w, wl)?, cpu_slice(go, gl)?);
-            let relu_out = o.map(|o| cpu_slice(o, ol)).transpose()?;
-            let (gi, gw, gb) = backward::<T>(g, need_input, x, w, go, relu_out);
+            let (gi, gw, gb) =
+                with_slices::<T, _, 4>([input, weight, grad_out, output], |[x, w, go, o]| {
+                    Ok(backward::<T>(g, need_input, x, w, go, relu.then_some(o)))
+                })?;
             Ok([
                 Tensor::from_vec(gi, input.shape(), input.device())?,
                 Tensor::from_vec(gw, weight.shape(), weight.device())?,
                 Tensor::from_vec(gb, bias.shape(), bias.device())?,
             ])
         }
-        let storages = (&*xs, &*ws, &*gs, self.relu.then_some(&*os));
-        let layouts = (xl, wl, gl, ol);
-        let args = (input, weight, bias);
+        let args = [input, weight, &grad_out, &output];
         let [gi, gw, gb] = match input.dtype() {
-            DType::F32 => run::<f32>(g, need_input, storages, layouts, args)?,
-            DType::F64 => run::<f64>(g, need_input, storages, layouts, args)?,
+            DType::F32 => run::<f32>(g, (need_input, relu), args, bias)?,
+            DType::F64 => run::<f64>(g, (need_input, relu), args, bias)?,
             dt => bail!("conv3x3: no backward for {dt:?}"),
         };
         let wanted = |t: Tensor, arg: &Tensor| arg.track_op().then_some(t);
         Ok((wanted(gi, input), wanted(gw, weight), wanted(gb, bias)))
-    }
-}
-
-/// The data of a contiguous tensor in CPU storage.
-fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
-    match storage {
-        Storage::Cpu(s) => contiguous(T::cpu_storage_as_slice(s)?, layout),
-        _ => bail!("conv3x3: expected a CPU tensor"),
-    }
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("conv3x3: expected a contiguous tensor"),
     }
 }
 

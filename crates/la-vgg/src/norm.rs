@@ -10,10 +10,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
+use la_attention::cpu::{data, with_slices};
 use rayon::prelude::*;
 
 /// Per channel: (mean, biased variance) of the batch.
@@ -205,13 +204,6 @@ fn backward<T: WithDType>(
     (dx, to_t(dweight), to_t(dbias))
 }
 
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("batch norm: expected a contiguous tensor"),
-    }
-}
-
 impl CustomOp3 for BatchNormRelu {
     fn name(&self) -> &'static str {
         "batch-norm-relu"
@@ -280,17 +272,9 @@ impl CustomOp3 for BatchNormRelu {
             d: Dims,
             (mean, var, eps): (&[f64], &[f64], f64),
         ) -> Result<[Tensor; 3]> {
-            let guards = [x, weight, y, grad].map(|t| t.storage_and_layout());
-            let mut slices = Vec::with_capacity(4);
-            for (s, l) in &guards {
-                match &**s {
-                    Storage::Cpu(s) => slices.push(data::<T>(s, l)?),
-                    _ => candle_core::bail!("batch norm: expected CPU tensors"),
-                }
-            }
-            let (dx, dw, db) = backward(
-                slices[0], slices[1], slices[2], slices[3], d, mean, var, eps,
-            );
+            let (dx, dw, db) = with_slices::<T, _, 4>([x, weight, y, grad], |[x, w, y, g]| {
+                Ok(backward(x, w, y, g, d, mean, var, eps))
+            })?;
             Ok([
                 Tensor::from_vec(dx, x.shape(), x.device())?,
                 Tensor::from_vec(dw, weight.shape(), weight.device())?,

@@ -1,7 +1,8 @@
 //! Adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
+use la_attention::cpu::{data, with_slices};
 use rayon::prelude::*;
 
 /// Pools [b, c, h, w] to [b, c, out, out] with PyTorch's bins: output cell i averages rows
@@ -146,14 +147,6 @@ fn pool_backward<T: WithDType>(x: &[T], grad: &[T], planes: usize, h: usize, w: 
     grad_in
 }
 
-/// The contiguous data of a CPU tensor.
-fn cpu_data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("max-pool-2x2 needs a contiguous input"),
-    }
-}
-
 impl candle_core::CustomOp1 for MaxPool2x2 {
     fn name(&self) -> &'static str {
         "max-pool-2x2"
@@ -164,10 +157,10 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
         let shape = Shape::from((b, c, h / 2, w / 2));
         let storage = match storage {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(pool_forward(cpu_data(storage, layout)?, b * c, h, w))
+                CpuStorage::F32(pool_forward(data(storage, layout)?, b * c, h, w))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(pool_forward(cpu_data(storage, layout)?, b * c, h, w))
+                CpuStorage::F64(pool_forward(data(storage, layout)?, b * c, h, w))
             }
             _ => candle_core::bail!("max-pool-2x2: unsupported dtype {:?}", storage.dtype()),
         };
@@ -176,27 +169,17 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad_res = grad_res.contiguous()?;
-        let (xs, xl) = arg.storage_and_layout();
-        let (gs, gl) = grad_res.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("max-pool-2x2: expected CPU tensors")
-        };
-        fn run<T: WithDType>(
-            arg: &Tensor,
-            (xs, xl): (&CpuStorage, &Layout),
-            (gs, gl): (&CpuStorage, &Layout),
-        ) -> Result<Tensor> {
+        fn run<T: WithDType>(arg: &Tensor, grad: &Tensor) -> Result<Tensor> {
             let (b, c, h, w) = arg.dims4()?;
-            let grad = pool_backward(cpu_data::<T>(xs, xl)?, cpu_data(gs, gl)?, b * c, h, w);
+            let grad =
+                with_slices::<T, _, 2>([arg, grad], |[x, g]| Ok(pool_backward(x, g, b * c, h, w)))?;
             Tensor::from_vec(grad, arg.shape(), arg.device())
         }
-        let grad = match (xs, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => run::<f32>(arg, (xs, xl), (gs, gl))?,
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => run::<f64>(arg, (xs, xl), (gs, gl))?,
-            _ => candle_core::bail!(
-                "max-pool-2x2: expected matching f32 or f64 input and gradient, got {:?} and {:?}",
-                xs.dtype(),
-                gs.dtype()
+        let grad = match (arg.dtype(), grad_res.dtype()) {
+            (DType::F32, DType::F32) => run::<f32>(arg, &grad_res)?,
+            (DType::F64, DType::F64) => run::<f64>(arg, &grad_res)?,
+            (a, g) => candle_core::bail!(
+                "max-pool-2x2: expected matching f32 or f64 input and gradient, got {a:?} and {g:?}"
             ),
         };
         Ok(Some(grad))
