@@ -13,7 +13,8 @@
 //!
 //! where `cols` is the im2col of the input (row `(ci, ky, kx)`, column = output pixel) and `n`
 //! counts the pixels of a tile of the batch (several small images, or rows of a large one), so
-//! that the GEMMs stay large for 2x2 feature maps and the buffers stay small for 224x224 ones.
+//! that the GEMMs stay large for 4x4 feature maps and the buffers stay small for 224x224 ones.
+//! Maps of at most 2x2 pixels take a dense form instead ([`small`]), which skips the padding.
 //!
 //! The bias is part of the op rather than a `broadcast_add` after it: Candle differentiates
 //! that correctly but slowly, summing the gradient over dims (0, 2, 3), a reduction not over
@@ -32,6 +33,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use la_attention::cpu::{data, with_slices};
+
+mod small;
 
 /// About this many output pixels per GEMM: big enough to keep gemm efficient, small enough
 /// that a tile's im2col (`9 c_in` rows of it) stays within a few MB.
@@ -273,6 +276,27 @@ impl Plan {
             .map(move |y0| y0..(y0 + rows).min(g.h))
     }
 
+    /// The backward's plan for layers whose weight is large next to their maps (VGG's block 4
+    /// on 32x32 images): one task over the whole batch, gemm splitting each product over the
+    /// threads, instead of a partial weight gradient per thread. Those partials, each as large
+    /// as the weight, and their sum cost more there than one GEMM per thread gains. `None`
+    /// where the maps are larger, so that the batch's im2col stays within 4x the weight.
+    fn whole_batch(g: Geometry) -> Option<Self> {
+        let threads = rayon::current_num_threads();
+        (threads > 1 && g.batch * g.hw() <= 4 * g.c_out).then_some(Self {
+            images: g.batch,
+            rows: g.h,
+            tasks_per_job: 1,
+            gemm_par: gemm::Parallelism::Rayon(threads),
+        })
+    }
+
+    /// Whether the steps around the GEMMs (im2col, col2im, gathers) should themselves run in
+    /// parallel: when gemm does, since the tasks then don't.
+    fn par(&self) -> bool {
+        !matches!(self.gemm_par, gemm::Parallelism::None)
+    }
+
     /// Columns of the largest tile, for sizing the buffers.
     fn max_columns(&self, g: Geometry) -> usize {
         self.images.min(g.batch) * self.rows * g.w
@@ -280,6 +304,9 @@ impl Plan {
 }
 
 fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
+    if small::applies(g) {
+        return small::forward(g, relu, x, weight, bias);
+    }
     let zero = T::from_f64(0.0);
     let mut out = vec![zero; g.batch * g.c_out * g.hw()];
     if out.is_empty() {
@@ -292,6 +319,7 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
         return out;
     }
     let n_max = plan.max_columns(g);
+    let par = plan.par();
     let w_mat = Mat::row_major(weight, g.c_out, g.k());
     out.par_chunks_mut(plan.images * g.c_out * g.hw())
         .zip(x.par_chunks(plan.images * g.c_in * g.hw()))
@@ -304,7 +332,7 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
                     let n = images * rows.len() * g.w;
                     let cols = &mut cols[..g.k() * n];
                     let tile = &mut tile[..g.c_out * n];
-                    im2col(g, x, rows.clone(), cols);
+                    im2col(g, x, rows.clone(), cols, par);
                     matmul(
                         tile,
                         false,
@@ -347,7 +375,7 @@ fn forward_by_rows<T: WithDType>(
                 |cols, rows| {
                     let n = rows.len() * g.w;
                     let cols = &mut cols[..g.k() * n];
-                    im2col(g, x, rows.clone(), cols);
+                    im2col(g, x, rows.clone(), cols, false);
                     let mut tile = vec![zero; g.c_out * n];
                     let cols = Mat::row_major(cols, g.k(), n);
                     matmul(&mut tile, false, w_mat, cols, gemm::Parallelism::None);
@@ -386,19 +414,23 @@ fn backward<T: WithDType>(
     grad_out: &[T],
     relu_out: Option<&[T]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    if small::applies(g) {
+        return small::backward(g, need_input, x, weight, grad_out, relu_out);
+    }
     let zero = T::from_f64(0.0);
     let mut grad_in = vec![zero; g.batch * g.c_in * g.hw()];
     let weight_len = g.c_out * g.k();
     if grad_in.is_empty() || grad_out.is_empty() {
         return (grad_in, vec![zero; weight_len], vec![zero; g.c_out]);
     }
-    let plan = Plan::new(g);
+    let plan = Plan::whole_batch(g).unwrap_or_else(|| Plan::new(g));
+    let par = plan.par();
     let n_max = plan.max_columns(g);
     // W^T [9 c_in, c_out], read in place from W [c_out, 9 c_in].
     let w_t = Mat::row_major(weight, g.c_out, g.k()).t();
     struct Scratch<T> {
         cols: Vec<T>,
-        dout: Vec<T>,
+        dout_t: Vec<T>,
         grad_weight_t: Vec<T>,
         grad_bias: Vec<T>,
     }
@@ -412,7 +444,7 @@ fn backward<T: WithDType>(
         .fold(
             || Scratch {
                 cols: vec![zero; g.k() * n_max],
-                dout: vec![zero; g.c_out * n_max],
+                dout_t: vec![zero; g.c_out * n_max],
                 grad_weight_t: vec![zero; weight_len],
                 grad_bias: vec![zero; g.c_out],
             },
@@ -422,32 +454,28 @@ fn backward<T: WithDType>(
                 for rows in plan.tiles(g) {
                     let n = images * rows.len() * g.w;
                     let cols = &mut s.cols[..g.k() * n];
-                    let dout = &mut s.dout[..g.c_out * n];
-                    images_to_tile(g, rows.clone(), grad_out, relu_out, dout);
-                    for (gb, dout_c) in s.grad_bias.iter_mut().zip(dout.chunks_exact(n)) {
-                        *gb += sum(dout_c);
+                    let dout_t = &mut s.dout_t[..g.c_out * n];
+                    pixels_of_grad(g, rows.clone(), grad_out, relu_out, dout_t, par);
+                    for row in dout_t.chunks_exact(g.c_out) {
+                        s.grad_bias.iter_mut().zip(row).for_each(|(b, &d)| *b += d);
                     }
-                    im2col(g, x, rows.clone(), cols);
-                    // dW^T += cols x dout^T, summed over tiles (and over tasks below). In
-                    // this orientation gemm runs faster at VGG's shapes than dW += dout x cols^T
-                    // (up to 3x on one thread for the 64-channel layers).
+                    im2col(g, x, rows.clone(), cols, par);
+                    // dW^T += cols x dout^T, summed over tiles (and over tasks below). With the
+                    // gradient tile pixel-major, both operands are row-major, the orientation
+                    // gemm runs fastest at VGG's shapes (dW += dout x cols^T is up to 3x slower
+                    // on one thread for the 64-channel layers, a column-major dout^T 1.3x).
+                    let dout_t = Mat::row_major(dout_t, n, g.c_out);
                     matmul(
                         &mut s.grad_weight_t,
                         true,
                         Mat::row_major(cols, g.k(), n),
-                        Mat::row_major(dout, g.c_out, n).t(),
+                        dout_t,
                         plan.gemm_par,
                     );
                     if need_input {
                         // dcols = W^T x dout, reusing the cols buffer now that dW has it.
-                        matmul(
-                            cols,
-                            false,
-                            w_t,
-                            Mat::row_major(dout, g.c_out, n),
-                            plan.gemm_par,
-                        );
-                        col2im(g, cols, rows, grad_in);
+                        matmul(cols, false, w_t, dout_t.t(), plan.gemm_par);
+                        col2im(g, cols, rows, grad_in, par);
                     }
                 }
                 s
@@ -464,21 +492,6 @@ fn backward<T: WithDType>(
     // The threads' [9 c_in, c_out] sums, added and turned into the weight's [c_out, 9 c_in].
     let grad_weight = transpose_sum(&grad_weight_t, g.k(), g.c_out);
     (grad_in, grad_weight, grad_bias)
-}
-
-/// The sum of `v`, in 16 independent lanes so that the compiler vectorises it (a single
-/// running total is one dependent add per element).
-fn sum<T: WithDType>(v: &[T]) -> T {
-    let zero = T::from_f64(0.0);
-    let mut lanes = [zero; 16];
-    let mut chunks = v.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x;
-        }
-    }
-    let tail = chunks.remainder().iter().fold(zero, |a, &x| a + x);
-    lanes.iter().fold(tail, |a, &x| a + x)
 }
 
 /// The transpose [cols, rows] of the sum of row-major [rows, cols] matrices, in one pass of
@@ -512,16 +525,28 @@ fn transpose_sum<T: WithDType>(parts: &[Vec<T>], rows: usize, cols: usize) -> Ve
     t
 }
 
+/// Runs `f(index, chunk)` on each `size`-long chunk of `v`, in parallel if `par`.
+fn for_chunks<T: Send>(v: &mut [T], size: usize, par: bool, f: impl Fn(usize, &mut [T]) + Sync) {
+    if par {
+        v.par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        v.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// im2col of output rows `rows` of a task's images `x` [images, c_in, h, w] into
 /// `cols` [9 c_in, images * rows * w]: row (ci, ky, kx), column (image, y, x) holds
-/// x[image, ci, y + ky - 1, x + kx - 1], zero outside the image (the padding).
-fn im2col<T: WithDType>(g: Geometry, x: &[T], rows: Range<usize>, cols: &mut [T]) {
+/// x[image, ci, y + ky - 1, x + kx - 1], zero outside the image (the padding). Its rows are
+/// filled in parallel if `par`.
+fn im2col<T: WithDType>(g: Geometry, x: &[T], rows: Range<usize>, cols: &mut [T], par: bool) {
     let zero = T::from_f64(0.0);
     let (h, w, hw) = (g.h, g.w, g.hw());
     let images = x.len() / (g.c_in * hw);
     let seg = rows.len() * w;
     let n = images * seg;
-    for (r, dst_row) in cols.chunks_exact_mut(n).enumerate() {
+    for_chunks(cols, n, par, |r, dst_row| {
         let (ci, ky, kx) = (r / 9, r / 3 % 3, r % 3);
         for (i, dst_img) in dst_row.chunks_exact_mut(seg).enumerate() {
             let plane = &x[(i * g.c_in + ci) * hw..][..hw];
@@ -545,20 +570,22 @@ fn im2col<T: WithDType>(g: Geometry, x: &[T], rows: Range<usize>, cols: &mut [T]
                 }
             }
         }
-    }
+    });
 }
 
 /// The adjoint of [`im2col`]: adds each column gradient back onto the input pixel it was
-/// copied from; the padding's zeros had no source, so their gradients are dropped.
-fn col2im<T: WithDType>(g: Geometry, cols: &[T], rows: Range<usize>, grad_in: &mut [T]) {
+/// copied from; the padding's zeros had no source, so their gradients are dropped. Each
+/// (image, channel) plane of `grad_in` gathers its 9 rows of `cols`, in parallel if `par`.
+fn col2im<T: WithDType>(g: Geometry, cols: &[T], rows: Range<usize>, grad_in: &mut [T], par: bool) {
     let (h, w, hw) = (g.h, g.w, g.hw());
     let images = grad_in.len() / (g.c_in * hw);
     let seg = rows.len() * w;
     let n = images * seg;
-    for (r, src_row) in cols.chunks_exact(n).enumerate() {
-        let (ci, ky, kx) = (r / 9, r / 3 % 3, r % 3);
-        for (i, src_img) in src_row.chunks_exact(seg).enumerate() {
-            let plane = &mut grad_in[(i * g.c_in + ci) * hw..][..hw];
+    for_chunks(grad_in, hw, par, |plane_index, plane| {
+        let (i, ci) = (plane_index / g.c_in, plane_index % g.c_in);
+        for tap in 0..9 {
+            let (ky, kx) = (tap / 3, tap % 3);
+            let src_img = &cols[(ci * 9 + tap) * n + i * seg..][..seg];
             for (y, src) in rows.clone().zip(src_img.chunks_exact(w)) {
                 if y + ky == 0 || y + ky > h {
                     continue;
@@ -572,7 +599,7 @@ fn col2im<T: WithDType>(g: Geometry, cols: &[T], rows: Range<usize>, grad_in: &m
                 dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
             }
         }
-    }
+    });
 }
 
 /// Where each (channel, image) piece of a tile [c_out, images * rows * w] lives: its channel,
@@ -620,30 +647,52 @@ fn tile_to_images<T: WithDType>(
     }
 }
 
-/// Gathers a tile's pixels from the NCHW output gradient (the inverse of [`tile_to_images`],
-/// less bias), zeroing those where the ReLU output `relu_out` is zero.
-fn images_to_tile<T: WithDType>(
+/// Gathers a tile's output gradient from the NCHW `grad` into pixel-major `tile`
+/// [images * rows * w, c_out] (the transpose of [`tile_to_images`]'s layout), zeroing it where
+/// the ReLU output `relu_out` is zero. Each piece is transposed in 16 x 16 blocks, so that
+/// both the reads and the writes stay within a few cache lines. Images run in parallel if
+/// `par`.
+fn pixels_of_grad<T: WithDType>(
     g: Geometry,
     rows: Range<usize>,
     grad: &[T],
     relu_out: Option<&[T]>,
     tile: &mut [T],
+    par: bool,
 ) {
+    const BLOCK: usize = 16;
     let seg = rows.len() * g.w;
-    let images = grad.len() / (g.c_out * g.hw());
     let zero = T::from_f64(0.0);
-    for (_, t, o) in tile_pieces(g, images, rows) {
-        let dst = &mut tile[t..][..seg];
-        let src = &grad[o..][..seg];
-        match relu_out {
-            Some(out) => {
-                for ((d, &s), &y) in dst.iter_mut().zip(src).zip(&out[o..][..seg]) {
-                    *d = if y > zero { s } else { zero };
+    for_chunks(tile, seg * g.c_out, par, |i, tile| {
+        let image_start = i * g.c_out * g.hw() + rows.start * g.w;
+        for c0 in (0..g.c_out).step_by(BLOCK) {
+            let cs = BLOCK.min(g.c_out - c0);
+            for p0 in (0..seg).step_by(BLOCK) {
+                let ps = BLOCK.min(seg - p0);
+                // The block [c, p] read row by row, then written out column by column.
+                let mut block = [[zero; BLOCK]; BLOCK];
+                for (c, row) in block.iter_mut().enumerate().take(cs) {
+                    let at = image_start + (c0 + c) * g.hw() + p0;
+                    let src = &grad[at..][..ps];
+                    match relu_out {
+                        Some(out) => {
+                            let out = &out[at..][..ps];
+                            for ((d, &s), &y) in row.iter_mut().zip(src).zip(out) {
+                                *d = if y > zero { s } else { zero };
+                            }
+                        }
+                        None => row[..ps].copy_from_slice(src),
+                    }
+                }
+                for p in 0..ps {
+                    let dst = &mut tile[(p0 + p) * g.c_out + c0..][..cs];
+                    for (c, d) in dst.iter_mut().enumerate() {
+                        *d = block[c][p];
+                    }
                 }
             }
-            None => dst.copy_from_slice(src),
         }
-    }
+    });
 }
 
 /// A strided view of a matrix in a slice: element (i, j) is `data[i * rs + j * cs]`.
@@ -694,9 +743,31 @@ fn matmul<T: WithDType>(
     rhs: Mat<T>,
     par: gemm::Parallelism,
 ) {
+    let n = rhs.cols;
+    matmul_strided(dst, (n, 1), accumulate, lhs, rhs, par);
+}
+
+/// [`matmul`] into a strided destination: element (i, j) of the product goes to
+/// `dst[i * rs + j * cs]` for `dst_strides = (rs, cs)`. gemm's speed depends on the
+/// orientation (up to 3.5x at VGG's shapes), so callers choose the fast one.
+fn matmul_strided<T: WithDType>(
+    dst: &mut [T],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: gemm::Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    assert_eq!(dst.len(), m * n, "matmul: destination size");
+    let dst_view = Mat {
+        data: &*dst,
+        rows: m,
+        cols: n,
+        rs: dst_rs,
+        cs: dst_cs,
+    };
+    assert!(dst_view.in_bounds(), "matmul: destination size");
     assert!(lhs.in_bounds() && rhs.in_bounds(), "matmul: operand view");
     assert!(
         matches!(T::DTYPE, DType::F32 | DType::F64),
@@ -704,8 +775,9 @@ fn matmul<T: WithDType>(
     );
     let one = T::from_f64(1.0);
     // SAFETY: gemm reads lhs (i, l) at lhs + i*lhs_rs + l*lhs_cs for i < m, l < k, rhs alike
-    // for l < k, j < n, and writes dst (i, j) at dst + i*n + j; the asserts above keep all of
-    // these inside their slices, `dst` is borrowed mutably so it aliases neither operand, and
+    // for l < k, j < n, and writes dst (i, j) at dst + i*dst_rs + j*dst_cs; the asserts above
+    // keep all of these inside their slices, `dst` is borrowed mutably so it aliases neither
+    // operand (distinct (i, j) may share a slot only if the caller's strides overlap), and
     // T is f32 or f64, the types gemm dispatches on (it panics on others). With
     // `read_dst` false gemm overwrites dst (alpha unused): dst = beta*lhs*rhs; with true,
     // dst = alpha*dst + beta*lhs*rhs. Strides fit isize since they index live slices.
@@ -715,8 +787,8 @@ fn matmul<T: WithDType>(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,

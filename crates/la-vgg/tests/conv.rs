@@ -4,10 +4,14 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use la_vgg::conv::Conv3x3;
 
 /// (batch, c_in, c_out, h, w): odd, 1x1, non-square, one task per image, several images per
-/// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles.
+/// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles;
+/// maps of at most 2x2 (the dense form: 1x1, 1x2, 2x1, 2x2); a whole batch in one task
+/// (batch * h * w <= 4 c_out, with more than one thread).
 const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (1, 3, 1, 1, 1),
     (3, 3, 16, 1, 1),
+    (3, 5, 7, 1, 2),
+    (4, 6, 5, 2, 1),
     (1, 8, 16, 5, 7),
     (3, 17, 33, 5, 7),
     (3, 8, 1, 8, 8),
@@ -58,6 +62,21 @@ fn candle_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
 
 #[test]
 fn forward_matches_candle_conv2d() {
+    check_forward();
+}
+
+#[test]
+fn forward_matches_candle_conv2d_on_one_and_three_threads() {
+    for threads in [1, 3] {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(check_forward);
+    }
+}
+
+fn check_forward() {
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-10)] {
         for (k, &(b, ci, co, h, w)) in SHAPES.iter().enumerate() {
             let x = randn(dtype, &[b, ci, h, w]);
@@ -107,6 +126,22 @@ fn other_dtypes_fall_back_to_candle() {
 
 #[test]
 fn gradients_match_candle_conv2d() {
+    check_gradients();
+}
+
+#[test]
+fn gradients_match_candle_conv2d_on_one_and_three_threads() {
+    // The plan (tasks per thread, whole batch, row tiles) depends on the thread count.
+    for threads in [1, 3] {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(check_gradients);
+    }
+}
+
+fn check_gradients() {
     for (dtype, tol, relu) in [
         (DType::F32, 1e-4, false),
         (DType::F64, 1e-9, false),
