@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use la_attention::cpu::{data, with_slices};
 
 mod small;
+mod winograd;
 
 /// About this many output pixels per GEMM: big enough to keep gemm efficient, small enough
 /// that a tile's im2col (`9 c_in` rows of it) stays within a few MB.
@@ -213,6 +214,15 @@ impl Geometry {
         self.h * self.w
     }
 
+    /// The geometry of the input gradient as a convolution of the output gradient.
+    fn transposed(&self) -> Self {
+        Self {
+            c_in: self.c_out,
+            c_out: self.c_in,
+            ..*self
+        }
+    }
+
     /// Rows of the im2col matrix (the GEMMs' inner dimension in the forward).
     fn k(&self) -> usize {
         9 * self.c_in
@@ -306,6 +316,10 @@ impl Plan {
 fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
     if small::applies(g) {
         return small::forward(g, relu, x, weight, bias);
+    }
+    if winograd::applies(g) {
+        let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
+        return winograd::conv(g, x, &u, Some(bias), relu);
     }
     let zero = T::from_f64(0.0);
     let mut out = vec![zero; g.batch * g.c_out * g.hw()];
@@ -418,11 +432,49 @@ fn backward<T: WithDType>(
         return small::backward(g, need_input, x, weight, grad_out, relu_out);
     }
     let zero = T::from_f64(0.0);
+    let weight_len = g.c_out * g.k();
+    if x.is_empty() || grad_out.is_empty() {
+        return (
+            vec![zero; x.len()],
+            vec![zero; weight_len],
+            vec![zero; g.c_out],
+        );
+    }
+    // The input gradient as a convolution of the output gradient (Winograd), where that is
+    // faster than dcols = W^T x dout and col2im: the ReLU's mask is then applied once, up front.
+    if need_input && winograd::applies(g.transposed()) {
+        let masked: Vec<T>;
+        let grad_out = match relu_out {
+            Some(out) => {
+                masked = grad_out
+                    .par_iter()
+                    .zip(out)
+                    .map(|(&d, &y)| if y > zero { d } else { zero })
+                    .collect();
+                &masked
+            }
+            None => grad_out,
+        };
+        let u = winograd::transform_weight(weight, g.c_out, g.c_in, true);
+        let grad_in = winograd::conv(g.transposed(), grad_out, &u, None, false);
+        let (_, grad_weight, grad_bias) = backward_tiles(g, false, x, weight, grad_out, None);
+        return (grad_in, grad_weight, grad_bias);
+    }
+    backward_tiles(g, need_input, x, weight, grad_out, relu_out)
+}
+
+/// [`backward`] through im2col, a tile of the batch at a time.
+fn backward_tiles<T: WithDType>(
+    g: Geometry,
+    need_input: bool,
+    x: &[T],
+    weight: &[T],
+    grad_out: &[T],
+    relu_out: Option<&[T]>,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let zero = T::from_f64(0.0);
     let mut grad_in = vec![zero; g.batch * g.c_in * g.hw()];
     let weight_len = g.c_out * g.k();
-    if grad_in.is_empty() || grad_out.is_empty() {
-        return (grad_in, vec![zero; weight_len], vec![zero; g.c_out]);
-    }
     let plan = Plan::whole_batch(g).unwrap_or_else(|| Plan::new(g));
     let par = plan.par();
     let n_max = plan.max_columns(g);

@@ -6,8 +6,13 @@ use la_vgg::conv::Conv3x3;
 /// (batch, c_in, c_out, h, w): odd, 1x1, non-square, one task per image, several images per
 /// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles;
 /// maps of at most 2x2 (the dense form: 1x1, 1x2, 2x1, 2x2); a whole batch in one task
-/// (batch * h * w <= 4 c_out, with more than one thread).
+/// (batch * h * w <= 4 c_out, with more than one thread); Winograd (c_in >= 32 for the forward,
+/// c_out >= 32 for the input gradient): odd sizes, one of the two, several bands of tile rows.
 const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+    (3, 32, 40, 5, 7),
+    (4, 8, 33, 8, 8),
+    (2, 40, 36, 9, 6),
+    (2, 32, 32, 100, 94),
     (1, 3, 1, 1, 1),
     (3, 3, 16, 1, 1),
     (3, 5, 7, 1, 2),
