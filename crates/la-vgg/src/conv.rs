@@ -34,6 +34,7 @@ use rayon::prelude::*;
 
 use la_attention::cpu::{data, with_slices};
 
+mod scratch;
 mod small;
 mod winograd;
 
@@ -338,9 +339,9 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
     out.par_chunks_mut(plan.images * g.c_out * g.hw())
         .zip(x.par_chunks(plan.images * g.c_in * g.hw()))
         .with_min_len(plan.tasks_per_job)
-        .for_each_init(
-            || (vec![zero; g.k() * n_max], vec![zero; g.c_out * n_max]),
-            |(cols, tile), (out, x)| {
+        .for_each(|(out, x)| {
+            scratch::with((g.k() + g.c_out) * n_max, |buffer: &mut [T]| {
+                let (cols, tile) = buffer.split_at_mut(g.k() * n_max);
                 let images = x.len() / (g.c_in * g.hw());
                 for rows in plan.tiles(g) {
                     let n = images * rows.len() * g.w;
@@ -356,8 +357,8 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
                     );
                     tile_to_images(g, rows, tile, bias, relu, out);
                 }
-            },
-        );
+            })
+        });
     out
 }
 
@@ -480,9 +481,7 @@ fn backward_tiles<T: WithDType>(
     let n_max = plan.max_columns(g);
     // W^T [9 c_in, c_out], read in place from W [c_out, 9 c_in].
     let w_t = Mat::row_major(weight, g.c_out, g.k()).t();
-    struct Scratch<T> {
-        cols: Vec<T>,
-        dout_t: Vec<T>,
+    struct Sums<T> {
         grad_weight_t: Vec<T>,
         grad_bias: Vec<T>,
     }
@@ -494,42 +493,43 @@ fn backward_tiles<T: WithDType>(
         .enumerate()
         .with_min_len(plan.tasks_per_job)
         .fold(
-            || Scratch {
-                cols: vec![zero; g.k() * n_max],
-                dout_t: vec![zero; g.c_out * n_max],
+            || Sums {
                 grad_weight_t: vec![zero; weight_len],
                 grad_bias: vec![zero; g.c_out],
             },
             |mut s, (task, ((grad_in, x), grad_out))| {
                 let images = x.len() / (g.c_in * g.hw());
                 let relu_out = relu_out.map(|o| &o[task * out_chunk..][..grad_out.len()]);
-                for rows in plan.tiles(g) {
-                    let n = images * rows.len() * g.w;
-                    let cols = &mut s.cols[..g.k() * n];
-                    let dout_t = &mut s.dout_t[..g.c_out * n];
-                    pixels_of_grad(g, rows.clone(), grad_out, relu_out, dout_t, par);
-                    for row in dout_t.chunks_exact(g.c_out) {
-                        s.grad_bias.iter_mut().zip(row).for_each(|(b, &d)| *b += d);
+                scratch::with((g.k() + g.c_out) * n_max, |buffer: &mut [T]| {
+                    let (cols_buffer, dout_buffer) = buffer.split_at_mut(g.k() * n_max);
+                    for rows in plan.tiles(g) {
+                        let n = images * rows.len() * g.w;
+                        let cols = &mut cols_buffer[..g.k() * n];
+                        let dout_t = &mut dout_buffer[..g.c_out * n];
+                        pixels_of_grad(g, rows.clone(), grad_out, relu_out, dout_t, par);
+                        for row in dout_t.chunks_exact(g.c_out) {
+                            s.grad_bias.iter_mut().zip(row).for_each(|(b, &d)| *b += d);
+                        }
+                        im2col(g, x, rows.clone(), cols, par);
+                        // dW^T += cols x dout^T, summed over tiles (and over tasks below). With the
+                        // gradient tile pixel-major, both operands are row-major, the orientation
+                        // gemm runs fastest at VGG's shapes (dW += dout x cols^T is up to 3x slower
+                        // on one thread for the 64-channel layers, a column-major dout^T 1.3x).
+                        let dout_t = Mat::row_major(dout_t, n, g.c_out);
+                        matmul(
+                            &mut s.grad_weight_t,
+                            true,
+                            Mat::row_major(cols, g.k(), n),
+                            dout_t,
+                            plan.gemm_par,
+                        );
+                        if need_input {
+                            // dcols = W^T x dout, reusing the cols buffer now that dW has it.
+                            matmul(cols, false, w_t, dout_t.t(), plan.gemm_par);
+                            col2im(g, cols, rows, grad_in, par);
+                        }
                     }
-                    im2col(g, x, rows.clone(), cols, par);
-                    // dW^T += cols x dout^T, summed over tiles (and over tasks below). With the
-                    // gradient tile pixel-major, both operands are row-major, the orientation
-                    // gemm runs fastest at VGG's shapes (dW += dout x cols^T is up to 3x slower
-                    // on one thread for the 64-channel layers, a column-major dout^T 1.3x).
-                    let dout_t = Mat::row_major(dout_t, n, g.c_out);
-                    matmul(
-                        &mut s.grad_weight_t,
-                        true,
-                        Mat::row_major(cols, g.k(), n),
-                        dout_t,
-                        plan.gemm_par,
-                    );
-                    if need_input {
-                        // dcols = W^T x dout, reusing the cols buffer now that dW has it.
-                        matmul(cols, false, w_t, dout_t.t(), plan.gemm_par);
-                        col2im(g, cols, rows, grad_in, par);
-                    }
-                }
+                });
                 s
             },
         )

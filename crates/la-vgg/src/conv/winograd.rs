@@ -21,7 +21,7 @@ use std::ops::Range;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{matmul, Geometry, Mat};
+use super::{matmul, scratch, Geometry, Mat};
 
 /// Tiles per GEMM, at most: this many times the channel count is the transformed input's size
 /// (x 16), kept to a few MB so that it is still in cache when the GEMMs read it.
@@ -96,11 +96,12 @@ pub(super) fn conv<T: WithDType>(
     } else {
         (1, max_tiles / tw)
     };
+    let sizes = Scratch::<T>::sizes(g, images, band);
     out.par_chunks_mut(images * g.c_out * g.hw())
         .zip(x.par_chunks(images * g.c_in * g.hw()))
-        .for_each_init(
-            || Scratch::new(g, images, band),
-            |s, (out, x)| {
+        .for_each(|(out, x)| {
+            scratch::with(sizes.iter().sum(), |buffer: &mut [T]| {
+                let s = Scratch::split(buffer, sizes);
                 let images = x.len() / (g.c_in * g.hw());
                 for rows in (0..th).step_by(band).map(|t0| t0..(t0 + band).min(th)) {
                     let tiles = images * rows.len() * tw;
@@ -109,7 +110,7 @@ pub(super) fn conv<T: WithDType>(
                     for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
                         let first_tile = i * rows.len() * tw;
                         let at = |xi: usize| (xi * tiles + first_tile) * g.c_in;
-                        transform_input(g, x, rows.clone(), (&mut s.pixels, &mut s.cols), v, at);
+                        transform_input(g, x, rows.clone(), (s.pixels, s.cols), v, at);
                     }
                     for (xi, (m, v)) in m
                         .chunks_exact_mut(tiles * g.c_out)
@@ -129,36 +130,43 @@ pub(super) fn conv<T: WithDType>(
                     for (i, out) in out.chunks_exact_mut(g.c_out * g.hw()).enumerate() {
                         let first_tile = i * rows.len() * tw;
                         let at = |xi: usize| (xi * tiles + first_tile) * g.c_out;
-                        let pixels = &mut s.pixels;
+                        let pixels = &mut *s.pixels;
                         transform_output(g, m, at, rows.clone(), (bias, relu), pixels, out);
                     }
                 }
-            },
-        );
+            })
+        });
     out
 }
 
 /// A task's buffers: the transformed input `v` [16, tiles, c_in] and products `m`
 /// [16, tiles, c_out]; one image band's pixels channels-last (padded input, or output), and
 /// its column-transformed rows.
-struct Scratch<T> {
-    v: Vec<T>,
-    m: Vec<T>,
-    pixels: Vec<T>,
-    cols: Vec<T>,
+struct Scratch<'a, T> {
+    v: &'a mut [T],
+    m: &'a mut [T],
+    pixels: &'a mut [T],
+    cols: &'a mut [T],
 }
 
-impl<T: WithDType> Scratch<T> {
-    fn new(g: Geometry, images: usize, band: usize) -> Self {
-        let zero = T::from_f64(0.0);
+impl<'a, T> Scratch<'a, T> {
+    /// The sizes of `v`, `m`, `pixels` and `cols`.
+    fn sizes(g: Geometry, images: usize, band: usize) -> [usize; 4] {
         let tw = g.w.div_ceil(2);
         let (c_max, tiles) = (g.c_in.max(g.c_out), images * band * tw);
-        Self {
-            v: vec![zero; 16 * tiles * g.c_in],
-            m: vec![zero; 16 * tiles * g.c_out],
-            pixels: vec![zero; (2 * band + 2) * (2 * tw + 2) * c_max],
-            cols: vec![zero; (2 * band + 2) * tw * 4 * g.c_in],
-        }
+        [
+            16 * tiles * g.c_in,
+            16 * tiles * g.c_out,
+            (2 * band + 2) * (2 * tw + 2) * c_max,
+            (2 * band + 2) * tw * 4 * g.c_in,
+        ]
+    }
+
+    fn split(buffer: &'a mut [T], [v, m, pixels, _]: [usize; 4]) -> Self {
+        let (v, rest) = buffer.split_at_mut(v);
+        let (m, rest) = rest.split_at_mut(m);
+        let (pixels, cols) = rest.split_at_mut(pixels);
+        Self { v, m, pixels, cols }
     }
 }
 
