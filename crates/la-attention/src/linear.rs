@@ -6,7 +6,9 @@
 //!
 //! On the CPU the work runs in fused ops: [`linear_attention`] on q, k, v (`packed`), and the
 //! module's folded form, [`token_context`] then [`folded_output_residual`] (`context`,
-//! `folded`), where the value and output projections never meet the tokens.
+//! `folded`), where the value and output projections never meet the tokens. For inference,
+//! [`project_context`] replaces the query/key projections and [`token_context`] with one pass
+//! over the map (`project`).
 
 use std::ops::Range;
 
@@ -20,9 +22,11 @@ use crate::softmax::Real;
 mod context;
 mod folded;
 mod packed;
+mod project;
 
 pub use context::token_context;
 pub use folded::{folded_output, folded_output_residual};
+pub use project::project_context;
 
 /// Katharopoulos et al.'s epsilon in the denominator.
 pub const ELU_EPS: f64 = 1e-6;

@@ -273,3 +273,54 @@ fn folded_output_residual_matches_plain_candle() {
         }
     }
 }
+
+/// `project_context` (inference's single pass) against the same three results from Candle
+/// ops: the stacked projection, phi of its key half, phi(K) x^T and the sum over tokens.
+#[test]
+fn project_context_matches_candle_ops() {
+    let dev = Device::Cpu;
+    // One chunk per thread or several (c = 128: 1024-token chunks), a single token.
+    for (phi, (b, d, c, n)) in [
+        (FeatureMap::EluPlusOne, (2, 4, 6, 1100)),
+        (FeatureMap::Relu, (1, 8, 128, 2600)),
+        (FeatureMap::EluPlusOne, (3, 16, 24, 1)),
+    ] {
+        for dtype in [DType::F64, DType::F32] {
+            let randn = |shape: &[usize]| {
+                Tensor::randn(0f64, 1.0, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x, w, bias) = (randn(&[b, c, n]), randn(&[2 * d, c]), randn(&[2 * d]));
+            let (q, a, s) = la_attention::linear::project_context(&x, &w, &bias, phi).unwrap();
+            let qk = w
+                .broadcast_left(b)
+                .unwrap()
+                .matmul(&x)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 2 * d, 1)).unwrap())
+                .unwrap();
+            let phi_k = match phi {
+                FeatureMap::Relu => qk.narrow(1, d, d).unwrap().relu().unwrap(),
+                FeatureMap::EluPlusOne => {
+                    (qk.narrow(1, d, d).unwrap().elu(1.0).unwrap() + 1.0).unwrap()
+                }
+            };
+            let want_a = phi_k.matmul(&x.t().unwrap()).unwrap();
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            for (name, ours, want) in [
+                ("q", &q, &qk.narrow(1, 0, d).unwrap()),
+                ("A", &a, &want_a),
+                ("s", &s, &phi_k.sum(2).unwrap()),
+            ] {
+                let diff = rel_diff(ours, want);
+                assert!(
+                    diff < tol,
+                    "{phi:?} {dtype:?} {:?}: {name} differs by {diff:e}",
+                    (b, d, c, n)
+                );
+            }
+        }
+    }
+}

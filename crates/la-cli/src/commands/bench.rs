@@ -76,8 +76,25 @@ pub fn run(args: Args) -> Result<()> {
             config.blocks.len()
         );
     }
-    let (model, varmap) =
+    let (trainable_model, varmap) =
         la_vgg::trainable(config.clone(), Default::default(), 0, DType::F32, &device)?;
+    // Inference runs on plain tensors, as `la-cli predict` (weights from a file) does and
+    // as the PyTorch reference runs under `torch.inference_mode()`: with trainable variables
+    // every op would also record the graph for a backward pass.
+    let model = match args.mode {
+        Mode::Train => trainable_model,
+        Mode::Infer => {
+            let tensors = varmap
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("weights lock poisoned"))?
+                .iter()
+                .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+                .collect();
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device);
+            la_vgg::Vgg::new(config.clone(), vb)?
+        }
+    };
     let params = la_train::optim::param_groups(&varmap, &la_train::optim::GroupRules::default());
     let mut optimizer = la_train::Optimizer::new(
         la_train::OptimizerConfig::Sgd {
