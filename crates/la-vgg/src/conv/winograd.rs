@@ -21,7 +21,7 @@ use std::ops::Range;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{matmul, scratch, Geometry, Mat};
+use super::{copy_short, matmul, scratch, Geometry, Mat};
 
 /// Tiles per GEMM, at most: this many times the channel count is the transformed input's size
 /// (x 16), kept to a few MB so that it is still in cache when the GEMMs read it.
@@ -187,7 +187,7 @@ fn transpose<T: WithDType>(
             let js = BLOCK.min(cols - j0);
             let mut block = [[zero; BLOCK]; BLOCK];
             for (i, row) in block.iter_mut().enumerate().take(is) {
-                row[..js].copy_from_slice(&src[(i0 + i) * src_stride + j0..][..js]);
+                copy_short(&mut row[..js], &src[(i0 + i) * src_stride + j0..][..js]);
             }
             for j in 0..js {
                 let dst = &mut dst[(j0 + j) * dst_stride + i0..][..is];
