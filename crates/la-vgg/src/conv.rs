@@ -441,27 +441,66 @@ fn backward<T: WithDType>(
             vec![zero; g.c_out],
         );
     }
-    // The input gradient as a convolution of the output gradient (Winograd), where that is
-    // faster than dcols = W^T x dout and col2im: the ReLU's mask is then applied once, up front.
-    if need_input && winograd::applies(g.transposed()) {
-        let masked: Vec<T>;
-        let grad_out = match relu_out {
-            Some(out) => {
-                masked = grad_out
-                    .par_iter()
-                    .zip(out)
-                    .map(|(&d, &y)| if y > zero { d } else { zero })
-                    .collect();
-                &masked
-            }
-            None => grad_out,
-        };
-        let u = winograd::transform_weight(weight, g.c_out, g.c_in, true);
-        let grad_in = winograd::conv(g.transposed(), grad_out, &u, None, false);
-        let (_, grad_weight, grad_bias) = backward_tiles(g, false, x, weight, grad_out, None);
-        return (grad_in, grad_weight, grad_bias);
+    // Winograd where it is faster: for the input gradient (a convolution of the output
+    // gradient) rather than dcols = W^T x dout and col2im, and for the weight gradient rather
+    // than cols x dout^T, except where the whole batch runs as one task (block 4 at 32x32:
+    // there the per-thread partial sums, 16/9 of the weight each, cost more than they save).
+    // The ReLU's mask is then applied once, up front.
+    let dx_by_winograd = need_input && winograd::applies(g.transposed());
+    let dw_by_winograd =
+        winograd::applies(g) && Plan::whole_batch(g).is_none() && (dx_by_winograd || !need_input);
+    if !(dx_by_winograd || dw_by_winograd) {
+        return backward_tiles(g, need_input, x, weight, grad_out, relu_out);
     }
-    backward_tiles(g, need_input, x, weight, grad_out, relu_out)
+    let masked: Vec<T>;
+    let grad_out = match relu_out {
+        Some(out) => {
+            masked = grad_out
+                .par_iter()
+                .zip(out)
+                .map(|(&d, &y)| if y > zero { d } else { zero })
+                .collect();
+            &masked
+        }
+        None => grad_out,
+    };
+    let grad_in = if dx_by_winograd {
+        let u = winograd::transform_weight(weight, g.c_out, g.c_in, true);
+        winograd::conv(g.transposed(), grad_out, &u, None, false)
+    } else {
+        vec![zero; x.len()]
+    };
+    let (grad_weight, grad_bias) = if dw_by_winograd {
+        let grad_weight = winograd::weight_grad(g, x, grad_out);
+        (grad_weight, bias_grad(g, grad_out))
+    } else {
+        let (_, grad_weight, grad_bias) = backward_tiles(g, false, x, weight, grad_out, None);
+        (grad_weight, grad_bias)
+    };
+    (grad_in, grad_weight, grad_bias)
+}
+
+/// The bias gradient: `grad_out` [batch, c_out, h, w] summed over all but the channels.
+fn bias_grad<T: WithDType>(g: Geometry, grad_out: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    grad_out
+        .par_chunks(g.c_out * g.hw())
+        .fold(
+            || vec![zero; g.c_out],
+            |mut sums, image| {
+                for (s, plane) in sums.iter_mut().zip(image.chunks_exact(g.hw())) {
+                    *s += plane.iter().fold(zero, |a, &v| a + v);
+                }
+                sums
+            },
+        )
+        .reduce(
+            || vec![zero; g.c_out],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+                a
+            },
+        )
 }
 
 /// [`backward`] through im2col, a tile of the batch at a time.
@@ -588,7 +627,11 @@ fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
         let d: &mut [T; 16] = d.try_into().expect("16 elements");
         *d = *<&[T; 16]>::try_from(s).expect("16 elements");
     }
-    for (d, s) in dst_pieces.into_remainder().iter_mut().zip(src_pieces.remainder()) {
+    for (d, s) in dst_pieces
+        .into_remainder()
+        .iter_mut()
+        .zip(src_pieces.remainder())
+    {
         *d = *s;
     }
 }

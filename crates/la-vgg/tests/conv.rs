@@ -7,12 +7,14 @@ use la_vgg::conv::Conv3x3;
 /// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles;
 /// maps of at most 2x2 (the dense form: 1x1, 1x2, 2x1, 2x2); a whole batch in one task
 /// (batch * h * w <= 4 c_out, with more than one thread); Winograd (c_in >= 32 for the forward,
-/// c_out >= 32 for the input gradient): odd sizes, one of the two, several bands of tile rows.
+/// c_out >= 32 for the input gradient, both and not a whole-batch task for the weight
+/// gradient): odd sizes, one of the three, several bands of tile rows.
 const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (3, 32, 40, 5, 7),
     (4, 8, 33, 8, 8),
     (2, 40, 36, 9, 6),
     (2, 32, 32, 100, 94),
+    (4, 32, 33, 9, 7),
     (1, 3, 1, 1, 1),
     (3, 3, 16, 1, 1),
     (3, 5, 7, 1, 2),
@@ -210,28 +212,34 @@ fn check_gradients() {
 
 #[test]
 fn an_untracked_input_gets_no_gradient() {
-    // The images into the first conv: their gradient is skipped, the others are unchanged.
-    let x = randn(DType::F64, &[3, 3, 6, 5]);
-    let weight = Var::from_tensor(&randn(DType::F64, &[4, 3, 3, 3])).unwrap();
-    let bias = Var::from_tensor(&randn(DType::F64, &[4])).unwrap();
-    let probe = randn(DType::F64, &[3, 4, 6, 5]);
-    let conv = Conv3x3::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
-    let ours = (conv.forward(&x).unwrap() * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let reference = (candle_conv(&x, weight.as_tensor(), Some(bias.as_tensor())) * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert!(ours.get(&x).is_none());
-    for v in [&weight, &bias] {
-        let (o, r) = (ours.get(v.as_tensor()), reference.get(v.as_tensor()));
-        assert!(rel_err(o.unwrap(), r.unwrap()) < 1e-9);
+    // The images into the first conv: their gradient is skipped, the others are unchanged;
+    // through im2col (3 channels) and through Winograd (32).
+    for (b, ci, co, h, w) in [(3, 3, 4, 6, 5), (4, 32, 33, 9, 7)] {
+        let x = randn(DType::F64, &[b, ci, h, w]);
+        let weight = Var::from_tensor(&randn(DType::F64, &[co, ci, 3, 3])).unwrap();
+        let bias = Var::from_tensor(&randn(DType::F64, &[co])).unwrap();
+        let probe = randn(DType::F64, &[b, co, h, w]);
+        let conv = Conv3x3::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+        let ours = (conv.forward_relu(&x).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let fused = conv.forward_relu(&x).unwrap();
+        let mask = fused.gt(0.0).unwrap().to_dtype(DType::F64).unwrap();
+        let reference = candle_conv(&x, weight.as_tensor(), Some(bias.as_tensor()));
+        let reference = ((reference * mask).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(ours.get(&x).is_none());
+        for v in [&weight, &bias] {
+            let (o, r) = (ours.get(v.as_tensor()), reference.get(v.as_tensor()));
+            assert!(rel_err(o.unwrap(), r.unwrap()) < 1e-9);
+        }
     }
 }
 

@@ -87,15 +87,7 @@ pub(super) fn conv<T: WithDType>(
         return out;
     }
     let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
-    let max_tiles = (TILES_TIMES_CHANNELS / g.c_in.max(g.c_out)).max(tw);
-    let threads = rayon::current_num_threads();
-    // Whole images per task while they fit, else bands of tile rows of one image.
-    let (images, band) = if th * tw <= max_tiles {
-        let images = (max_tiles / (th * tw)).min(g.batch.div_ceil(threads));
-        (images.max(1), th)
-    } else {
-        (1, max_tiles / tw)
-    };
+    let (images, band) = blocks(g);
     let sizes = Scratch::<T>::sizes(g, images, band);
     out.par_chunks_mut(images * g.c_out * g.hw())
         .zip(x.par_chunks(images * g.c_in * g.hw()))
@@ -137,6 +129,157 @@ pub(super) fn conv<T: WithDType>(
             })
         });
     out
+}
+
+/// How the work is cut: `(images, band)`, whole images per task while their tiles fit,
+/// else one image per task in bands of tile rows.
+fn blocks(g: Geometry) -> (usize, usize) {
+    let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+    let max_tiles = (TILES_TIMES_CHANNELS / g.c_in.max(g.c_out)).max(tw);
+    if th * tw <= max_tiles {
+        let threads = rayon::current_num_threads();
+        let images = (max_tiles / (th * tw)).min(g.batch.div_ceil(threads));
+        (images.max(1), th)
+    } else {
+        (1, max_tiles / tw)
+    }
+}
+
+/// The weight gradient `dW [c_out, c_in, 3, 3]` of the conv with input `x` [batch, c_in, h, w]
+/// and output gradient `dout` [batch, c_out, h, w] (past the ReLU's mask), as Winograd's
+/// F(3x3, 2x2): each 2x2 tile `y` of `dout` and the 4x4 input patch `d` around it add
+/// `A'^T ((G' y G'^T) * (B^T d B)) A'` to dW, with `B^T` the forward's, `G'` rows (1, 0),
+/// (1, 1), (1, -1), (0, -1), and `A'^T` rows (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0),
+/// (0, 1/2, 1/2, 1). The sums over tiles run before the inverse transform, as 16 GEMMs
+/// `S[xi] [c_out, c_in] += Y[xi]^T [c_out, tiles] x V[xi] [tiles, c_in]`: 2.25x fewer multiplies
+/// than `cols x dout^T`, and no im2col.
+pub(super) fn weight_grad<T: WithDType>(g: Geometry, x: &[T], dout: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let (pairs, hw) = (g.c_out * g.c_in, g.hw());
+    if pairs == 0 || x.is_empty() {
+        return vec![zero; 9 * pairs];
+    }
+    let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+    let (images, band) = blocks(g);
+    let sizes = Scratch::<T>::sizes(g, images, band);
+    let sums = x
+        .par_chunks(images * g.c_in * hw)
+        .zip(dout.par_chunks(images * g.c_out * hw))
+        .fold(
+            || vec![zero; 16 * pairs],
+            |mut sums, (x, dout)| {
+                scratch::with(sizes.iter().sum(), |buffer: &mut [T]| {
+                    // `m` holds the output gradient's transforms, [16, tiles, c_out].
+                    let s = Scratch::split(buffer, sizes);
+                    let images = x.len() / (g.c_in * hw);
+                    for rows in (0..th).step_by(band).map(|t0| t0..(t0 + band).min(th)) {
+                        let tiles = images * rows.len() * tw;
+                        let v = &mut s.v[..16 * tiles * g.c_in];
+                        let y = &mut s.m[..16 * tiles * g.c_out];
+                        for (i, (x, dout)) in x
+                            .chunks_exact(g.c_in * hw)
+                            .zip(dout.chunks_exact(g.c_out * hw))
+                            .enumerate()
+                        {
+                            let first_tile = i * rows.len() * tw;
+                            let at = |xi: usize| (xi * tiles + first_tile) * g.c_in;
+                            transform_input(g, x, rows.clone(), (s.pixels, s.cols), v, at);
+                            let at = |xi: usize| (xi * tiles + first_tile) * g.c_out;
+                            transform_grad(g, dout, rows.clone(), s.pixels, y, at);
+                        }
+                        for (sum, (y, v)) in sums.chunks_exact_mut(pairs).zip(
+                            y.chunks_exact(tiles * g.c_out)
+                                .zip(v.chunks_exact(tiles * g.c_in)),
+                        ) {
+                            let y_t = Mat::row_major(y, tiles, g.c_out).t();
+                            let v = Mat::row_major(v, tiles, g.c_in);
+                            matmul(sum, true, y_t, v, gemm::Parallelism::None);
+                        }
+                    }
+                });
+                sums
+            },
+        )
+        .reduce(
+            || vec![zero; 16 * pairs],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+                a
+            },
+        );
+    // dW[co, ci] = A'^T S A' for each pair, S gathered from the 16 planes.
+    let half = T::from_f64(0.5);
+    let inverse = |a: T, b: T, c: T, d: T| [a + (b + c) * half, (b - c) * half, (b + c) * half + d];
+    let mut grad = vec![zero; 9 * pairs];
+    grad.par_chunks_mut(9 * g.c_in)
+        .enumerate()
+        .for_each(|(co, dw)| {
+            for (ci, dw) in dw.chunks_exact_mut(9).enumerate() {
+                let s = |xi: usize| sums[xi * pairs + co * g.c_in + ci];
+                let rows: [[T; 3]; 4] =
+                    std::array::from_fn(|b| inverse(s(b), s(4 + b), s(8 + b), s(12 + b)));
+                for u in 0..3 {
+                    dw[u * 3..][..3]
+                        .copy_from_slice(&inverse(rows[0][u], rows[1][u], rows[2][u], rows[3][u]));
+                }
+            }
+        });
+    grad
+}
+
+/// `G' y G'^T` for the 2x2 tiles in tile rows `rows` of one image's output gradient `dout`
+/// [c_out, h, w], laid out as [`transform_input`]'s `v` (with c_out channels). `G'` maps a
+/// pair (y0, y1) to (y0, y0 + y1, y0 - y1, -y1); pixels outside an odd-sized map count as 0.
+fn transform_grad<T: WithDType>(
+    g: Geometry,
+    dout: &[T],
+    rows: Range<usize>,
+    pixels: &mut [T],
+    y: &mut [T],
+    at: impl Fn(usize) -> usize,
+) {
+    let zero = T::from_f64(0.0);
+    let (c, tw) = (g.c_out, g.w.div_ceil(2));
+    // The band's pixels channels-last, zero past the map: pixels[(py * pw + px) * c..].
+    let pw = 2 * tw;
+    let pixels = &mut pixels[..2 * rows.len() * pw * c];
+    if g.h % 2 == 1 || g.w % 2 == 1 {
+        pixels.fill(zero);
+    }
+    for yy in 2 * rows.start..(2 * rows.end).min(g.h) {
+        let dst = &mut pixels[(yy - 2 * rows.start) * pw * c..];
+        transpose(&dout[yy * g.w..], g.hw(), dst, c, (c, g.w));
+    }
+    // Per tile, the row stage h[a, j] (a in 0..4, j in 0..2) at h[(2 a + j) c..], then the
+    // column stage into the 16 positions.
+    let mut h = vec![zero; 8 * c];
+    for r in 0..rows.len() {
+        for t in 0..tw {
+            let tile = r * tw + t;
+            let p = |i: usize, j: usize| &pixels[((2 * r + i) * pw + 2 * t + j) * c..][..c];
+            for j in 0..2 {
+                let (y0, y1) = (p(0, j), p(1, j));
+                h[j * c..][..c].copy_from_slice(y0);
+                combine(&mut h[(2 + j) * c..][..c], y0, y1, true);
+                combine(&mut h[(4 + j) * c..][..c], y0, y1, false);
+                negate(&mut h[(6 + j) * c..][..c], y1);
+            }
+            for a in 0..4 {
+                let (h0, h1) = (&h[2 * a * c..][..c], &h[(2 * a + 1) * c..][..c]);
+                let dst = |b: usize| at(a * 4 + b) + tile * c;
+                y[dst(0)..][..c].copy_from_slice(h0);
+                combine(&mut y[dst(1)..][..c], h0, h1, true);
+                combine(&mut y[dst(2)..][..c], h0, h1, false);
+                negate(&mut y[dst(3)..][..c], h1);
+            }
+        }
+    }
+}
+
+/// `dst = -src`, elementwise.
+fn negate<T: WithDType>(dst: &mut [T], src: &[T]) {
+    let zero = T::from_f64(0.0);
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = zero - s);
 }
 
 /// A task's buffers: the transformed input `v` [16, tiles, c_in] and products `m`
