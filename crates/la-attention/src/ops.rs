@@ -107,13 +107,14 @@ fn bias_grad<T: WithDType>(grad: &[T], len: usize, inner: usize) -> Vec<T> {
             }
             acc
         })
-        .reduce(
-            || vec![zero; len],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        .into_iter()
+        // Added in order, not in rayon's reduction tree (which depends on how the work was
+        // split): a run gives the same gradient every time.
+        .fold(vec![zero; len], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+            a
+        })
 }
 
 /// A sum in 16 independent lanes, which the compiler vectorises.

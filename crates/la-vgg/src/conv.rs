@@ -480,27 +480,28 @@ fn backward<T: WithDType>(
     (grad_in, grad_weight, grad_bias)
 }
 
-/// The bias gradient: `grad_out` [batch, c_out, h, w] summed over all but the channels.
+/// The bias gradient: `grad_out` [batch, c_out, h, w] summed over all but the channels; one
+/// partial per thread's share of the images, added in a fixed order (reproducible runs).
 fn bias_grad<T: WithDType>(g: Geometry, grad_out: &[T]) -> Vec<T> {
     let zero = T::from_f64(0.0);
-    grad_out
-        .par_chunks(g.c_out * g.hw())
-        .fold(
-            || vec![zero; g.c_out],
-            |mut sums, image| {
+    let per_thread = g.batch.div_ceil(rayon::current_num_threads()).max(1);
+    let parts: Vec<Vec<T>> = grad_out
+        .par_chunks(per_thread * g.c_out * g.hw())
+        .map(|images| {
+            let mut sums = vec![zero; g.c_out];
+            for image in images.chunks_exact(g.c_out * g.hw()) {
                 for (s, plane) in sums.iter_mut().zip(image.chunks_exact(g.hw())) {
                     *s += plane.iter().fold(zero, |a, &v| a + v);
                 }
-                sums
-            },
-        )
-        .reduce(
-            || vec![zero; g.c_out],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            },
-        )
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![zero; g.c_out];
+    for part in &parts {
+        sums.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
+    }
+    sums
 }
 
 /// [`backward`] through im2col, a tile of the batch at a time.

@@ -281,3 +281,41 @@ fn gradients_match_finite_differences() {
         }
     }
 }
+
+/// The same inputs give bit-identical gradients: partial sums are added in a fixed order, not
+/// in whatever order rayon's threads finish (which made the default training run differ in
+/// the last digits from one run to the next).
+#[test]
+fn gradients_are_reproducible() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    // im2col weight gradient, Winograd weight gradient, bias sums.
+    for (b, ci, co, h, w) in [(7, 8, 16, 12, 10), (7, 32, 33, 12, 10)] {
+        let x = Var::from_tensor(&randn(DType::F32, &[b, ci, h, w])).unwrap();
+        let weight = Var::from_tensor(&randn(DType::F32, &[co, ci, 3, 3])).unwrap();
+        let bias = Var::from_tensor(&randn(DType::F32, &[co])).unwrap();
+        let probe = randn(DType::F32, &[b, co, h, w]);
+        let grads = || {
+            pool.install(|| {
+                let conv = Conv3x3::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+                let g = (conv.forward_relu(x.as_tensor()).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                [&x, &weight, &bias].map(|v| values(g.get(v.as_tensor()).unwrap()))
+            })
+        };
+        let first = grads();
+        for _ in 0..5 {
+            assert!(
+                grads() == first,
+                "{:?}: gradients differ between runs",
+                (b, ci, co, h, w)
+            );
+        }
+    }
+}

@@ -95,9 +95,11 @@ fn image_pass<T: Real>(
         a_t: vec![zero; c * d],
         s: vec![zero; d],
     };
-    let part = chunks
+    // One part per chunk, added in order: the same sums on every run.
+    let parts: Vec<Part<T>> = chunks
         .into_par_iter()
-        .fold(new_part, |mut part, cols| {
+        .map(|cols| {
+            let mut part = new_part();
             let len = cols.len();
             let x_chunk = &x[cols.start..];
             // [q; k] chunk = W x[:, cols] + bias.
@@ -132,12 +134,13 @@ fn image_pass<T: Real>(
             part.q_tiles.push((cols, qk));
             part
         })
-        .reduce(new_part, |mut p, o| {
-            p.q_tiles.extend(o.q_tiles);
-            p.a_t.iter_mut().zip(&o.a_t).for_each(|(a, &b)| *a += b);
-            p.s.iter_mut().zip(&o.s).for_each(|(a, &b)| *a += b);
-            p
-        });
+        .collect();
+    let part = parts.into_iter().fold(new_part(), |mut p, o| {
+        p.q_tiles.extend(o.q_tiles);
+        p.a_t.iter_mut().zip(&o.a_t).for_each(|(a, &b)| *a += b);
+        p.s.iter_mut().zip(&o.s).for_each(|(a, &b)| *a += b);
+        p
+    });
     let mut q = vec![zero; d * n];
     assemble(part.q_tiles, n, &mut q);
     let a = (0..d * c).map(|i| part.a_t[(i % c) * d + i / c]).collect();

@@ -162,15 +162,22 @@ pub(super) fn weight_grad<T: WithDType>(g: Geometry, x: &[T], dout: &[T]) -> Vec
     let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
     let (images, band) = blocks(g);
     let sizes = Scratch::<T>::sizes(g, images, band);
-    let sums = x
-        .par_chunks(images * g.c_in * hw)
-        .zip(dout.par_chunks(images * g.c_out * hw))
-        .fold(
-            || vec![zero; 16 * pairs],
-            |mut sums, (x, dout)| {
-                scratch::with(sizes.iter().sum(), |buffer: &mut [T]| {
-                    // `m` holds the output gradient's transforms, [16, tiles, c_out].
-                    let s = Scratch::split(buffer, sizes);
+    // One partial sum per thread's share of the tasks, added in a fixed order, so that a run
+    // gives the same gradient every time (rayon's `fold` cuts the work where it likes).
+    let tasks = g.batch.div_ceil(images);
+    let per_thread = tasks.div_ceil(rayon::current_num_threads()) * images;
+    let parts: Vec<Vec<T>> = x
+        .par_chunks(per_thread * g.c_in * hw)
+        .zip(dout.par_chunks(per_thread * g.c_out * hw))
+        .map(|(x, dout)| {
+            let mut sums = vec![zero; 16 * pairs];
+            scratch::with(sizes.iter().sum(), |buffer: &mut [T]| {
+                // `m` holds the output gradient's transforms, [16, tiles, c_out].
+                let s = Scratch::split(buffer, sizes);
+                for (x, dout) in x
+                    .chunks(images * g.c_in * hw)
+                    .zip(dout.chunks(images * g.c_out * hw))
+                {
                     let images = x.len() / (g.c_in * hw);
                     for rows in (0..th).step_by(band).map(|t0| t0..(t0 + band).min(th)) {
                         let tiles = images * rows.len() * tw;
@@ -196,17 +203,11 @@ pub(super) fn weight_grad<T: WithDType>(g: Geometry, x: &[T], dout: &[T]) -> Vec
                             matmul(sum, true, y_t, v, gemm::Parallelism::None);
                         }
                     }
-                });
-                sums
-            },
-        )
-        .reduce(
-            || vec![zero; 16 * pairs],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            },
-        );
+                }
+            });
+            sums
+        })
+        .collect();
     // dW[co, ci] = A'^T S A' for each pair, S gathered from the 16 planes.
     let half = T::from_f64(0.5);
     let inverse = |a: T, b: T, c: T, d: T| [a + (b + c) * half, (b - c) * half, (b + c) * half + d];
@@ -215,7 +216,10 @@ pub(super) fn weight_grad<T: WithDType>(g: Geometry, x: &[T], dout: &[T]) -> Vec
         .enumerate()
         .for_each(|(co, dw)| {
             for (ci, dw) in dw.chunks_exact_mut(9).enumerate() {
-                let s = |xi: usize| sums[xi * pairs + co * g.c_in + ci];
+                let s = |xi: usize| {
+                    let at = xi * pairs + co * g.c_in + ci;
+                    parts.iter().fold(zero, |a, p| a + p[at])
+                };
                 let rows: [[T; 3]; 4] =
                     std::array::from_fn(|b| inverse(s(b), s(4 + b), s(8 + b), s(12 + b)));
                 for u in 0..3 {
