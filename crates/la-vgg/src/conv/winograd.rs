@@ -373,13 +373,15 @@ fn transform_input<T: WithDType>(
     // pixels[(pr * pw + pc) * c..] is image pixel (2 r0 - 1 + pr, pc - 1).
     let (ph, pw) = (2 * rows.len() + 2, 2 * tw + 2);
     let pixels = &mut pixels[..ph * pw * c];
-    pixels.fill(zero);
-    for pr in 0..ph {
+    for (pr, row) in pixels.chunks_exact_mut(pw * c).enumerate() {
         let Some(y) = (2 * rows.start + pr).checked_sub(1).filter(|&y| y < g.h) else {
+            row.fill(zero);
             continue;
         };
-        let dst = &mut pixels[(pr * pw + 1) * c..];
-        transpose(&x[y * g.w..], g.hw(), dst, c, (c, g.w));
+        // Only the border is zeroed: the image's pixels are all written.
+        row[..c].fill(zero);
+        row[(g.w + 1) * c..].fill(zero);
+        transpose(&x[y * g.w..], g.hw(), &mut row[c..], c, (c, g.w));
     }
     // Column stage: cols[((pr * tw + t) * 4 + b) * c..] from the row's pixels 2t .. 2t + 3.
     for pr in 0..ph {
