@@ -24,6 +24,7 @@
 //! hand. Other devices and dtypes fall back to Candle's `conv2d` + `broadcast_add`, so CUDA
 //! keeps its own kernels. The backward is not itself differentiable (no second derivatives).
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
@@ -164,7 +165,14 @@ impl CustomOp3 for Conv3x3Op {
         ) -> Result<[Tensor; 3]> {
             let (gi, gw, gb) =
                 with_slices::<T, _, 4>([input, weight, grad_out, output], |[x, w, go, o]| {
-                    Ok(backward::<T>(g, need_input, x, w, go, relu.then_some(o)))
+                    let inputs = Backward {
+                        x,
+                        weight: w,
+                        grad_out: go,
+                        relu_out: relu.then_some(o),
+                        need_input,
+                    };
+                    Ok(backward::<T>(g, inputs))
                 })?;
             Ok([
                 Tensor::from_vec(gi, input.shape(), input.device())?,
@@ -418,26 +426,49 @@ fn forward_by_rows<T: WithDType>(
     }
 }
 
-/// (grad_input, grad_weight, grad_bias) in the layouts of input, weight and bias; grad_input
-/// stays zero unless `need_input`. With `relu_out` (the output of a conv + ReLU), `grad_out`
-/// is the gradient after the ReLU and is masked where that output is zero.
-fn backward<T: WithDType>(
-    g: Geometry,
+/// What a backward pass reads: the op's input and weight, the gradient of its output, and
+/// for a conv + ReLU that output, where whose zeros the gradient is masked.
+#[derive(Clone, Copy)]
+struct Backward<'a, T> {
+    x: &'a [T],
+    weight: &'a [T],
+    grad_out: &'a [T],
+    relu_out: Option<&'a [T]>,
+    /// Whether the input gradient is wanted (not for the images into the first conv).
     need_input: bool,
-    x: &[T],
-    weight: &[T],
-    grad_out: &[T],
-    relu_out: Option<&[T]>,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+}
+
+impl<'a, T: WithDType> Backward<'a, T> {
+    /// The output gradient through the ReLU's mask, in one parallel pass (borrowed as it is
+    /// when there is no ReLU).
+    fn masked_grad(&self) -> Cow<'a, [T]> {
+        let zero = T::from_f64(0.0);
+        match self.relu_out {
+            Some(out) => Cow::Owned(
+                self.grad_out
+                    .par_iter()
+                    .zip(out)
+                    .map(|(&d, &y)| if y > zero { d } else { zero })
+                    .collect(),
+            ),
+            None => Cow::Borrowed(self.grad_out),
+        }
+    }
+}
+
+/// (grad_input, grad_weight, grad_bias) in the layouts of input, weight and bias.
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// The gradients; grad_input stays zero unless `need_input`.
+fn backward<T: WithDType>(g: Geometry, b: Backward<T>) -> Grads<T> {
     if small::applies(g) {
-        return small::backward(g, need_input, x, weight, grad_out, relu_out);
+        return small::backward(g, b);
     }
     let zero = T::from_f64(0.0);
-    let weight_len = g.c_out * g.k();
-    if x.is_empty() || grad_out.is_empty() {
+    if b.x.is_empty() || b.grad_out.is_empty() {
         return (
-            vec![zero; x.len()],
-            vec![zero; weight_len],
+            vec![zero; b.x.len()],
+            vec![zero; g.c_out * g.k()],
             vec![zero; g.c_out],
         );
     }
@@ -446,35 +477,30 @@ fn backward<T: WithDType>(
     // than cols x dout^T, except where the whole batch runs as one task (block 4 at 32x32:
     // there the per-thread partial sums, 16/9 of the weight each, cost more than they save).
     // The ReLU's mask is then applied once, up front.
-    let dx_by_winograd = need_input && winograd::applies(g.transposed());
+    let dx_by_winograd = b.need_input && winograd::applies(g.transposed());
     let dw_by_winograd =
-        winograd::applies(g) && Plan::whole_batch(g).is_none() && (dx_by_winograd || !need_input);
+        winograd::applies(g) && Plan::whole_batch(g).is_none() && (dx_by_winograd || !b.need_input);
     if !(dx_by_winograd || dw_by_winograd) {
-        return backward_tiles(g, need_input, x, weight, grad_out, relu_out);
+        return backward_tiles(g, b);
     }
-    let masked: Vec<T>;
-    let grad_out = match relu_out {
-        Some(out) => {
-            masked = grad_out
-                .par_iter()
-                .zip(out)
-                .map(|(&d, &y)| if y > zero { d } else { zero })
-                .collect();
-            &masked
-        }
-        None => grad_out,
-    };
+    let grad_out = b.masked_grad();
     let grad_in = if dx_by_winograd {
-        let u = winograd::transform_weight(weight, g.c_out, g.c_in, true);
-        winograd::conv(g.transposed(), grad_out, &u, None, false)
+        let u = winograd::transform_weight(b.weight, g.c_out, g.c_in, true);
+        winograd::conv(g.transposed(), &grad_out, &u, None, false)
     } else {
-        vec![zero; x.len()]
+        vec![zero; b.x.len()]
     };
     let (grad_weight, grad_bias) = if dw_by_winograd {
-        let grad_weight = winograd::weight_grad(g, x, grad_out);
-        (grad_weight, bias_grad(g, grad_out))
+        let grad_weight = winograd::weight_grad(g, b.x, &grad_out);
+        (grad_weight, bias_grad(g, &grad_out))
     } else {
-        let (_, grad_weight, grad_bias) = backward_tiles(g, false, x, weight, grad_out, None);
+        let masked = Backward {
+            grad_out: &grad_out,
+            relu_out: None,
+            need_input: false,
+            ..b
+        };
+        let (_, grad_weight, grad_bias) = backward_tiles(g, masked);
         (grad_weight, grad_bias)
     };
     (grad_in, grad_weight, grad_bias)
@@ -505,14 +531,14 @@ fn bias_grad<T: WithDType>(g: Geometry, grad_out: &[T]) -> Vec<T> {
 }
 
 /// [`backward`] through im2col, a tile of the batch at a time.
-fn backward_tiles<T: WithDType>(
-    g: Geometry,
-    need_input: bool,
-    x: &[T],
-    weight: &[T],
-    grad_out: &[T],
-    relu_out: Option<&[T]>,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward_tiles<T: WithDType>(g: Geometry, b: Backward<T>) -> Grads<T> {
+    let Backward {
+        x,
+        weight,
+        grad_out,
+        relu_out,
+        need_input,
+    } = b;
     let zero = T::from_f64(0.0);
     let mut grad_in = vec![zero; g.batch * g.c_in * g.hw()];
     let weight_len = g.c_out * g.k();

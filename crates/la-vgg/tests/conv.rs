@@ -72,15 +72,21 @@ fn forward_matches_candle_conv2d() {
     check_forward();
 }
 
-#[test]
-fn forward_matches_candle_conv2d_on_one_and_three_threads() {
+/// Runs `check` on pools of 1 and 3 threads: the plan (tasks per thread, whole batch, row
+/// tiles, Winograd's tasks) depends on the thread count.
+fn on_one_and_three_threads(check: fn()) {
     for threads in [1, 3] {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(check_forward);
+            .install(check);
     }
+}
+
+#[test]
+fn forward_matches_candle_conv2d_on_one_and_three_threads() {
+    on_one_and_three_threads(check_forward);
 }
 
 fn check_forward() {
@@ -138,14 +144,7 @@ fn gradients_match_candle_conv2d() {
 
 #[test]
 fn gradients_match_candle_conv2d_on_one_and_three_threads() {
-    // The plan (tasks per thread, whole batch, row tiles) depends on the thread count.
-    for threads in [1, 3] {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(check_gradients);
-    }
+    on_one_and_three_threads(check_gradients);
 }
 
 fn check_gradients() {

@@ -8,12 +8,10 @@
 //! since the NCHW images already are its rows, and the weight gradient is one product over
 //! the whole batch instead of one partial sum per thread added up afterwards.
 
-use std::borrow::Cow;
-
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{matmul, Geometry, Mat};
+use super::{bias_grad, matmul, Backward, Geometry, Grads, Mat};
 
 /// Whether `g`'s maps are small enough for the dense form.
 pub(super) fn applies(g: Geometry) -> bool {
@@ -112,39 +110,20 @@ fn transpose<T: WithDType>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-/// (grad_input, grad_weight, grad_bias), as [`super::backward`].
-pub(super) fn backward<T: WithDType>(
-    g: Geometry,
-    need_input: bool,
-    x: &[T],
-    weight: &[T],
-    grad_out: &[T],
-    relu_out: Option<&[T]>,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// The gradients, as [`super::backward`].
+pub(super) fn backward<T: WithDType>(g: Geometry, b: Backward<T>) -> Grads<T> {
     let zero = T::from_f64(0.0);
     let (hw, n_in, n_out) = (g.hw(), g.c_in * g.hw(), g.c_out * g.hw());
+    let (x, weight) = (b.x, b.weight);
     let mut grad_in = vec![zero; g.batch * n_in];
     let mut grad_weight = vec![zero; g.c_out * g.c_in * 9];
-    let mut grad_bias = vec![zero; g.c_out];
-    if grad_in.is_empty() || grad_out.is_empty() {
-        return (grad_in, grad_weight, grad_bias);
+    if grad_in.is_empty() || b.grad_out.is_empty() {
+        return (grad_in, grad_weight, vec![zero; g.c_out]);
     }
-    let dout: Cow<[T]> = match relu_out {
-        Some(out) => grad_out
-            .par_iter()
-            .zip(out)
-            .map(|(&d, &y)| if y > zero { d } else { zero })
-            .collect::<Vec<_>>()
-            .into(),
-        None => grad_out.into(),
-    };
-    for image in dout.chunks_exact(n_out) {
-        for (gb, plane) in grad_bias.iter_mut().zip(image.chunks_exact(hw)) {
-            *gb += plane.iter().fold(zero, |a, &v| a + v);
-        }
-    }
+    let dout = b.masked_grad();
+    let grad_bias = bias_grad(g, &dout);
     let dout_mat = Mat::row_major(&dout, g.batch, n_out);
-    if need_input {
+    if b.need_input {
         // dx [batch, c_in hw] = dout [batch, c_out hw] x Wd
         let dense = dense_weight(g, weight);
         let dense = Mat::row_major(&dense, n_out, n_in);
