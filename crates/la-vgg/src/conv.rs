@@ -1,11 +1,18 @@
 //! A 3x3 convolution (stride 1, padding 1: the only conv VGG has) whose forward and backward
-//! both run as im2col/col2im + GEMM on the CPU.
+//! run as GEMMs on the CPU, through whichever of three forms is fastest for the layer:
+//!
+//! - [`winograd`] F(2x2, 3x3) for the forward and the input gradient, F(3x3, 2x2) for the
+//!   weight gradient: 2.25x fewer multiplies, when there are at least 32 channels on the
+//!   side the GEMMs sum over and a batch of at least one image per thread;
+//! - [`small`], one dense product, for maps of at most 2x2 (skips the padding);
+//! - im2col/col2im + GEMM otherwise (the first conv, batch 1, and block 4's weight gradient
+//!   at 32x32, which runs as one whole-batch task), described below.
 //!
 //! Why: on the CPU, Candle 0.11's conv2d forward is already im2col + GEMM, but its backward
 //! computes the input gradient with a naive `conv_transpose2d` loop (about 40 % of a VGG16
 //! training step) and the weight gradient through a slow path (about 24 %), while its matmul
 //! (the `gemm` crate, with its AVX-512 kernels) runs at 210-240 GFLOP/s per thread at VGG's
-//! shapes. Here all three products are GEMMs, so a training step is GEMM-bound:
+//! shapes. In the im2col form all three products are GEMMs:
 //!
 //! - forward:     `out   [c_out, n]      = W    [c_out, 9 c_in] x cols   [9 c_in, n]`
 //! - weight grad: `dW^T  [9 c_in, c_out] += cols [9 c_in, n]     x dout^T [n, c_out]`
@@ -14,7 +21,7 @@
 //! where `cols` is the im2col of the input (row `(ci, ky, kx)`, column = output pixel) and `n`
 //! counts the pixels of a tile of the batch (several small images, or rows of a large one), so
 //! that the GEMMs stay large for 4x4 feature maps and the buffers stay small for 224x224 ones.
-//! Maps of at most 2x2 pixels take a dense form instead ([`small`]), which skips the padding.
+//! Partial sums over tasks are added in a fixed order, so a run is reproducible.
 //!
 //! The bias is part of the op rather than a `broadcast_add` after it: Candle differentiates
 //! that correctly but slowly, summing the gradient over dims (0, 2, 3), a reduction not over
