@@ -1,10 +1,10 @@
 //! A 3x3 convolution (stride 1, padding 1: the only conv VGG has) whose forward and backward
 //! run as GEMMs on the CPU, through whichever of three forms is fastest for the layer:
 //!
-//! - [`winograd`] F(2x2, 3x3) for the forward and the input gradient, F(3x3, 2x2) for the
+//! - `winograd.rs`: F(2x2, 3x3) for the forward and the input gradient, F(3x3, 2x2) for the
 //!   weight gradient: 2.25x fewer multiplies, when there are at least 32 channels on the
 //!   side the GEMMs sum over and a batch of at least one image per thread;
-//! - [`small`], one dense product, for maps of at most 2x2 (skips the padding);
+//! - `small.rs`: one dense product, for maps of at most 2x2 (skips the padding);
 //! - im2col/col2im + GEMM otherwise (the first conv, batch 1, and block 4's weight gradient
 //!   at 32x32, which runs as one whole-batch task), described below.
 //!
