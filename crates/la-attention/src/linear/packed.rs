@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, view, Real};
+use crate::softmax::{dot, matmul, sum_lanes, view, Real};
 
 /// The fused CPU op on (q, k, v). Why: at 224x224 (N = 50,176 tokens) the composition of
 /// Candle ops made about 25 passes over [c, N] maps, several of them single-threaded; the
@@ -29,7 +29,7 @@ fn context<T: Real>(k: &[T], v: &[T], dims: LinDims, phi: FeatureMap) -> (Vec<T>
     phik.par_chunks_mut(n)
         .zip(k.par_chunks(n))
         .for_each(|(dst, src)| phi.map_chunk(src, n, &all, dst));
-    let s: Vec<T> = phik.par_chunks(n).map(sum).collect();
+    let s: Vec<T> = phik.par_chunks(n).map(sum_lanes).collect();
     // A^T [c, d], row by row of V.
     let a_t: Vec<T> = v
         .par_chunks(n)
@@ -49,19 +49,6 @@ fn context<T: Real>(k: &[T], v: &[T], dims: LinDims, phi: FeatureMap) -> (Vec<T>
         }
     }
     (a, s)
-}
-
-/// A sum in eight independent lanes, which the compiler vectorises.
-fn sum<T: Real>(xs: &[T]) -> T {
-    let mut lanes = [T::zero(); 8];
-    let mut chunks = xs.chunks_exact(8);
-    for chunk in &mut chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(l, &x)| *l += x);
-    }
-    chunks
-        .remainder()
-        .iter()
-        .fold(lanes.iter().copied().sum(), |acc, &x| acc + x)
 }
 
 /// The linear attention of each image of `qkv` [b, 2d + c, n].

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::{assemble, FeatureMap, GEMM_MIN_D};
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, view, Real};
+use crate::softmax::{dot, matmul, sum_lanes, view, Real};
 
 /// At most this many floats of the map per chunk (a chunk's c rows by its tokens), so that
 /// the chunk stays in L2 between the two products that read it.
@@ -113,7 +113,7 @@ fn image_pass<T: Real>(
             let mut phi_k = vec![zero; d * len];
             phi.map_chunk(&k, len, &(0..len), &mut phi_k);
             for (s, row) in part.s.iter_mut().zip(phi_k.chunks_exact(len)) {
-                *s += row.iter().copied().sum::<T>();
+                *s += sum_lanes(row);
             }
             // A^T += x[:, cols] phi(K)[:, cols]^T: with few features (block 1 at 224x224:
             // d = 8) as d dot products per row of x, where gemm would pack more than it
