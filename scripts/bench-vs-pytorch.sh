@@ -2,6 +2,7 @@
 # Side-by-side images/s of la-cli and the PyTorch reference (bench/reference), same model,
 # batch and thread count, measured in one run on this machine. Prints a markdown table.
 # Usage: scripts/bench-vs-pytorch.sh [python]   (default: .venv-torch/bin/python)
+# THREADS (default 2) and PAIRS (linear-attention pairs, default 3) are read from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-.venv-torch/bin/python}
@@ -42,9 +43,9 @@ row "inference VGG16 + softmax attention, 224x224, batch 1" \
     "--mode infer --attention softmax --head imagenet --classes 1000 --size 224 --batch 1 --steps 1 --warmup 0"
 echo
 echo "VGG16 + linear attention against plain VGG16 (la-cli, inference, 224x224, batch 1;"
-echo "three alternating pairs of 10 steps: median and fastest step of each run):"
+echo "${PAIRS:-3} alternating pairs of 10 steps: median and fastest step of each run):"
 steps() { grep -oP 'median \K[0-9.]+|min \K[0-9.]+' | paste -sd' '; }
-for _ in 1 2 3; do
+for _ in $(seq "${PAIRS:-3}"); do
     p=$($la bench --mode infer --attention none --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
     l=$($la bench --mode infer --attention linear --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
     python3 -c "
