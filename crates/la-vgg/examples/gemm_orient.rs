@@ -1,45 +1,55 @@
+//! gemm's speed for one product shape in each operand orientation (row- or column-major
+//! lhs and rhs, row-major destination), best of 6 runs: the measurements behind the
+//! orientation choices in `src/conv.rs` and `src/conv/*.rs`.
+//!
+//! `cargo run --release -p la-vgg --example gemm_orient -- M N K [THREADS]`, e.g.
+//! `-- 576 64 1024 1` (block 1's weight gradient per tile) or `-- 64 2048 2048 2`.
+
 use std::time::Instant;
+
 fn main() {
-    let a: Vec<usize> = std::env::args()
+    let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|s| s.parse().unwrap())
+        .map(|s| s.parse().expect("M N K [THREADS] as integers"))
         .collect();
-    let (m, n, k, threads) = (a[0], a[1], a[2], a[3]);
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    let [m, n, k] = match args[..] {
+        [m, n, k, ..] => [m, n, k],
+        _ => panic!("usage: gemm_orient M N K [THREADS]"),
     };
-    let av = vec![1.0f32; m * k];
-    let bv = vec![1.0f32; k * n];
-    let mut d = vec![0.0f32; m * n];
-    for (name, a_rm, b_rm, d_rm) in [
-        ("a rm, b rm, d rm", true, true, true),
-        ("a rm, b cm, d rm", true, false, true),
-        ("a cm, b rm, d rm", false, true, true),
-        ("a cm, b cm, d rm", false, false, true),
-    ] {
-        let (a_rs, a_cs) = if a_rm { (k, 1) } else { (1, m) };
-        let (b_rs, b_cs) = if b_rm { (n, 1) } else { (1, k) };
-        let (d_rs, d_cs) = if d_rm { (n, 1) } else { (1, m) };
+    let threads = args.get(3).copied().unwrap_or(1);
+    let par = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    let lhs = vec![1.0f32; m * k];
+    let rhs = vec![1.0f32; k * n];
+    let mut dst = vec![0.0f32; m * n];
+    for (lhs_row_major, rhs_row_major) in
+        [(true, true), (true, false), (false, true), (false, false)]
+    {
+        // (row stride, column stride) of each operand.
+        let (l_rs, l_cs) = if lhs_row_major { (k, 1) } else { (1, m) };
+        let (r_rs, r_cs) = if rhs_row_major { (n, 1) } else { (1, k) };
         let mut best = f64::INFINITY;
         for _ in 0..6 {
-            let t = Instant::now();
+            let start = Instant::now();
+            // SAFETY: lhs is m x k, rhs k x n and dst m x n under the strides above (each
+            // element inside its Vec); dst aliases neither operand.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    d.as_mut_ptr(),
-                    d_cs as isize,
-                    d_rs as isize,
-                    true,
-                    av.as_ptr(),
-                    a_cs as isize,
-                    a_rs as isize,
-                    bv.as_ptr(),
-                    b_cs as isize,
-                    b_rs as isize,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    l_cs as isize,
+                    l_rs as isize,
+                    rhs.as_ptr(),
+                    r_cs as isize,
+                    r_rs as isize,
                     1.0,
                     1.0,
                     false,
@@ -48,10 +58,19 @@ fn main() {
                     par,
                 );
             }
-            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            best = best.min(start.elapsed().as_secs_f64() * 1e3);
         }
+        let name = |row_major| {
+            if row_major {
+                "row-major"
+            } else {
+                "column-major"
+            }
+        };
         println!(
-            "m{m} n{n} k{k} t{threads} {name}: {best:.2} ms, {:.0} GFLOP/s",
+            "{m} x {n} x {k}, {threads} thread(s), lhs {}, rhs {}: {best:.2} ms, {:.0} GFLOP/s",
+            name(lhs_row_major),
+            name(rhs_row_major),
             2.0 * (m * n * k) as f64 / best / 1e6
         );
     }
