@@ -670,6 +670,35 @@ fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
     }
 }
 
+/// `dst[j * dst_stride + i] = src[i * src_stride + j]` for `i < rows`, `j < cols`, in
+/// 16 x 16 blocks so that both sides stay within a few cache lines.
+fn transpose<T: WithDType>(
+    src: &[T],
+    src_stride: usize,
+    dst: &mut [T],
+    dst_stride: usize,
+    (rows, cols): (usize, usize),
+) {
+    const BLOCK: usize = 16;
+    let zero = T::from_f64(0.0);
+    for i0 in (0..rows).step_by(BLOCK) {
+        let is = BLOCK.min(rows - i0);
+        for j0 in (0..cols).step_by(BLOCK) {
+            let js = BLOCK.min(cols - j0);
+            let mut block = [[zero; BLOCK]; BLOCK];
+            for (i, row) in block.iter_mut().enumerate().take(is) {
+                copy_short(&mut row[..js], &src[(i0 + i) * src_stride + j0..][..js]);
+            }
+            for j in 0..js {
+                let dst = &mut dst[(j0 + j) * dst_stride + i0..][..is];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = block[i][j];
+                }
+            }
+        }
+    }
+}
+
 /// Runs `f(index, chunk)` on each `size`-long chunk of `v`, in parallel if `par`.
 fn for_chunks<T: Send>(v: &mut [T], size: usize, par: bool, f: impl Fn(usize, &mut [T]) + Sync) {
     if par {

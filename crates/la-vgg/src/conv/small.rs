@@ -11,7 +11,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{bias_grad, matmul, Backward, Geometry, Grads, Mat};
+use super::{bias_grad, matmul, transpose, Backward, Geometry, Grads, Mat};
 
 /// Whether `g`'s maps are small enough for the dense form.
 pub(super) fn applies(g: Geometry) -> bool {
@@ -76,7 +76,8 @@ pub(super) fn forward<T: WithDType>(
         return out;
     }
     let dense = dense_weight(g, weight);
-    let x_t = transpose(x, g.batch, n_in);
+    let mut x_t = vec![zero; x.len()];
+    transpose(x, n_in, &mut x_t, g.batch, (g.batch, n_in));
     let mut out_t = vec![zero; n_out * g.batch];
     matmul(
         &mut out_t,
@@ -97,17 +98,6 @@ pub(super) fn forward<T: WithDType>(
             }
         });
     out
-}
-
-/// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix.
-fn transpose<T: WithDType>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::from_f64(0.0); m.len()];
-    t.par_chunks_mut(rows).enumerate().for_each(|(c, dst)| {
-        dst.iter_mut()
-            .zip(m[c..].iter().step_by(cols))
-            .for_each(|(d, &s)| *d = s);
-    });
-    t
 }
 
 /// The gradients, as [`super::backward`].

@@ -21,7 +21,7 @@ use std::ops::Range;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{copy_short, matmul, scratch, Geometry, Mat};
+use super::{matmul, scratch, transpose, Geometry, Mat};
 
 /// Tiles per GEMM, at most: this many times the channel count is the transformed input's size
 /// (x 16), kept to a few MB so that it is still in cache when the GEMMs read it.
@@ -314,35 +314,6 @@ impl<'a, T> Scratch<'a, T> {
         let (m, rest) = rest.split_at_mut(m);
         let (pixels, cols) = rest.split_at_mut(pixels);
         Self { v, m, pixels, cols }
-    }
-}
-
-/// `dst[j * dst_stride + i] = src[i * src_stride + j]` for `i < rows`, `j < cols`, in
-/// 16 x 16 blocks so that both sides stay within a few cache lines.
-fn transpose<T: WithDType>(
-    src: &[T],
-    src_stride: usize,
-    dst: &mut [T],
-    dst_stride: usize,
-    (rows, cols): (usize, usize),
-) {
-    const BLOCK: usize = 16;
-    let zero = T::from_f64(0.0);
-    for i0 in (0..rows).step_by(BLOCK) {
-        let is = BLOCK.min(rows - i0);
-        for j0 in (0..cols).step_by(BLOCK) {
-            let js = BLOCK.min(cols - j0);
-            let mut block = [[zero; BLOCK]; BLOCK];
-            for (i, row) in block.iter_mut().enumerate().take(is) {
-                copy_short(&mut row[..js], &src[(i0 + i) * src_stride + j0..][..js]);
-            }
-            for j in 0..js {
-                let dst = &mut dst[(j0 + j) * dst_stride + i0..][..is];
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = block[i][j];
-                }
-            }
-        }
     }
 }
 
