@@ -266,7 +266,8 @@ impl SpatialAttention {
     /// `map` [b, c, n], with the value and output projections folded into d x c matrices
     /// (see [`linear::folded_output`]): the same function as projecting v and the output
     /// over all n tokens, at a fraction of the cost. Differentiable: Candle ops plus the
-    /// ops' own backward passes.
+    /// ops' own backward passes; when nothing tracks a gradient (inference), the queries and
+    /// the key side come from [`linear::project_context`], one pass without a backward.
     fn linear_folded(
         &self,
         map: &Tensor,

@@ -324,3 +324,27 @@ fn project_context_matches_candle_ops() {
         }
     }
 }
+
+/// An empty map (no tokens) gives zero sums rather than a panic.
+#[test]
+fn project_context_of_an_empty_map_is_zero() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 6, 0), DType::F32, &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (8, 6), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+    let (q, a, s) =
+        la_attention::linear::project_context(&x, &w, &bias, FeatureMap::EluPlusOne).unwrap();
+    assert_eq!(
+        (q.dims(), a.dims(), s.dims()),
+        (&[2, 4, 0][..], &[2, 4, 6][..], &[2, 4][..])
+    );
+    assert_eq!(
+        a.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}

@@ -2,11 +2,13 @@
 //! run as GEMMs on the CPU, through whichever of three forms is fastest for the layer:
 //!
 //! - `winograd.rs`: F(2x2, 3x3) for the forward and the input gradient, F(3x3, 2x2) for the
-//!   weight gradient: 2.25x fewer multiplies, when there are at least 32 channels on the
-//!   side the GEMMs sum over and a batch of at least one image per thread;
+//!   weight gradient: 2.25x fewer multiplies, when the pass's input has at least 32 channels
+//!   (c_in for the forward, c_out for the input gradient; the weight gradient runs this way
+//!   when the other two do) and the batch has at least one image per thread;
 //! - `small.rs`: one dense product, for maps of at most 2x2 (skips the padding);
-//! - im2col/col2im + GEMM otherwise (the first conv, batch 1, and block 4's weight gradient
-//!   at 32x32, which runs as one whole-batch task), described below.
+//! - im2col/col2im + GEMM otherwise (the first conv, a batch smaller than the thread count,
+//!   the input gradient into fewer than 32 channels, and block 4's weight gradient at 32x32,
+//!   which runs as one whole-batch task), described below.
 //!
 //! Why: on the CPU, Candle 0.11's conv2d forward is already im2col + GEMM, but its backward
 //! computes the input gradient with a naive `conv_transpose2d` loop (about 40 % of a VGG16
@@ -263,8 +265,9 @@ impl Geometry {
 struct Plan {
     images: usize,
     rows: usize,
-    /// Tasks per rayon job: one job per thread, so each thread allocates its scratch buffers
-    /// (MBs each) once per call, not once per job rayon would otherwise split off.
+    /// Tasks per rayon job: one job per thread, so that the backward keeps one partial weight
+    /// gradient per thread (and adds them in a fixed order), not one per job rayon would
+    /// otherwise split off.
     tasks_per_job: usize,
     gemm_par: gemm::Parallelism,
 }
@@ -330,17 +333,17 @@ impl Plan {
 }
 
 fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut out = vec![zero; g.batch * g.c_out * g.hw()];
+    if out.is_empty() {
+        return out;
+    }
     if small::applies(g) {
         return small::forward(g, relu, x, weight, bias);
     }
     if winograd::applies(g) {
         let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
         return winograd::conv(g, x, &u, Some(bias), relu);
-    }
-    let zero = T::from_f64(0.0);
-    let mut out = vec![zero; g.batch * g.c_out * g.hw()];
-    if out.is_empty() {
-        return out;
     }
     let plan = Plan::new(g);
     let threads = rayon::current_num_threads();
@@ -434,7 +437,7 @@ fn forward_by_rows<T: WithDType>(
 }
 
 /// What a backward pass reads: the op's input and weight, the gradient of its output, and
-/// for a conv + ReLU that output, where whose zeros the gradient is masked.
+/// for a conv + ReLU that output: the gradient is zeroed where it is zero.
 #[derive(Clone, Copy)]
 struct Backward<'a, T> {
     x: &'a [T],
@@ -554,62 +557,63 @@ fn backward_tiles<T: WithDType>(g: Geometry, b: Backward<T>) -> Grads<T> {
     let n_max = plan.max_columns(g);
     // W^T [9 c_in, c_out], read in place from W [c_out, 9 c_in].
     let w_t = Mat::row_major(weight, g.c_out, g.k()).t();
-    struct Sums<T> {
-        grad_weight_t: Vec<T>,
-        grad_bias: Vec<T>,
-    }
-    let out_chunk = plan.images * g.c_out * g.hw();
-    let (grad_weight_t, grad_bias_parts) = grad_in
-        .par_chunks_mut(plan.images * g.c_in * g.hw())
-        .zip(x.par_chunks(plan.images * g.c_in * g.hw()))
-        .zip(grad_out.par_chunks(out_chunk))
+    // One job per thread, each a fixed run of `tasks_per_job` tasks with its own partial sums
+    // of dW^T and the bias gradient; the parts are then added in job order, so a run gives
+    // the same gradients every time.
+    let (in_task, out_task) = (
+        plan.images * g.c_in * g.hw(),
+        plan.images * g.c_out * g.hw(),
+    );
+    let job = plan.tasks_per_job;
+    let (grad_weight_t, grad_bias_parts): (Vec<_>, Vec<_>) = grad_in
+        .par_chunks_mut(job * in_task)
+        .zip(x.par_chunks(job * in_task))
+        .zip(grad_out.par_chunks(job * out_task))
         .enumerate()
-        .with_min_len(plan.tasks_per_job)
-        .fold(
-            || Sums {
-                grad_weight_t: vec![zero; weight_len],
-                grad_bias: vec![zero; g.c_out],
-            },
-            |mut s, (task, ((grad_in, x), grad_out))| {
-                let images = x.len() / (g.c_in * g.hw());
-                let relu_out = relu_out.map(|o| &o[task * out_chunk..][..grad_out.len()]);
-                scratch::with((g.k() + g.c_out) * n_max, |buffer: &mut [T]| {
-                    let (cols_buffer, dout_buffer) = buffer.split_at_mut(g.k() * n_max);
+        .map(|(j, ((grad_in, x), grad_out))| {
+            let mut grad_weight_t = vec![zero; weight_len];
+            let mut grad_bias = vec![zero; g.c_out];
+            let relu_out = relu_out.map(|o| &o[j * job * out_task..][..grad_out.len()]);
+            scratch::with((g.k() + g.c_out) * n_max, |buffer: &mut [T]| {
+                let (cols_buffer, dout_buffer) = buffer.split_at_mut(g.k() * n_max);
+                let tasks = grad_in
+                    .chunks_mut(in_task)
+                    .zip(x.chunks(in_task))
+                    .zip(grad_out.chunks(out_task))
+                    .enumerate();
+                for (t, ((grad_in, x), grad_out)) in tasks {
+                    let images = x.len() / (g.c_in * g.hw());
+                    let relu_out = relu_out.map(|o| &o[t * out_task..][..grad_out.len()]);
                     for rows in plan.tiles(g) {
                         let n = images * rows.len() * g.w;
                         let cols = &mut cols_buffer[..g.k() * n];
                         let dout_t = &mut dout_buffer[..g.c_out * n];
                         pixels_of_grad(g, rows.clone(), grad_out, relu_out, dout_t, par);
                         for row in dout_t.chunks_exact(g.c_out) {
-                            s.grad_bias.iter_mut().zip(row).for_each(|(b, &d)| *b += d);
+                            grad_bias.iter_mut().zip(row).for_each(|(b, &d)| *b += d);
                         }
                         im2col(g, x, rows.clone(), cols, par);
-                        // dW^T += cols x dout^T, summed over tiles (and over tasks below). With the
-                        // gradient tile pixel-major, both operands are row-major, the orientation
-                        // gemm runs fastest at VGG's shapes (dW += dout x cols^T is up to 3x slower
-                        // on one thread for the 64-channel layers, a column-major dout^T 1.3x).
+                        // dW^T += cols x dout^T, summed over tiles and tasks. With the gradient
+                        // tile pixel-major, both operands are row-major, the orientation gemm
+                        // runs fastest at VGG's shapes (dW += dout x cols^T is up to 3x slower
+                        // on one thread for the 64-channel layers, a column-major dout^T 1.3x:
+                        // `examples/gemm_orient.rs`).
                         let dout_t = Mat::row_major(dout_t, n, g.c_out);
-                        matmul(
-                            &mut s.grad_weight_t,
-                            true,
-                            Mat::row_major(cols, g.k(), n),
-                            dout_t,
-                            plan.gemm_par,
-                        );
+                        let cols_mat = Mat::row_major(cols, g.k(), n);
+                        matmul(&mut grad_weight_t, true, cols_mat, dout_t, plan.gemm_par);
                         if need_input {
                             // dcols = W^T x dout, reusing the cols buffer now that dW has it.
                             matmul(cols, false, w_t, dout_t.t(), plan.gemm_par);
                             col2im(g, cols, rows, grad_in, par);
                         }
                     }
-                });
-                s
-            },
-        )
-        .map(|s| (s.grad_weight_t, s.grad_bias))
+                }
+            });
+            (grad_weight_t, grad_bias)
+        })
         .collect::<Vec<_>>()
         .into_iter()
-        .unzip::<_, _, Vec<_>, Vec<_>>();
+        .unzip();
     let mut grad_bias = vec![zero; g.c_out];
     for part in &grad_bias_parts {
         grad_bias.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
@@ -839,23 +843,21 @@ fn pixels_of_grad<T: WithDType>(
     let zero = T::from_f64(0.0);
     for_chunks(tile, seg * g.c_out, par, |i, tile| {
         let image_start = i * g.c_out * g.hw() + rows.start * g.w;
+        let Some(relu_out) = relu_out else {
+            transpose(&grad[image_start..], g.hw(), tile, g.c_out, (g.c_out, seg));
+            return;
+        };
+        // As `transpose`, with the mask applied as the blocks are read.
         for c0 in (0..g.c_out).step_by(BLOCK) {
             let cs = BLOCK.min(g.c_out - c0);
             for p0 in (0..seg).step_by(BLOCK) {
                 let ps = BLOCK.min(seg - p0);
-                // The block [c, p] read row by row, then written out column by column.
                 let mut block = [[zero; BLOCK]; BLOCK];
                 for (c, row) in block.iter_mut().enumerate().take(cs) {
                     let at = image_start + (c0 + c) * g.hw() + p0;
-                    let src = &grad[at..][..ps];
-                    match relu_out {
-                        Some(out) => {
-                            let out = &out[at..][..ps];
-                            for ((d, &s), &y) in row.iter_mut().zip(src).zip(out) {
-                                *d = if y > zero { s } else { zero };
-                            }
-                        }
-                        None => copy_short(&mut row[..ps], src),
+                    let (src, out) = (&grad[at..][..ps], &relu_out[at..][..ps]);
+                    for ((d, &s), &y) in row.iter_mut().zip(src).zip(out) {
+                        *d = if y > zero { s } else { zero };
                     }
                 }
                 for p in 0..ps {

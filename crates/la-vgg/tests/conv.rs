@@ -318,3 +318,25 @@ fn gradients_are_reproducible() {
         }
     }
 }
+
+/// Empty outputs and inputs (no output channels, an empty batch) give empty results rather
+/// than panics, on every path (Winograd, dense, im2col).
+#[test]
+fn empty_shapes_are_not_errors() {
+    for (b, ci, co, h, w) in [
+        (3, 32, 0, 5, 5),
+        (0, 32, 8, 5, 5),
+        (3, 8, 0, 2, 2),
+        (2, 3, 0, 6, 6),
+    ] {
+        let x = Var::from_tensor(&randn(DType::F32, &[b, ci, h, w])).unwrap();
+        let weight = Var::from_tensor(&randn(DType::F32, &[co, ci, 3, 3])).unwrap();
+        let conv = Conv3x3::new(weight.as_tensor().clone(), None);
+        let y = conv.forward_relu(x.as_tensor()).unwrap();
+        assert_eq!(y.dims(), &[b, co, h, w]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(x.as_tensor()).unwrap();
+        assert_eq!(dx.dims(), &[b, ci, h, w]);
+        assert!(values(dx).iter().all(|&v| v == 0.0));
+    }
+}

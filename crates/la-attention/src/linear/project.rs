@@ -39,6 +39,11 @@ pub fn project_context(
         );
     }
     let d = two_d / 2;
+    if b * c * n * d == 0 {
+        // Nothing to project (an empty map, no channels or no features): A and s sum nothing.
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, x.dtype(), x.device());
+        return Ok((zeros(&[b, d, n])?, zeros(&[b, d, c])?, zeros(&[b, d])?));
+    }
     let (x, w, bias) = (x.contiguous()?, w.contiguous()?, bias.contiguous()?);
     fn run<T: Real + WithDType>(
         [x, w, bias]: [&Tensor; 3],
@@ -110,6 +115,8 @@ fn image_pass<T: Real>(
                 row.iter_mut().for_each(|v| *v += b);
             }
             let k = qk.split_off(d * len);
+            // `split_off` leaves the query half with the whole capacity until `assemble`.
+            qk.shrink_to_fit();
             let mut phi_k = vec![zero; d * len];
             phi.map_chunk(&k, len, &(0..len), &mut phi_k);
             for (s, row) in part.s.iter_mut().zip(phi_k.chunks_exact(len)) {

@@ -3,7 +3,9 @@
 //! The convolutions' working buffers (im2col columns, Winograd's transformed tiles) take
 //! several MB per thread and call. Allocated afresh, each was zeroed by the allocator on every
 //! call, about 5 % of a VGG16 training step; kept per thread, they are zeroed once. A buffer
-//! holds whatever its last user left: callers write every element before reading it.
+//! holds whatever its last user left: callers write every element before reading it. The
+//! buffers only grow: each thread keeps its largest request (a few MB to tens of MB at
+//! 224x224) for as long as it lives, as PyTorch's caching allocator keeps its blocks.
 
 use std::any::Any;
 use std::cell::RefCell;
