@@ -45,11 +45,22 @@ echo
 echo "VGG16 + linear attention against plain VGG16 (la-cli, inference, 224x224, batch 1;"
 echo "${PAIRS:-3} alternating pairs of 10 steps: median and fastest step of each run):"
 steps() { grep -oP 'median \K[0-9.]+|min \K[0-9.]+' | paste -sd' '; }
+pairs=""
 for _ in $(seq "${PAIRS:-3}"); do
     p=$($la bench --mode infer --attention none --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
     l=$($la bench --mode infer --attention linear --size 224 --batch 1 --steps 10 --threads "$threads" --no-breakdown | steps)
+    pairs="$pairs $p $l"
     python3 -c "
 p, l = [float(v) for v in '$p'.split()], [float(v) for v in '$l'.split()]
 print(f'plain {p[0]:.3f} s (fastest {p[1]:.3f}), linear {l[0]:.3f} s (fastest {l[1]:.3f}): '
       f'linear is {100 * (l[0] / p[0] - 1):.1f} % slower by medians, {100 * (l[1] / p[1] - 1):.1f} % by fastest steps')"
 done
+# One figure per run: the median over the pairs, which a single noisy run moves less.
+python3 -c "
+import statistics as st
+v = [float(x) for x in '$pairs'.split()]
+pairs = [v[i:i + 4] for i in range(0, len(v), 4)]
+by_median = st.median(l[0] / p[0] - 1 for p, l in ((q[:2], q[2:]) for q in pairs))
+by_fastest = st.median(l[1] / p[1] - 1 for p, l in ((q[:2], q[2:]) for q in pairs))
+print(f'over {len(pairs)} pairs: linear is {100 * by_median:.1f} % slower (median of the pairs, by medians), '
+      f'{100 * by_fastest:.1f} % by fastest steps')"
