@@ -1,5 +1,5 @@
-//! Reading CPU tensors as plain slices, for custom ops' kernels (this crate's and
-//! `la-vgg`'s).
+//! Reading CPU tensors as plain slices, and small kernels shared by the custom ops (this
+//! crate's and `la-vgg`'s).
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 
@@ -30,4 +30,17 @@ pub fn with_slices<T: WithDType, R, const N: usize>(
         Err(_) => unreachable!("one slice per tensor"),
     };
     f(slices)
+}
+
+/// The sum of a slice in 16 independent lanes, which the compiler vectorises (a single running
+/// total is one dependent add per element). The tail is summed first, then the lanes in order.
+#[inline]
+pub fn sum_lanes<T: num_traits::Num + Copy>(xs: &[T]) -> T {
+    let mut lanes = [T::zero(); 16];
+    let mut chunks = xs.chunks_exact(16);
+    for chunk in &mut chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, &x)| *l = *l + x);
+    }
+    let tail = chunks.remainder().iter().fold(T::zero(), |a, &x| a + x);
+    lanes.iter().fold(tail, |a, &x| a + x)
 }

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::data as contiguous_data;
+use crate::cpu::{data as contiguous_data, sum_lanes};
 
 /// Softmax along `dim` from plain ops, so gradients flow through it
 /// (`candle_nn::ops::softmax_last_dim` is a custom op without a backward pass).
@@ -101,7 +101,7 @@ fn bias_grad<T: WithDType>(grad: &[T], len: usize, inner: usize) -> Vec<T> {
                     acc.iter_mut().zip(block).for_each(|(a, &g)| *a += g);
                 } else {
                     for (a, run) in acc.iter_mut().zip(block.chunks_exact(inner)) {
-                        *a += lanes_sum(run);
+                        *a += sum_lanes(run);
                     }
                 }
             }
@@ -115,18 +115,6 @@ fn bias_grad<T: WithDType>(grad: &[T], len: usize, inner: usize) -> Vec<T> {
             a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
             a
         })
-}
-
-/// A sum in 16 independent lanes, which the compiler vectorises.
-fn lanes_sum<T: WithDType>(xs: &[T]) -> T {
-    let zero = T::from_f64(0.0);
-    let mut lanes = [zero; 16];
-    let mut chunks = xs.chunks_exact(16);
-    for chunk in &mut chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(l, &x)| *l += x);
-    }
-    let tail = chunks.remainder().iter().fold(zero, |a, &x| a + x);
-    lanes.iter().fold(tail, |a, &x| a + x)
 }
 
 impl CustomOp2 for AddBias {

@@ -15,7 +15,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::cpu::data as slice;
+use crate::cpu::{data as slice, sum_lanes};
 use crate::simd::with_simd;
 
 const TILE_Q: usize = 64;
@@ -250,20 +250,6 @@ fn max_lanes<T: Real>(xs: &[T]) -> T {
         .copied()
         .fold(T::neg_infinity(), T::max);
     lanes.iter().copied().fold(tail, T::max)
-}
-
-/// The sum of a slice, in 16 independent lanes (see [`max_lanes`]).
-#[inline]
-pub(crate) fn sum_lanes<T: Real>(xs: &[T]) -> T {
-    let mut lanes = [T::zero(); 16];
-    let mut chunks = xs.chunks_exact(16);
-    for chunk in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l += x;
-        }
-    }
-    let tail = chunks.remainder().iter().copied().sum::<T>();
-    lanes.iter().copied().fold(tail, |a, b| a + b)
 }
 
 /// Dot product with eight independent accumulators so that the compiler vectorises it

@@ -5,8 +5,9 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
+use crate::cpu::sum_lanes;
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, sum_lanes, view, Real};
+use crate::softmax::{dot, matmul, view, Real};
 
 /// The fused CPU op on (q, k, v). Why: at 224x224 (N = 50,176 tokens) the composition of
 /// Candle ops made about 25 passes over [c, N] maps, several of them single-threaded; the

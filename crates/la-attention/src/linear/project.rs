@@ -13,8 +13,9 @@ use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{assemble, FeatureMap, GEMM_MIN_D};
+use crate::cpu::sum_lanes;
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, sum_lanes, view, Real};
+use crate::softmax::{dot, matmul, view, Real};
 
 /// At most this many floats of the map per chunk (a chunk's c rows by its tokens), so that
 /// the chunk stays in L2 between the two products that read it.
