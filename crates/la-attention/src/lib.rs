@@ -5,17 +5,16 @@
 //! mixed by one of the [`AttentionKind`]s, projected back by `out` and added to the input.
 //! `softmax` is the seed article's module with its intended meaning, exact but computed in
 //! O(N) memory; `linear`, `efficient` and `relu-linear` are O(N) in time as well.
-//! This crate depends on Candle only and can be used without the rest of the workspace.
+//! The ops themselves (fused CPU kernels and their device-generic forms) are in `la-kernels`;
+//! this crate holds the modules, their configuration and their cost.
 
-pub mod cpu;
-pub mod efficient;
-pub mod linear;
-pub mod ops;
-mod simd;
-pub mod softmax;
-
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
+use la_kernels::activation;
+use la_kernels::bias::add_bias;
+use la_kernels::efficient;
+use la_kernels::linear;
+use la_kernels::softmax_attention::softmax_attention;
 use serde::{Deserialize, Serialize};
 
 /// Errors from building an attention module.
@@ -217,7 +216,7 @@ impl SpatialAttention {
         let q = self.query.forward(&tokens.narrow(1, query_index, 1)?)?; // [b, 1, d]
         let k = self.key.forward(&tokens)?; // [b, n, d]
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        ops::softmax(&scores, 2)?.squeeze(1)
+        activation::softmax(&scores, 2)?.squeeze(1)
     }
 }
 
@@ -239,13 +238,13 @@ fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
     let y = lin.weight().broadcast_left(b)?.matmul(x)?;
     match lin.bias() {
-        Some(bias) => ops::add_bias(&y, bias, 1),
+        Some(bias) => add_bias(&y, bias, 1),
         None => Ok(y),
     }
 }
 
 /// `lin` on tokens [b, n, c_in] -> [b, n, c_out], as candle-nn's `Linear::forward` but with
-/// [`ops::add_bias`], whose gradient is far cheaper than `broadcast_add`'s.
+/// [`add_bias`], whose gradient is far cheaper than `broadcast_add`'s.
 fn project_tokens(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, n, c_in) = x.dims3()?;
     // One [b n, c_in] x [c_in, c_out] product: a batched product with a broadcast weight
@@ -255,7 +254,7 @@ fn project_tokens(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
         .reshape((b * n, c_in))?
         .matmul(&lin.weight().t()?)?;
     let y = match lin.bias() {
-        Some(bias) => ops::add_bias(&y, bias, 1)?,
+        Some(bias) => add_bias(&y, bias, 1)?,
         None => y,
     };
     y.reshape((b, n, ()))
@@ -322,7 +321,7 @@ impl Module for SpatialAttention {
             let q = project_tokens(&self.query, &tokens)?;
             let k = project_tokens(&self.key, &tokens)?;
             let v = project_tokens(&self.value, &tokens)?;
-            let mixed = softmax::softmax_attention(&q, &k, &v, self.scale)?;
+            let mixed = softmax_attention(&q, &k, &v, self.scale)?;
             let out = project_tokens(&self.out, &mixed)?; // [b, n, c]
             return x + out.transpose(1, 2)?.reshape((b, c, h, w))?;
         }
@@ -334,7 +333,7 @@ impl Module for SpatialAttention {
             _ => None,
         };
         if let Some((phi, eps)) = folded {
-            if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            if la_kernels::fast_path(&[x])? {
                 return self.linear_folded(&map, phi, eps)?.reshape((b, c, h, w));
             }
         }

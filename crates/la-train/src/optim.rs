@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor, Var, WithDType};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -102,12 +102,13 @@ impl Optimizer {
             let grad = &grad.detach();
             let lr = lr * p.lr_scale;
             let w = &p.var.as_tensor().detach();
+            let fast = in_place(w, grad)?;
             let updated = match self.config {
                 OptimizerConfig::Sgd {
                     momentum,
                     nesterov,
                     weight_decay,
-                } if momentum != 0.0 && in_place(w, grad) => {
+                } if momentum != 0.0 && fast => {
                     let key = format!("momentum.{}", p.name);
                     if !self.state.contains_key(&key) {
                         // momentum * 0 + g = g: the first step's buffer, as PyTorch's.
@@ -217,14 +218,13 @@ impl Optimizer {
     }
 }
 
-/// Whether SGD's in-place ops apply: contiguous f32/f64 tensors on the CPU.
-fn in_place(w: &Tensor, grad: &Tensor) -> bool {
-    w.device().is_cpu()
-        && matches!(w.dtype(), DType::F32 | DType::F64)
-        && grad.dtype() == w.dtype()
+/// Whether SGD's in-place ops apply: contiguous f32/f64 tensors on the CPU, with the fast
+/// kernels in force (`la_kernels::form`; the generic form is the tensor-op update).
+fn in_place(w: &Tensor, grad: &Tensor) -> candle_core::Result<bool> {
+    Ok(la_kernels::fast_path(&[w, grad])?
         && w.is_contiguous()
         && grad.is_contiguous()
-        && grad.dims() == w.dims()
+        && grad.dims() == w.dims())
 }
 
 /// The contiguous data of a CPU tensor.

@@ -23,9 +23,9 @@ impl Vgg {
         block: usize,
         activation: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let mut x = crate::pool::max_pool_2x2(activation)?;
+        let mut x = la_kernels::pool::max_pool_2x2(activation)?;
         for i in block + 1..self.config().blocks.len() {
-            x = crate::pool::max_pool_2x2(&self.block_output(i, x)?)?;
+            x = la_kernels::pool::max_pool_2x2(&self.block_output(i, x)?)?;
         }
         self.head(&x, false)
     }

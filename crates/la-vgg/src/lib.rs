@@ -2,9 +2,8 @@
 //! `la-attention` after the last conv of chosen blocks, as the seed article does.
 //!
 //! - [`config`]: the serde config table (depth, widths, attention sites, head).
-//! - [`conv`]: the 3x3 convolution, forward and backward as im2col/col2im + GEMM on the CPU.
+//! - [`conv`]: the 3x3 convolution layer (its kernels are in `la-kernels`).
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
-//! - [`norm`]: BatchNorm + ReLU in training mode as one CPU op.
 //! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
 //! - [`io`]: weights files that carry their config, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
@@ -17,9 +16,7 @@ pub mod explain;
 pub mod import;
 pub mod io;
 pub mod model;
-pub mod norm;
 pub mod params;
-pub mod pool;
 pub mod summary;
 
 use std::path::PathBuf;

@@ -128,7 +128,9 @@ impl Vgg {
         let block = &self.blocks[i];
         for (j, conv) in block.convs.iter().enumerate() {
             x = match block.norms.get(j) {
-                Some(bn) if train => crate::norm::batch_norm_relu_train(bn, &conv.forward(&x)?)?,
+                Some(bn) if train => {
+                    la_kernels::norm::batch_norm_relu_train(bn, &conv.forward(&x)?)?
+                }
                 Some(bn) => bn.forward_t(&conv.forward(&x)?, false)?.relu()?,
                 None => conv.forward_relu(&x)?,
             };
@@ -155,7 +157,7 @@ impl Vgg {
     pub fn attention_input(&self, x: &Tensor, block: usize) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for i in 0..block {
-            x = crate::pool::max_pool_2x2(&self.block_body(i, x, false)?)?;
+            x = la_kernels::pool::max_pool_2x2(&self.block_body(i, x, false)?)?;
         }
         self.block_convs(block, x, false)
     }
@@ -164,15 +166,15 @@ impl Vgg {
     pub fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for i in 0..self.blocks.len() {
-            x = crate::pool::max_pool_2x2(&self.block_body(i, x, train)?)?;
+            x = la_kernels::pool::max_pool_2x2(&self.block_body(i, x, train)?)?;
         }
         Ok(x)
     }
 
     /// The head on the conv stack's output.
     pub fn head(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut x =
-            crate::pool::adaptive_avg_pool2d(features, self.config.head.pool)?.flatten_from(1)?;
+        let mut x = la_kernels::pool::adaptive_avg_pool2d(features, self.config.head.pool)?
+            .flatten_from(1)?;
         for (k, fc) in self.hidden.iter().enumerate() {
             x = fc.forward(&x)?.relu()?;
             if train && self.config.head.dropout > 0.0 {
@@ -210,7 +212,7 @@ impl Vgg {
         let mut x = x.clone();
         for i in 0..self.blocks.len() {
             let body = self.block_body(i, x, train)?;
-            x = crate::pool::max_pool_2x2(&body)?;
+            x = la_kernels::pool::max_pool_2x2(&body)?;
             taps.push(body);
         }
         Ok(Taps {

@@ -207,7 +207,7 @@ fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
                 Some(a) => timed(&mut || Ok(a.forward(&convs)?))?,
                 None => (convs, 0.0),
             };
-            let (pooled, t_pool) = timed(&mut || Ok(la_vgg::pool::max_pool_2x2(&body)?))?;
+            let (pooled, t_pool) = timed(&mut || Ok(la_kernels::pool::max_pool_2x2(&body)?))?;
             h = pooled;
             for (b, t) in best.iter_mut().zip([t_convs, t_attention, t_pool]) {
                 *b = b.min(t);

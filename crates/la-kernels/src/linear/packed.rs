@@ -6,8 +6,9 @@ use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
 use crate::cpu::sum_lanes;
+use crate::cpu::{dot, Real};
+use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, view, Real};
 
 /// The fused CPU op on (q, k, v). Why: at 224x224 (N = 50,176 tokens) the composition of
 /// Candle ops made about 25 passes over [c, N] maps, several of them single-threaded; the
@@ -93,7 +94,7 @@ fn fused_forward<T: Real>(qkv: &[T], dims: LinDims, phi: FeatureMap, eps: T) -> 
                 }
                 row.iter_mut()
                     .zip(&den[l0..])
-                    .for_each(|(o, &r)| *o = *o * r);
+                    .for_each(|(o, &r)| *o *= r);
             }
         });
     }
@@ -145,12 +146,12 @@ fn fused_backward<T: Real>(
                     let dn = &mut dnum[ch * len..][..len];
                     for l in 0..len {
                         dn[l] = g[l] / den[l];
-                        dden[l] = dden[l] - g[l] * m[l];
+                        dden[l] -= g[l] * m[l];
                     }
                 }
                 dden.iter_mut()
                     .zip(&den)
-                    .for_each(|(x, &den)| *x = *x / den);
+                    .for_each(|(x, &den)| *x /= den);
                 // dA = phi(Q) dnum^T, ds = phi(Q) dden.
                 let mut da = vec![T::zero(); d * c];
                 matmul(

@@ -2,7 +2,7 @@
 //! function: values and gradients, at sizes that are not multiples of the tiles.
 
 use candle_core::{DType, Device, Tensor, Var};
-use la_attention::softmax::{softmax_attention, softmax_attention_reference};
+use la_kernels::softmax_attention::{softmax_attention, softmax_attention_reference};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)

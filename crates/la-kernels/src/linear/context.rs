@@ -3,9 +3,10 @@
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{assemble, chunks, cpu_data, fused, CHUNK, GEMM_MIN_D};
+use super::{assemble, chunks, cpu_data, CHUNK, GEMM_MIN_D};
+use crate::cpu::{dot, Real};
+use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, view, Real};
 
 /// `phi_k x^T` [b, d, c] for phi_k [b, d, n] and x [b, c, n]: the context of linear attention
 /// before the value projection. As d x c dot products over the tokens, each row of x read
@@ -21,12 +22,17 @@ pub fn token_context(phi_k: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> 
             x.shape()
         );
     }
-    if !fused(phi_k) || x.dtype() != phi_k.dtype() {
-        return phi_k.matmul(&x.t()?);
+    if !crate::fast_path(&[phi_k, x])? {
+        return token_context_generic(phi_k, x);
     }
     phi_k
         .contiguous()?
         .apply_op2(&x.contiguous()?, TokenContext)
+}
+
+/// [`token_context`] as Candle's matmul, on any device and dtype.
+pub fn token_context_generic(phi_k: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    phi_k.matmul(&x.t()?)
 }
 
 struct TokenContext;

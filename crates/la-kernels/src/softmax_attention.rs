@@ -6,8 +6,9 @@
 //! at a time. The backward pass recomputes the scores tile by tile from Q, K and the per-query
 //! log-sum-exp saved by the forward pass. Candle has no such op, hence the custom op.
 //!
-//! The fused op runs on the CPU. On other devices [`softmax_attention`] falls back to
-//! [`softmax_attention_reference`] (plain Candle ops, O(N^2) memory).
+//! The fused op runs on the CPU. On other devices [`softmax_attention`] runs
+//! [`softmax_attention_chunked`]: the same algorithm by chunks of queries in Candle ops, also
+//! exact and O(chunk x N) in memory.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,8 +16,13 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::cpu::{data as slice, sum_lanes};
+use crate::cpu::{data as slice, dot, sum_lanes, Real};
+use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
+
+mod chunked;
+
+pub use chunked::{chunk_rows, softmax_attention_chunked, softmax_attention_chunked_by};
 
 const TILE_Q: usize = 64;
 const TILE_K: usize = 256;
@@ -24,18 +30,17 @@ const TILE_K: usize = 256;
 /// `softmax(q k^T * scale) v` for q, k: [b, n, d] and v: [b, n, c]; returns [b, n, c].
 ///
 /// On the CPU this is the fused tiled op (O(n) memory, forward and backward); elsewhere it
-/// is the reference composition of Candle ops.
+/// is [`softmax_attention_chunked`], Candle ops chunk by chunk (O(chunk x n) memory).
 pub fn softmax_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let supported = matches!(q.dtype(), DType::F32 | DType::F64);
-    if !q.device().is_cpu() || !supported {
-        return softmax_attention_reference(q, k, v, scale);
-    }
     check_shapes(q, k, v)?;
+    if !crate::fast_path(&[q, k, v])? {
+        return softmax_attention_chunked(q, k, v, scale);
+    }
     let op = TiledSoftmaxAttention {
         scale,
         log_sum_exp: Arc::new(Mutex::new(None)),
@@ -45,7 +50,7 @@ pub fn softmax_attention(
 }
 
 /// The same function from plain Candle ops: materialises the [b, n, n] attention matrix.
-/// Used on devices without the fused op, and as the yardstick the fused op is tested against.
+/// The yardstick both forms are tested against.
 pub fn softmax_attention_reference(
     q: &Tensor,
     k: &Tensor,
@@ -53,7 +58,7 @@ pub fn softmax_attention_reference(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
-    crate::ops::softmax(&scores, candle_core::D::Minus1)?.matmul(v)
+    crate::activation::softmax(&scores, candle_core::D::Minus1)?.matmul(v)
 }
 
 fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
@@ -191,48 +196,6 @@ impl CustomOp3 for TiledSoftmaxAttention {
     }
 }
 
-/// The float operations the kernels need, for f32 and f64.
-pub(crate) trait Real:
-    Float + Send + Sync + Default + std::ops::AddAssign + std::iter::Sum + 'static
-{
-    /// `x = exp(x - shift)` over a slice.
-    fn exp_shifted(xs: &mut [Self], shift: Self);
-}
-
-impl Real for f32 {
-    /// A branch-free exp (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6
-    /// polynomial, exponent bits), about 1 ulp. Every step is a float or integer lane
-    /// operation (rounding by adding 1.5 * 2^23, no float-to-int cast), so the loop vectorises
-    /// fully, 16 wide under [`with_simd`]; `f32::exp` is a libm call per element.
-    fn exp_shifted(xs: &mut [f32], shift: f32) {
-        with_simd(|| {
-            const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: x + ROUND - ROUND rounds x to an integer
-            for x in xs.iter_mut() {
-                let v = (*x - shift).clamp(-87.3, 88.3);
-                let shifted = v * std::f32::consts::LOG2_E + ROUND;
-                let nf = shifted - ROUND;
-                let r = v - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
-                let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r
-                    + 4.166_579_6e-2)
-                    * r
-                    + 1.666_666_5e-1)
-                    * r
-                    + 0.5;
-                let y = p * r * r + r + 1.0;
-                // n sits in the low mantissa bits of `shifted`; 2^n has exponent field n + 127.
-                let n = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-                *x = y * f32::from_bits(n.wrapping_add(127) << 23);
-            }
-        })
-    }
-}
-
-impl Real for f64 {
-    fn exp_shifted(xs: &mut [f64], shift: f64) {
-        xs.iter_mut().for_each(|x| *x = (*x - shift).exp());
-    }
-}
-
 /// The maximum of a slice, in 16 independent lanes so that the compiler vectorises it (a
 /// fold with `max` is one dependent operation per element). NaNs are ignored, as by `max`.
 #[inline]
@@ -248,97 +211,8 @@ fn max_lanes<T: Real>(xs: &[T]) -> T {
         .remainder()
         .iter()
         .copied()
-        .fold(T::neg_infinity(), T::max);
-    lanes.iter().copied().fold(tail, T::max)
-}
-
-/// Dot product with eight independent accumulators so that the compiler vectorises it
-/// (a single float accumulator forces a sequential sum).
-#[inline]
-pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let chunks_a = a.chunks_exact(8);
-    let chunks_b = b.chunks_exact(8);
-    let (ra, rb) = (chunks_a.remainder(), chunks_b.remainder());
-    for (x, y) in chunks_a.zip(chunks_b) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut sum = acc.iter().copied().sum::<T>();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += *x * *y;
-    }
-    sum
-}
-
-/// A matrix inside a slice: element (r, c) is at `r * rs + c * cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct View<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-pub(crate) fn view<T>(data: &[T], rs: usize, cs: usize) -> View<'_, T> {
-    View { data, rs, cs }
-}
-
-/// `dst[m x n] (row-major, row stride n) = (accumulate ? dst : 0) + scale * lhs[m x k] rhs[k x n]`
-/// with the `gemm` crate (Candle's own matmul kernel), single-threaded: the callers already
-/// run one tile per rayon task.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    accumulate: bool,
-    scale: T,
-    lhs: View<T>,
-    rhs: View<T>,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |v: &View<T>, rows: usize, cols: usize| (rows - 1) * v.rs + (cols - 1) * v.cs;
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::zero());
-        }
-        return;
-    }
-    assert!(
-        last(&lhs, m, k) < lhs.data.len() && last(&rhs, k, n) < rhs.data.len(),
-        "matmul: operand too small"
-    );
-    // SAFETY: the asserts above keep every element that gemm reads (lhs, rhs) or writes
-    // (dst, m x n with row stride n) inside its slice; the slices do not overlap (dst is a
-    // distinct &mut).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::one(),
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+        .fold(T::neg_infinity(), Float::max);
+    lanes.iter().copied().fold(tail, Float::max)
 }
 
 /// Forward pass: returns the output [b, n, c] and each query's log-sum-exp [b, n].
@@ -383,12 +257,12 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                         for i in 0..tq {
                             let row = &mut scores[i * tk..(i + 1) * tk];
                             let tile_max = with_simd(|| max_lanes(row));
-                            let new_max = running_max[i].max(tile_max);
+                            let new_max = Float::max(running_max[i], tile_max);
                             let correction = (running_max[i] - new_max).exp();
                             if correction != T::one() {
                                 acc[i * c..(i + 1) * c]
                                     .iter_mut()
-                                    .for_each(|a| *a = *a * correction);
+                                    .for_each(|a| *a *= correction);
                             }
                             T::exp_shifted(row, new_max);
                             running_sum[i] =
@@ -411,7 +285,7 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                         let inv = T::one() / running_sum[i];
                         acc[i * c..(i + 1) * c]
                             .iter_mut()
-                            .for_each(|a| *a = *a * inv);
+                            .for_each(|a| *a *= inv);
                         lse_t[i] = running_max[i] + running_sum[i].ln();
                     }
                 });
@@ -691,7 +565,7 @@ fn backward<T: Real>(
 
 #[cfg(test)]
 mod tests {
-    use super::Real;
+    use crate::cpu::Real;
 
     #[test]
     fn vectorised_exp_is_within_a_few_ulp_of_libm() {

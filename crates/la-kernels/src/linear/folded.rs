@@ -6,9 +6,10 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{add_into, assemble, chunks, cpu_data, fused, FeatureMap, LinDims, CHUNK, GEMM_MIN_D};
+use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK, GEMM_MIN_D};
+use crate::cpu::Real;
+use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
-use crate::softmax::{matmul, view, Real};
 
 /// The last step of linear attention with the value and output projections folded in:
 /// `out[:, j] = M phi(q_j) / (s . phi(q_j) + eps)` for q [b, d, n], M [b, c, d], s [b, d].
@@ -35,11 +36,28 @@ pub fn folded_output(
             s.shape()
         );
     }
+    if !crate::fast_path(&[q, m, s])? {
+        return folded_output_generic(q, m, s, phi, eps);
+    }
     q.contiguous()?.apply_op3(
         &m.contiguous()?,
         &s.contiguous()?,
         FoldedOutput { phi, eps },
     )
+}
+
+/// [`folded_output`] as a composition of Candle ops, on any device and dtype:
+/// `M phi(q) / (s . phi(q) + eps)`.
+pub fn folded_output_generic(
+    q: &Tensor,
+    m: &Tensor,
+    s: &Tensor,
+    phi: FeatureMap,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let phi_q = phi.apply(q)?; // [b, d, n]
+    let denominator = (phi_q.broadcast_mul(&s.unsqueeze(2)?)?.sum_keepdim(1)? + eps)?; // [b, 1, n]
+    m.matmul(&phi_q)?.broadcast_div(&denominator)
 }
 
 struct FoldedOutput {
@@ -129,7 +147,7 @@ fn folded_image<T: Real>(
     let finish = |ch: usize, cols: Range<usize>, row: &mut [T]| {
         row.iter_mut()
             .zip(&rden[cols.clone()])
-            .for_each(|(o, &r)| *o = *o * r);
+            .for_each(|(o, &r)| *o *= r);
         if let (Some(bias), Some(x)) = (bias, x) {
             let b = bias[ch * m_rs];
             row.iter_mut()
@@ -233,7 +251,7 @@ fn folded_backward<T: Real>(
                     let row = &mut gd[ch * len..][..len];
                     for l in 0..len {
                         row[l] = g[l] * r[l];
-                        dden[l] = dden[l] - g[l] * o[l] * r[l];
+                        dden[l] -= g[l] * o[l] * r[l];
                     }
                 }
                 let phiq_chunk = |r: usize| &phiq[r * n..][cols.clone()];
@@ -388,7 +406,10 @@ pub fn folded_output_residual(
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     let (b, c, d) = m.dims3()?;
-    if bias.dims() != [c] || x.dims3()? != (b, c, q.dim(2)?) || !fused(q) {
+    if bias.dims() != [c]
+        || x.dims3()? != (b, c, q.dim(2)?)
+        || !crate::fast_path(&[q, m, s, bias, x])?
+    {
         let out = folded_output(q, m, s, phi, eps)?;
         return x + out.broadcast_add(&bias.reshape((1, c, 1))?)?;
     }

@@ -2,7 +2,7 @@
 //! lhs and rhs, row-major destination), best of 6 runs: the measurements behind the
 //! orientation choices in `src/conv.rs` and `src/conv/*.rs`.
 //!
-//! `cargo run --release -p la-vgg --example gemm_orient -- M N K [THREADS]`, e.g.
+//! `cargo run --release -p la-kernels --example gemm_orient -- M N K [THREADS]`, e.g.
 //! `-- 576 64 1024 1` (block 1's weight gradient per tile) or `-- 64 2048 2048 2`.
 
 use std::time::Instant;

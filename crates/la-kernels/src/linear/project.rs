@@ -14,15 +14,36 @@ use rayon::prelude::*;
 
 use super::{assemble, FeatureMap, GEMM_MIN_D};
 use crate::cpu::sum_lanes;
+use crate::cpu::{dot, Real};
+use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
-use crate::softmax::{dot, matmul, view, Real};
 
 /// At most this many floats of the map per chunk (a chunk's c rows by its tokens), so that
 /// the chunk stays in L2 between the two products that read it.
 const CHUNK_FLOATS: usize = 1 << 17;
 
+/// [`project_context`] as a composition of Candle ops, on any device and dtype.
+pub fn project_context_generic(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    phi: FeatureMap,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let b = x.dim(0)?;
+    let d = w.dim(0)? / 2;
+    let qk = w
+        .broadcast_left(b)?
+        .matmul(x)?
+        .broadcast_add(&bias.reshape((1, (), 1))?)?; // [b, 2d, n]
+    let phi_k = phi.apply(&qk.narrow(1, d, d)?)?;
+    let context = phi_k.matmul(&x.t()?)?;
+    let key_sum = phi_k.sum(2)?;
+    Ok((qk.narrow(1, 0, d)?.contiguous()?, context, key_sum))
+}
+
 /// `(q [b, d, n], A [b, d, c], s [b, d])` for the map `x` [b, c, n] and the stacked query and
-/// key projections `w` [2d, c], `bias` [2d] (queries first). CPU f32/f64 tensors only.
+/// key projections `w` [2d, c], `bias` [2d] (queries first). The CPU kernel for f32/f64 on the CPU,
+/// otherwise [`project_context_generic`].
 pub fn project_context(
     x: &Tensor,
     w: &Tensor,
@@ -40,6 +61,9 @@ pub fn project_context(
         );
     }
     let d = two_d / 2;
+    if !crate::fast_path(&[x, w, bias])? {
+        return project_context_generic(x, w, bias, phi);
+    }
     if b * c * n * d == 0 {
         // Nothing to project (an empty map, no channels or no features): A and s sum nothing.
         let zeros = |shape: &[usize]| Tensor::zeros(shape, x.dtype(), x.device());

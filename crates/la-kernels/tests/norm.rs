@@ -63,7 +63,7 @@ fn fused_training_batch_norm_matches_candle_nn() {
             let case = format!("{dtype:?} {:?}", (b, c, h, w));
 
             let x = Var::from_tensor(&x0).unwrap();
-            let y = la_vgg::norm::batch_norm_relu_train(&ours, x.as_tensor()).unwrap();
+            let y = la_kernels::norm::batch_norm_relu_train(&ours, x.as_tensor()).unwrap();
             let x_ref = Var::from_tensor(&x0).unwrap();
             let y_ref = reference
                 .forward_t(x_ref.as_tensor(), true)

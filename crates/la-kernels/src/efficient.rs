@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::ops::softmax;
+use crate::activation::softmax;
 
 /// Channel-first: q, k: [b, d, n]; v: [b, c, n] -> [b, c, n].
 pub fn efficient_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {

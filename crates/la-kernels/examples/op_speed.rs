@@ -1,12 +1,12 @@
 //! Times this crate's CPU ops against the Candle compositions they replace, at the shapes of
-//! VGG16's attention: `cargo run --release -p la-attention --example op_speed`.
+//! VGG16's attention: `cargo run --release -p la-kernels --example op_speed`.
 //! Best of 10 runs each, in ms, on whatever threads rayon has.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use la_attention::linear::token_context;
-use la_attention::ops::add_bias;
+use la_kernels::bias::add_bias;
+use la_kernels::linear::token_context;
 
 fn best_ms(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;

@@ -11,7 +11,8 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{bias_grad, matmul, transpose, Backward, Geometry, Grads, Mat};
+use super::{bias_grad, transpose, Backward, Geometry, Grads};
+use crate::gemm::{matmul, Mat};
 
 /// Whether `g`'s maps are small enough for the dense form.
 pub(super) fn applies(g: Geometry) -> bool {

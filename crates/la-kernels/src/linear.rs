@@ -13,11 +13,12 @@
 use std::ops::Range;
 
 use candle_core::{DType, Tensor};
+use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::activation::elu_plus_one;
 use crate::cpu::data as cpu_data;
-use crate::ops::elu_plus_one;
-use crate::softmax::Real;
+use crate::cpu::Real;
 
 mod context;
 mod folded;
@@ -42,7 +43,8 @@ pub enum FeatureMap {
 }
 
 impl FeatureMap {
-    pub(crate) fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// phi applied elementwise with Candle ops (differentiable, any device).
+    pub fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             FeatureMap::EluPlusOne => elu_plus_one(xs),
             FeatureMap::Relu => xs.relu(),
@@ -53,8 +55,8 @@ impl FeatureMap {
 /// Channel-first, as the feature map is stored (no token transposes): q, k: [b, d, n];
 /// v: [b, c, n] -> [b, c, n]. Computed in f32 (or f64) whatever the input dtype.
 ///
-/// On the CPU this is one fused op, forward and backward; elsewhere it is
-/// [`linear_attention_reference`].
+/// On the CPU this is one fused op, forward and backward; elsewhere (and in the generic
+/// form) it is [`linear_attention_reference`].
 pub fn linear_attention(
     q: &Tensor,
     k: &Tensor,
@@ -73,7 +75,7 @@ pub fn linear_attention(
             v.shape()
         );
     }
-    if !fused(q) {
+    if !crate::fast_path(&[q, k, v])? {
         return linear_attention_reference(q, k, v, phi, eps);
     }
     linear_attention_packed(&Tensor::cat(&[q, k, v], 1)?, d, phi, eps)
@@ -94,7 +96,7 @@ pub fn linear_attention_packed(
             2 * d
         );
     }
-    if !fused(qkv) {
+    if !crate::fast_path(&[qkv])? {
         let q = qkv.narrow(1, 0, d)?;
         let k = qkv.narrow(1, d, d)?;
         let v = qkv.narrow(1, 2 * d, rows - 2 * d)?;
@@ -104,13 +106,8 @@ pub fn linear_attention_packed(
         .apply_op1(packed::FusedLinearAttention { phi, eps, d })
 }
 
-/// Whether the fused CPU op handles this tensor.
-fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
-}
-
-/// [`linear_attention`] as a composition of Candle ops (any device and dtype): the reference
-/// the fused op is tested against.
+/// [`linear_attention`] as a composition of Candle ops (any device and dtype): its generic
+/// form, and the reference the fused op is tested against.
 pub fn linear_attention_reference(
     q: &Tensor,
     k: &Tensor,
@@ -161,7 +158,7 @@ impl FeatureMap {
                 }
                 FeatureMap::EluPlusOne => {
                     for (o, &x) in dst.iter_mut().zip(src) {
-                        *o = x.min(T::zero());
+                        *o = Float::min(x, T::zero());
                     }
                     T::exp_shifted(dst, T::zero());
                     for (o, &x) in dst.iter_mut().zip(src) {

@@ -1,11 +1,11 @@
 //! Times the GEMM 3x3 conv against Candle's conv2d, forward and forward + backward, at
 //! VGG16-on-CIFAR shapes with batch 64:
-//! `cargo run --release -p la-vgg --example conv_speed [batch] [repeats]`.
+//! `cargo run --release -p la-kernels --example conv_speed [batch] [repeats]`.
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use la_vgg::conv::Conv3x3;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use la_kernels::conv::conv3x3;
 
 /// Best wall time of `f` in milliseconds, after one warm-up run: the least disturbed by
 /// whatever else the machine runs.
@@ -47,7 +47,7 @@ fn main() -> Result<()> {
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (c_out, c_in, 3, 3), &dev)?)?;
         let b = Var::from_tensor(&Tensor::zeros(c_out, DType::F32, &dev)?)?;
         let probe = Tensor::randn(0f32, 1.0, (batch, c_out, hw, hw), &dev)?;
-        let ours = Conv3x3::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let ours = |x: &Tensor| conv3x3(x, w.as_tensor(), Some(b.as_tensor()), false);
         let candle = |x: &Tensor| {
             x.conv2d(w.as_tensor(), 1, 1, 1, 1)?
                 .broadcast_add(&b.as_tensor().reshape((1, c_out, 1, 1))?)
@@ -57,11 +57,11 @@ fn main() -> Result<()> {
             Ok(())
         };
         let fwd = [
-            time(repeats, || ours.forward(x.as_tensor()).map(drop))?,
+            time(repeats, || ours(x.as_tensor()).map(drop))?,
             time(repeats, || candle(x.as_tensor()).map(drop))?,
         ];
         let both = [
-            time(repeats, || step(ours.forward(x.as_tensor())?))?,
+            time(repeats, || step(ours(x.as_tensor())?))?,
             time(repeats, || step(candle(x.as_tensor())?))?,
         ];
         let flops = 2.0 * (batch * hw * hw * c_out * 9 * c_in) as f64;

@@ -1,4 +1,4 @@
-//! Small differentiable building blocks that Candle lacks.
+//! A bias added along one axis, with a cheap gradient.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -6,31 +6,13 @@ use rayon::prelude::*;
 
 use crate::cpu::{data as contiguous_data, sum_lanes};
 
-/// Softmax along `dim` from plain ops, so gradients flow through it
-/// (`candle_nn::ops::softmax_last_dim` is a custom op without a backward pass).
-pub fn softmax<Dim: candle_core::shape::Dim + Copy>(
-    xs: &Tensor,
-    dim: Dim,
-) -> candle_core::Result<Tensor> {
-    // The max only shifts for numerical range; it carries no gradient.
-    let max = xs.max_keepdim(dim)?.detach();
-    let exp = xs.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(dim)?)
-}
-
-/// elu(x) + 1, the feature map of Katharopoulos et al.: x + 1 for x > 0, exp(x) otherwise.
-/// Written as relu(x) + exp(min(x, 0)) so that both branches have simple gradients.
-pub fn elu_plus_one(xs: &Tensor) -> candle_core::Result<Tensor> {
-    xs.relu()? + xs.minimum(0.0)?.exp()?
-}
-
 /// `x + bias`, with `bias` [size of `axis`] broadcast along the other dims of `x`: a Linear
 /// layer's bias on tokens (`axis` last) or on a channel-first map (`axis` 1).
 ///
 /// Why not `broadcast_add`: Candle 0.11 differentiates it by summing the gradient over the
 /// broadcast dims one element at a time: 35 ms forward + backward for a [64, 1024, 64]
 /// attention output, against 13 ms here (`examples/op_speed.rs`). This op sums rows (or contiguous runs)
-/// in parallel, vectorised. On other devices and dtypes it is `broadcast_add`.
+/// in parallel, vectorised. On other devices and dtypes it is [`add_bias_generic`].
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     if axis >= dims.len() || bias.dims() != [dims[axis]] {
@@ -40,16 +22,18 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> candle_core::Result<T
             dims
         );
     }
-    let fused = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && bias.dtype() == x.dtype();
-    if !fused {
-        let mut shape = vec![1; dims.len()];
-        shape[axis] = dims[axis];
-        return x.broadcast_add(&bias.reshape(shape)?);
+    if !crate::fast_path(&[x, bias])? {
+        return add_bias_generic(x, bias, axis);
     }
     x.contiguous()?
         .apply_op2(&bias.contiguous()?, AddBias { axis })
+}
+
+/// [`add_bias`] as Candle's `broadcast_add`, on any device and dtype.
+pub fn add_bias_generic(x: &Tensor, bias: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[axis] = bias.elem_count();
+    x.broadcast_add(&bias.reshape(shape)?)
 }
 
 struct AddBias {

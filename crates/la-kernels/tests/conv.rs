@@ -1,7 +1,27 @@
 //! The GEMM 3x3 conv against Candle's own conv2d (values and gradients) and finite differences.
 
-use candle_core::{DType, Device, Module, Tensor, Var};
-use la_vgg::conv::Conv3x3;
+use candle_core::{DType, Device, Tensor, Var};
+use la_kernels::conv::conv3x3;
+
+/// The kernel with a layer's arguments, as la-vgg's `Conv3x3` calls it.
+struct Conv3x3 {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Conv3x3 {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv3x3(x, &self.weight, self.bias.as_ref(), false)
+    }
+
+    fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv3x3(x, &self.weight, self.bias.as_ref(), true)
+    }
+}
 
 /// (batch, c_in, c_out, h, w): odd, 1x1, non-square, one task per image, several images per
 /// task (and an uneven last task), images cut into row tiles (h * w > 1024), one-row tiles;

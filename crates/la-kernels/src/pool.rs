@@ -1,8 +1,9 @@
-//! Adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
+//! VGG's pools: 2x2 max-pooling whose gradient goes to the maximum (Candle 0.11's does not),
+//! and adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
 
+use crate::cpu::{data, with_slices};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
-use la_attention::cpu::{data, with_slices};
 use rayon::prelude::*;
 
 /// Pools [b, c, h, w] to [b, c, out, out] with PyTorch's bins: output cell i averages rows
@@ -46,14 +47,58 @@ pub fn adaptive_avg_pool2d(x: &Tensor, out: usize) -> candle_core::Result<Tensor
 /// fraction of window elements equal to the maximum (1/4 for a unique maximum) instead of
 /// routing it to the maximum, so each pool of a VGG shrank the gradient about fourfold. This
 /// op gives the whole gradient to the first maximum of each window in row-major order, as
-/// PyTorch does. On devices other than the CPU it falls back to Candle's op.
+/// PyTorch does, on every device: the CPU kernel below for f32/f64 on the CPU, otherwise
+/// [`max_pool_2x2_generic`].
 pub fn max_pool_2x2(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu()
-        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
-        return x.max_pool2d(2);
+    x.dims4()?;
+    if !crate::fast_path(&[x])? {
+        return max_pool_2x2_generic(x);
     }
     x.contiguous()?.apply_op1(MaxPool2x2)
+}
+
+/// [`max_pool_2x2`] from Candle ops, on any device and dtype: Candle's `max_pool2d` for the
+/// values, and a backward that routes each gradient to the first maximum of its window in
+/// row-major order (Candle's own max-pool gradient scales it by the share of maxima instead,
+/// and its max reduction gives every tied maximum the whole gradient).
+pub fn max_pool_2x2_generic(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x_values = x.detach();
+    let pooled = x_values.max_pool2d(2)?;
+    // Candle's max skips a NaN that is not first in its window; PyTorch's output is NaN.
+    let has_nan = x_values
+        .ne(&x_values)?
+        .to_dtype(x.dtype())?
+        .max_pool2d(2)?
+        .ne(0.0)?;
+    let pooled = has_nan.where_cond(&(pooled.ones_like()? * f64::NAN)?, &pooled)?;
+    crate::precomputed::unary("max-pool-2x2-generic", x, pooled, |x, pooled, grad| {
+        let (b, c, h, w) = x.dims4()?;
+        let (oh, ow) = (h / 2, w / 2);
+        let x = x.detach();
+        let window = x
+            .narrow(2, 0, 2 * oh)?
+            .narrow(3, 0, 2 * ow)?
+            .reshape((b, c, oh, 2, ow, 2))?;
+        let is_max = window
+            .broadcast_eq(&pooled.reshape((b, c, oh, 1, ow, 1))?)?
+            .to_dtype(grad.dtype())?;
+        let grad = grad.reshape((b, c, oh, 1, ow, 1))?;
+        // The first maximum in the order (0, 0), (0, 1), (1, 0), (1, 1): each position takes
+        // the gradient if it is a maximum and none before it was.
+        let mut not_yet = Tensor::ones_like(&grad)?;
+        let mut parts = Vec::with_capacity(4);
+        for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let first = is_max.narrow(3, i, 1)?.narrow(5, j, 1)?.mul(&not_yet)?;
+            not_yet = (&not_yet - &first)?;
+            parts.push(first.mul(&grad)?);
+        }
+        let top = Tensor::cat(&[&parts[0], &parts[1]], 5)?;
+        let bottom = Tensor::cat(&[&parts[2], &parts[3]], 5)?;
+        Tensor::cat(&[&top, &bottom], 3)?
+            .reshape((b, c, 2 * oh, 2 * ow))?
+            .pad_with_zeros(2, 0, h - 2 * oh)?
+            .pad_with_zeros(3, 0, w - 2 * ow)
+    })
 }
 
 struct MaxPool2x2;

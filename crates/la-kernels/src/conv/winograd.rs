@@ -21,7 +21,8 @@ use std::ops::Range;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{matmul, scratch, transpose, Geometry, Mat};
+use super::{scratch, transpose, Geometry};
+use crate::gemm::{matmul, Mat};
 
 /// Tiles per task times the larger channel count, at most: with the 16 positions, that is
 /// the size of a task's transformed tiles (`v`, `m`), kept within a few MB so that they are

@@ -3,7 +3,7 @@
 //! with token counts below, at and across the op's 512-token chunks.
 
 use candle_core::{DType, Device, Tensor, Var};
-use la_attention::linear::{
+use la_kernels::linear::{
     linear_attention, linear_attention_reference, FeatureMap, ELU_EPS, RELU_EPS,
 };
 
@@ -146,11 +146,11 @@ fn folded_output_matches_plain_candle() {
         let probe = Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap();
         let eps = 1e-6;
         let ours =
-            la_attention::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, eps)
+            la_kernels::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, eps)
                 .unwrap();
         let phi_q = match phi {
             FeatureMap::Relu => q.as_tensor().relu().unwrap(),
-            FeatureMap::EluPlusOne => la_attention::ops::elu_plus_one(q.as_tensor()).unwrap(),
+            FeatureMap::EluPlusOne => la_kernels::activation::elu_plus_one(q.as_tensor()).unwrap(),
         };
         let den = (s_pos.unsqueeze(1).unwrap().matmul(&phi_q).unwrap() + eps).unwrap(); // [b, 1, n]
         let reference = m
@@ -190,7 +190,7 @@ fn token_context_matches_candle_matmul() {
         let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, d, n), &dev).unwrap()).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f64, 1.0, (b, d, c), &dev).unwrap();
-        let ours = la_attention::linear::token_context(k.as_tensor(), x.as_tensor()).unwrap();
+        let ours = la_kernels::linear::token_context(k.as_tensor(), x.as_tensor()).unwrap();
         let reference = k.as_tensor().matmul(&x.as_tensor().t().unwrap()).unwrap();
         assert!(rel_diff(&ours, &reference) < 1e-10);
         let grads = |out: Tensor| {
@@ -233,7 +233,7 @@ fn folded_output_residual_matches_plain_candle() {
         let (bias, x) = (var(&[c], 0.0), var(&[b, c, n], 0.0));
         let s_pos = s.as_tensor().abs().unwrap();
         let probe = Tensor::randn(0f64, 1.0, (b, c, n), &dev).unwrap();
-        let ours = la_attention::linear::folded_output_residual(
+        let ours = la_kernels::linear::folded_output_residual(
             q.as_tensor(),
             m.as_tensor(),
             &s_pos,
@@ -244,7 +244,7 @@ fn folded_output_residual_matches_plain_candle() {
         )
         .unwrap();
         let plain =
-            la_attention::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, 1e-6)
+            la_kernels::linear::folded_output(q.as_tensor(), m.as_tensor(), &s_pos, phi, 1e-6)
                 .unwrap();
         let reference = (x.as_tensor()
             + plain
@@ -293,7 +293,7 @@ fn project_context_matches_candle_ops() {
                     .unwrap()
             };
             let (x, w, bias) = (randn(&[b, c, n]), randn(&[2 * d, c]), randn(&[2 * d]));
-            let (q, a, s) = la_attention::linear::project_context(&x, &w, &bias, phi).unwrap();
+            let (q, a, s) = la_kernels::linear::project_context(&x, &w, &bias, phi).unwrap();
             let qk = w
                 .broadcast_left(b)
                 .unwrap()
@@ -333,7 +333,7 @@ fn project_context_of_an_empty_map_is_zero() {
     let w = Tensor::randn(0f32, 1.0, (8, 6), &dev).unwrap();
     let bias = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
     let (q, a, s) =
-        la_attention::linear::project_context(&x, &w, &bias, FeatureMap::EluPlusOne).unwrap();
+        la_kernels::linear::project_context(&x, &w, &bias, FeatureMap::EluPlusOne).unwrap();
     assert_eq!(
         (q.dims(), a.dims(), s.dims()),
         (&[2, 4, 0][..], &[2, 4, 6][..], &[2, 4][..])

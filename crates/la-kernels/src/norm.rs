@@ -5,46 +5,94 @@
 //! broadcast dims element by element. In VGG16-BN at 32x32, batch 64, that made a training
 //! step about 1.6x as long as without BatchNorm. Here the statistics and the normalisation +
 //! ReLU are one pass each, forward and backward. The parameters and running statistics stay
-//! in candle-nn's `BatchNorm` (same names, same checkpoints); evaluation mode and other
-//! devices use candle-nn's own forward.
+//! in candle-nn's `BatchNorm` (same names, same checkpoints); evaluation mode uses
+//! candle-nn's own forward, and other devices the composition of Candle ops
+//! ([`batch_norm_relu_train_generic`]).
 
 use std::sync::{Arc, Mutex};
 
+use crate::cpu::{data, with_slices};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
-use la_attention::cpu::{data, with_slices};
 use rayon::prelude::*;
 
 /// Per channel: (mean, biased variance) of the batch.
 type Stats = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
 
 /// `relu(bn(x))` with batch statistics (training mode), updating `bn`'s running mean and
-/// variance as PyTorch does (momentum, unbiased variance). Falls back to candle-nn for
-/// devices other than the CPU, dtypes other than f32/f64, and a BatchNorm without affine
-/// parameters.
+/// variance as PyTorch does (momentum, unbiased variance). The CPU kernel for f32/f64 on the
+/// CPU, otherwise [`batch_norm_relu_train_generic`]; a BatchNorm without affine parameters
+/// runs candle-nn's own forward.
 pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
-    let fused =
-        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4;
-    let Some((weight, bias)) = bn.weight_and_bias().filter(|_| fused) else {
+    let Some((weight, bias)) = bn.weight_and_bias() else {
         return candle_nn::ModuleT::forward_t(bn, x, true)?.relu();
     };
-    let stats = Stats::default();
-    let op = BatchNormRelu {
-        eps: bn.eps(),
-        stats: stats.clone(),
+    x.dims4()?;
+    let (y, mean, var) = if crate::fast_path(&[x, weight, bias])? {
+        let stats = Stats::default();
+        let op = BatchNormRelu {
+            eps: bn.eps(),
+            stats: stats.clone(),
+        };
+        let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+        let (mean, var) = stats
+            .lock()
+            .expect("poisoned stats lock")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
+        let channels = mean.len();
+        (
+            y,
+            Tensor::from_vec(mean, channels, x.device())?,
+            Tensor::from_vec(var, channels, x.device())?,
+        )
+    } else {
+        normalise_relu(x, weight, bias, bn.eps())?
     };
-    let y = x.contiguous()?.apply_op3(weight, bias, op)?;
-    let (mean, var) = stats
-        .lock()
-        .expect("poisoned stats lock")
-        .clone()
-        .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
-    // Running statistics: (1 - m) r + m s, with the unbiased variance.
+    update_running_stats(bn, x, &mean, &var)?;
+    Ok(y)
+}
+
+/// [`batch_norm_relu_train`] as a composition of Candle ops, on any device and dtype
+/// (statistics in the input's dtype), running statistics updated the same way.
+pub fn batch_norm_relu_train_generic(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    let Some((weight, bias)) = bn.weight_and_bias() else {
+        return candle_nn::ModuleT::forward_t(bn, x, true)?.relu();
+    };
+    let (y, mean, var) = normalise_relu(x, weight, bias, bn.eps())?;
+    update_running_stats(bn, x, &mean, &var)?;
+    Ok(y)
+}
+
+/// `relu((x - mean) / sqrt(var + eps) * weight + bias)` with the batch's per-channel mean and
+/// biased variance, returned beside it (detached, [c]).
+fn normalise_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let y = centred
+        .broadcast_div(&(&var + eps)?.sqrt()?)?
+        .broadcast_mul(&per_channel(weight)?)?
+        .broadcast_add(&per_channel(bias)?)?
+        .relu()?;
+    Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+}
+
+/// Running statistics: (1 - m) r + m s, with the unbiased variance (PyTorch's update).
+fn update_running_stats(bn: &BatchNorm, x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<()> {
     let n = (x.elem_count() / x.dim(1)?.max(1)) as f64;
     let m = bn.momentum();
-    let update = |running: &Tensor, batch: Vec<f64>, scale: f64| -> Result<()> {
-        let batch = Tensor::from_vec(batch, running.shape(), running.device())?
-            .to_dtype(running.dtype())?;
+    let update = |running: &Tensor, batch: &Tensor, scale: f64| -> Result<()> {
+        let batch = batch
+            .to_dtype(running.dtype())?
+            .to_device(running.device())?;
         let new = ((running * (1.0 - m))? + (batch * (m * scale))?)?;
         Var::from_tensor(running)?.set(&new)
     };
@@ -53,8 +101,7 @@ pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
         bn.running_var(),
         var,
         if n > 1.0 { n / (n - 1.0) } else { 1.0 },
-    )?;
-    Ok(y)
+    )
 }
 
 /// The op on (x, weight, bias). Its forward leaves the batch statistics in `stats`, read by

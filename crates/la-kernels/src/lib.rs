@@ -1,0 +1,31 @@
+//! The ops under the models: each public function runs a fast CPU kernel for f32/f64 tensors
+//! on the CPU and otherwise a device-generic form written in Candle ops (CUDA, Metal, the
+//! CPU), with correct gradients in both. `LA_KERNELS=generic` (see [`form`]) forces the
+//! generic form everywhere, so the code a GPU runs is tested on the CPU.
+//!
+//! - [`conv`]: the 3x3 conv (im2col, Winograd, dense forms); [`norm`]: BatchNorm + ReLU;
+//!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis.
+//! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
+//!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
+//!   [`activation`]: softmax and elu + 1 as differentiable ops.
+//! - Plumbing: [`form`] (which form runs), [`cpu`] (CPU slices, float trait, lane sums),
+//!   `gemm` (strided views into the gemm crate), `simd` (AVX-512/AVX2 dispatch),
+//!   `precomputed` (generic ops whose backward is a closure of tensor ops).
+//! - [`parity`]: each op's generic form against its fast CPU form, for tests and selftests.
+
+pub mod activation;
+pub mod bias;
+pub mod conv;
+pub mod cpu;
+pub mod efficient;
+pub mod form;
+mod gemm;
+pub mod linear;
+pub mod norm;
+pub mod parity;
+pub mod pool;
+mod precomputed;
+mod simd;
+pub mod softmax_attention;
+
+pub use form::{fast_path, form, set_form, with_form, Form};

@@ -1,0 +1,375 @@
+//! Each op's generic form, on a chosen device, against its fast CPU form: values and
+//! gradients at small odd sizes. The tests run these on the CPU (where the generic form is
+//! forced with [`crate::with_form`]), and `la-cli selftest --device cuda` runs the same list
+//! on a GPU, so the code CUDA builds execute is checked wherever a test can run.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::BatchNorm;
+
+use crate::form::{with_form, Form};
+use crate::linear::FeatureMap;
+
+/// The outcome of one comparison: the largest error of the values and of the gradients,
+/// each relative to the reference's largest magnitude (at least 1).
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub name: String,
+    pub value_error: f64,
+    pub grad_error: f64,
+    pub tolerance: f64,
+}
+
+impl Comparison {
+    pub fn passed(&self) -> bool {
+        self.value_error <= self.tolerance && self.grad_error <= self.tolerance
+    }
+}
+
+/// The tolerance of a comparison in `dtype`: 1e-10 in f64, 1e-4 in f32.
+pub fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-10
+    } else {
+        1e-4
+    }
+}
+
+/// The error of `ours` against `reference`: max |a - b| / max(1, max |b|).
+pub fn relative_error(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+    if ours.dims() != reference.dims() {
+        candle_core::bail!(
+            "shapes differ: {:?} against {:?}",
+            ours.dims(),
+            reference.dims()
+        )
+    }
+    if reference.elem_count() == 0 {
+        return Ok(0.0);
+    }
+    let to64 = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    let (a, b) = (to64(ours)?, to64(reference)?);
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
+    // A NaN difference is a failure, not a pass.
+    Ok(if diff.is_nan() {
+        f64::INFINITY
+    } else {
+        diff / scale
+    })
+}
+
+/// Deterministic values in [lo, hi) from a seed (SplitMix64), identical on every machine.
+pub fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let count: usize = shape.iter().product();
+    let values: Vec<f64> = (0..count)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * (z >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+type Op = Box<dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>>;
+
+/// One op at one size: its inputs (on the CPU, f64), the op (returning one or more outputs;
+/// the loss is taken on the first) and whether it has a backward pass.
+pub struct Case {
+    pub name: String,
+    inputs: Vec<Tensor>,
+    op: Op,
+    differentiable: bool,
+}
+
+impl Case {
+    fn new(
+        name: impl Into<String>,
+        inputs: Vec<Tensor>,
+        op: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            inputs,
+            op: Box::new(op),
+            differentiable: true,
+        }
+    }
+
+    fn without_backward(mut self) -> Self {
+        self.differentiable = false;
+        self
+    }
+
+    /// Runs the op in `form` on `device`: its outputs and the gradient of
+    /// sum(first output x probe) with respect to every input.
+    fn run(&self, form: Form, device: &Device, dtype: DType) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        with_form(form, || {
+            let vars = self
+                .inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?))
+                .collect::<Result<Vec<_>>>()?;
+            let tensors: Vec<Tensor> = if self.differentiable {
+                vars.iter().map(|v| v.as_tensor().clone()).collect()
+            } else {
+                vars.iter().map(|v| v.as_tensor().detach()).collect()
+            };
+            let outputs = (self.op)(&tensors)?;
+            if !self.differentiable {
+                return Ok((outputs, vec![]));
+            }
+            let first = &outputs[0];
+            let probe = uniform(first.dims(), -1.0, 1.0, 99)?
+                .to_dtype(dtype)?
+                .to_device(device)?;
+            let grads = (first * probe)?.sum_all()?.backward()?;
+            let grads = vars
+                .iter()
+                .map(|v| match grads.get(v.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((outputs, grads))
+        })
+    }
+
+    /// The generic form on `device` against the fast form on the CPU, in `dtype`.
+    pub fn compare(&self, device: &Device, dtype: DType) -> Result<Comparison> {
+        let (fast_out, fast_grads) = self.run(Form::Fast, &Device::Cpu, dtype)?;
+        let (generic_out, generic_grads) = self.run(Form::Generic, device, dtype)?;
+        let worst = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
+            let mut worst = 0f64;
+            for (a, b) in a.iter().zip(b) {
+                worst = worst.max(relative_error(a, b)?);
+            }
+            Ok(worst)
+        };
+        Ok(Comparison {
+            name: self.name.clone(),
+            value_error: worst(&generic_out, &fast_out)?,
+            grad_error: worst(&generic_grads, &fast_grads)?,
+            tolerance: tolerance(dtype),
+        })
+    }
+}
+
+fn phi_name(phi: FeatureMap) -> &'static str {
+    match phi {
+        FeatureMap::EluPlusOne => "elu+1",
+        FeatureMap::Relu => "relu",
+    }
+}
+
+/// Every op's cases, at odd sizes that reach each of the fast kernels' paths.
+pub fn cases() -> Result<Vec<Case>> {
+    let u = |shape: &[usize], seed| uniform(shape, -1.0, 1.0, seed);
+    let pos = |shape: &[usize], seed| uniform(shape, 0.5, 1.5, seed);
+    let mut cases = Vec::new();
+
+    // The conv: im2col (few channels, odd map), Winograd (c_in >= 32, a batch of at least one
+    // image per thread), the dense form (maps of at most 2x2); with and without ReLU and bias.
+    let threads = rayon::current_num_threads().max(1);
+    for (label, x, c_out, relu, bias) in [
+        ("im2col 7x9", [3, 5, 7, 9], 6, true, true),
+        ("im2col, no bias, no relu", [2, 3, 5, 6], 4, false, false),
+        ("winograd 6x5", [threads + 1, 32, 6, 5], 33, true, true),
+        ("dense 2x2", [3, 8, 2, 2], 5, false, true),
+    ] {
+        let c_in = x[1];
+        let mut inputs = vec![u(&x, 1)?, (u(&[c_out, c_in, 3, 3], 2)? * 0.3)?];
+        if bias {
+            inputs.push(u(&[c_out], 3)?);
+        }
+        cases.push(Case::new(format!("conv3x3 {label}"), inputs, move |t| {
+            Ok(vec![crate::conv::conv3x3(&t[0], &t[1], t.get(2), relu)?])
+        }));
+    }
+
+    // BatchNorm + ReLU in training mode, running statistics included.
+    cases.push(Case::new(
+        "batch_norm_relu_train 7x9",
+        vec![u(&[3, 5, 7, 9], 4)?, pos(&[5], 5)?, u(&[5], 6)?],
+        |t| {
+            let stats = |init: f64| Var::from_tensor(&(t[1].zeros_like()? + init)?);
+            let (mean, var) = (stats(0.1)?, stats(0.9)?);
+            let bn = BatchNorm::new(
+                5,
+                mean.as_tensor().clone(),
+                var.as_tensor().clone(),
+                t[1].clone(),
+                t[2].clone(),
+                1e-5,
+            )?;
+            let y = crate::norm::batch_norm_relu_train(&bn, &t[0])?;
+            Ok(vec![y, mean.as_tensor().copy()?, var.as_tensor().copy()?])
+        },
+    ));
+
+    // Max-pool: distinct values, then many ties (values on a grid of three), odd sizes.
+    cases.push(Case::new(
+        "max_pool_2x2 7x9",
+        vec![u(&[2, 3, 7, 9], 7)?],
+        |t| Ok(vec![crate::pool::max_pool_2x2(&t[0])?]),
+    ));
+    let ties = ((u(&[2, 3, 6, 5], 8)? + 1.0)?.round()? * 0.5)?;
+    cases.push(Case::new("max_pool_2x2 ties", vec![ties], |t| {
+        Ok(vec![crate::pool::max_pool_2x2(&t[0])?])
+    }));
+    cases.push(Case::new(
+        "adaptive_avg_pool2d 5x7 -> 3",
+        vec![u(&[2, 3, 5, 7], 9)?],
+        |t| Ok(vec![crate::pool::adaptive_avg_pool2d(&t[0], 3)?]),
+    ));
+
+    // The bias along channels of a map and along the last axis of tokens.
+    for (label, x, axis) in [("channels", [3, 5, 7], 1), ("tokens", [4, 6, 5], 2)] {
+        cases.push(Case::new(
+            format!("add_bias {label}"),
+            vec![u(&x, 10)?, u(&[x[axis]], 11)?],
+            move |t| Ok(vec![crate::bias::add_bias(&t[0], &t[1], axis)?]),
+        ));
+    }
+
+    // Softmax attention: one chunk, and many chunks of the generic form.
+    let qkv = |n: usize, d: usize, c: usize| -> Result<Vec<Tensor>> {
+        Ok(vec![
+            u(&[2, n, d], 12)?,
+            u(&[2, n, d], 13)?,
+            u(&[2, n, c], 14)?,
+        ])
+    };
+    cases.push(Case::new("softmax_attention n=37", qkv(37, 5, 7)?, |t| {
+        Ok(vec![crate::softmax_attention::softmax_attention(
+            &t[0], &t[1], &t[2], 0.45,
+        )?])
+    }));
+    cases.push(Case::new(
+        "softmax_attention n=300 (chunks of 64)",
+        qkv(300, 3, 4)?,
+        |t| {
+            let out = if crate::form::form()? == Form::Generic {
+                crate::softmax_attention::softmax_attention_chunked_by(
+                    &t[0], &t[1], &t[2], 0.6, 64,
+                )?
+            } else {
+                crate::softmax_attention::softmax_attention(&t[0], &t[1], &t[2], 0.6)?
+            };
+            Ok(vec![out])
+        },
+    ));
+
+    // Linear attention: the packed op (d below and above the gemm threshold), the module's
+    // folded ops and inference's projection.
+    for phi in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
+        let eps = 1e-6;
+        for d in [5, 16] {
+            cases.push(Case::new(
+                format!("linear_attention {} d={d}", phi_name(phi)),
+                vec![
+                    u(&[2, d, 37], 15)?,
+                    u(&[2, d, 37], 16)?,
+                    u(&[2, 7, 37], 17)?,
+                ],
+                move |t| {
+                    Ok(vec![crate::linear::linear_attention(
+                        &t[0], &t[1], &t[2], phi, eps,
+                    )?])
+                },
+            ));
+        }
+        cases.push(Case::new(
+            format!("folded_output {}", phi_name(phi)),
+            vec![
+                u(&[2, 5, 37], 18)?,
+                u(&[2, 7, 5], 19)?,
+                (pos(&[2, 5], 20)? * 37.0)?,
+            ],
+            move |t| {
+                Ok(vec![crate::linear::folded_output(
+                    &t[0], &t[1], &t[2], phi, eps,
+                )?])
+            },
+        ));
+        cases.push(Case::new(
+            format!("folded_output_residual {}", phi_name(phi)),
+            vec![
+                u(&[2, 5, 37], 21)?,
+                u(&[2, 7, 5], 22)?,
+                (pos(&[2, 5], 23)? * 37.0)?,
+                u(&[7], 24)?,
+                u(&[2, 7, 37], 25)?,
+            ],
+            move |t| {
+                Ok(vec![crate::linear::folded_output_residual(
+                    &t[0], &t[1], &t[2], &t[3], &t[4], phi, eps,
+                )?])
+            },
+        ));
+        cases.push(
+            Case::new(
+                format!("project_context {}", phi_name(phi)),
+                vec![u(&[2, 7, 37], 26)?, u(&[10, 7], 27)?, u(&[10], 28)?],
+                move |t| {
+                    let (q, a, s) = crate::linear::project_context(&t[0], &t[1], &t[2], phi)?;
+                    Ok(vec![q, a, s])
+                },
+            )
+            .without_backward(),
+        );
+    }
+    for d in [5, 16] {
+        cases.push(Case::new(
+            format!("token_context d={d}"),
+            vec![pos(&[2, d, 37], 29)?, u(&[2, 7, 37], 30)?],
+            |t| Ok(vec![crate::linear::token_context(&t[0], &t[1])?]),
+        ));
+    }
+    cases.push(Case::new(
+        "efficient_attention",
+        vec![
+            u(&[2, 5, 37], 31)?,
+            u(&[2, 5, 37], 32)?,
+            u(&[2, 7, 37], 33)?,
+        ],
+        |t| {
+            Ok(vec![crate::efficient::efficient_attention(
+                &t[0], &t[1], &t[2],
+            )?])
+        },
+    ));
+    Ok(cases)
+}
+
+/// Every case's comparison on `device` in `dtype`.
+pub fn compare_all(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
+    cases()?
+        .iter()
+        .map(|case| {
+            case.compare(device, dtype)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", case.name)))
+        })
+        .collect()
+}
+
+/// The device the tests run on: `LA_TEST_DEVICE` (`cpu`, the default, or `cuda` / `cuda:N`),
+/// so that the same suite runs on a GPU.
+pub fn test_device() -> Result<Device> {
+    match std::env::var("LA_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Ok(Device::Cpu),
+        Ok("cuda") => Device::new_cuda(0),
+        Ok(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal),
+            _ => candle_core::bail!("LA_TEST_DEVICE={other}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}

@@ -1,0 +1,164 @@
+//! Differentiable ops on any device whose output is computed outside Candle's graph.
+//!
+//! Why: an exact attention in O(chunk x N) memory must not keep each chunk's scores for the
+//! backward pass, which is what Candle's autograd would do with the same tensor ops. Here the
+//! forward result is computed from detached inputs (chunk by chunk, no graph), handed to
+//! Candle as the output of a custom op (its storage cloned through
+//! `BackendStorage::try_clone` on whichever device it lives), and the op's backward is a
+//! closure of tensor ops, so it runs on every device too. Max-pool uses the same wrapper for
+//! a gradient that goes to the window's first maximum, as PyTorch's does.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+type Backward1 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+type Backward3 =
+    dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync;
+
+/// `output` (computed from `x` without a graph) as a tensor whose gradient with respect to
+/// `x` is `backward(x, output, grad_output)`.
+pub(crate) fn unary(
+    name: &'static str,
+    x: &Tensor,
+    output: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(output);
+    }
+    let op = Unary {
+        name,
+        output: Output::new(output)?,
+        backward: Arc::new(backward),
+    };
+    x.apply_op1(op)
+}
+
+/// As [`unary`] for three inputs; `backward` returns the gradient of each input.
+pub(crate) fn ternary(
+    name: &'static str,
+    inputs: [&Tensor; 3],
+    output: Tensor,
+    backward: impl Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(output);
+    }
+    let op = Ternary {
+        name,
+        output: Output::new(output)?,
+        backward: Arc::new(backward),
+    };
+    inputs[0].apply_op3(inputs[1], inputs[2], op)
+}
+
+/// A computed result, laid out so that a clone of its storage is the result itself.
+struct Output(Tensor);
+
+impl Output {
+    fn new(t: Tensor) -> Result<Self> {
+        let t = t.detach();
+        let fresh = t.is_contiguous() && t.layout().start_offset() == 0;
+        Ok(Self(if fresh { t } else { t.copy()? }))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = self.0.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, self.0.shape().clone())),
+            _ => candle_core::bail!("precomputed op: the result is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (storage, layout) = self.0.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, self.0.shape().clone())),
+            _ => candle_core::bail!("precomputed op: the result is not on the CUDA device"),
+        }
+    }
+}
+
+struct Unary {
+    name: &'static str,
+    output: Output,
+    backward: Arc<Backward1>,
+}
+
+impl CustomOp1 for Unary {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(x, out, grad).map(Some)
+    }
+}
+
+struct Ternary {
+    name: &'static str,
+    output: Output,
+    backward: Arc<Backward3>,
+}
+
+impl CustomOp3 for Ternary {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = (self.backward)([a, b, c], out, grad)?;
+        Ok((ga, gb, gc))
+    }
+}
