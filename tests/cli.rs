@@ -511,3 +511,37 @@ fn data_fetch_checks_the_archive_and_leaves_nothing_behind() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn selftest_compares_the_generic_form_with_the_fast_kernels() {
+    // What `la-cli selftest --device cuda` runs on a GPU, here CPU against CPU.
+    let out = la_cli(&["selftest", "--device", "cpu", "--quick"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("PASS op F32 conv3x3 winograd"), "{text}");
+    assert!(
+        text.contains("PASS op F64 softmax_attention n=300 (chunks of 64)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PASS training step F32 vgg16_bn x0.25 + softmax"),
+        "{text}"
+    );
+    let summary = text.lines().last().unwrap_or("");
+    assert!(
+        summary.starts_with("selftest: ") && summary.ends_with(" passed, 0 failed"),
+        "{summary}"
+    );
+    let passed: usize = summary["selftest: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(passed >= 60, "{summary}");
+    assert!(!text.contains("FAIL"), "{text}");
+
+    let bad = la_cli(&["selftest", "--device", "gpu7"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--device gpu7"), "{}", stderr(&bad));
+}

@@ -52,6 +52,8 @@ enum Command {
     Gradcam(commands::gradcam::GradcamArgs),
     /// Softmax attention weights of one query position over the image (PNG).
     AttentionMap(commands::gradcam::AttentionMapArgs),
+    /// Check a device (a GPU) against the CPU: every op, a training step, a run, the benches.
+    Selftest(commands::selftest::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,6 +90,7 @@ fn main() -> std::process::ExitCode {
         Command::Data(command) => commands::data::run(command),
         Command::Gradcam(args) => commands::gradcam::run_gradcam(args),
         Command::AttentionMap(args) => commands::gradcam::run_attention_map(args),
+        Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

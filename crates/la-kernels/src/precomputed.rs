@@ -7,6 +7,10 @@
 //! `BackendStorage::try_clone` on whichever device it lives), and the op's backward is a
 //! closure of tensor ops, so it runs on every device too. Max-pool uses the same wrapper for
 //! a gradient that goes to the window's first maximum, as PyTorch's does.
+//!
+//! The backward closures get detached tensors: an incoming gradient may itself carry a graph
+//! (it is computed from variables), and every tensor made from it would then keep the
+//! chunks' temporaries alive until the whole backward pass ends.
 
 use std::sync::Arc;
 
@@ -110,7 +114,7 @@ impl CustomOp1 for Unary {
     }
 
     fn bwd(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.backward)(x, out, grad).map(Some)
+        (self.backward)(&x.detach(), &out.detach(), &grad.detach()).map(Some)
     }
 }
 
@@ -158,7 +162,11 @@ impl CustomOp3 for Ternary {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb, gc] = (self.backward)([a, b, c], out, grad)?;
+        let [ga, gb, gc] = (self.backward)(
+            [&a.detach(), &b.detach(), &c.detach()],
+            &out.detach(),
+            &grad.detach(),
+        )?;
         Ok((ga, gb, gc))
     }
 }

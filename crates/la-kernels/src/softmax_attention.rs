@@ -283,9 +283,7 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: T) -> (Vec<T>,
                     }
                     for i in 0..tq {
                         let inv = T::one() / running_sum[i];
-                        acc[i * c..(i + 1) * c]
-                            .iter_mut()
-                            .for_each(|a| *a *= inv);
+                        acc[i * c..(i + 1) * c].iter_mut().for_each(|a| *a *= inv);
                         lse_t[i] = running_max[i] + running_sum[i].ln();
                     }
                 });

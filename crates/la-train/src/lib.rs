@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod parity;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

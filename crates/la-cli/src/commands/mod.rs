@@ -5,5 +5,6 @@ pub mod data;
 pub mod eval;
 pub mod gradcam;
 pub mod predict;
+pub mod selftest;
 pub mod summary;
 pub mod train;

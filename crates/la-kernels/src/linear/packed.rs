@@ -92,9 +92,7 @@ fn fused_forward<T: Real>(qkv: &[T], dims: LinDims, phi: FeatureMap, eps: T) -> 
                         .zip(&phi_row[l0..])
                         .for_each(|(o, &p)| *o += w * p);
                 }
-                row.iter_mut()
-                    .zip(&den[l0..])
-                    .for_each(|(o, &r)| *o *= r);
+                row.iter_mut().zip(&den[l0..]).for_each(|(o, &r)| *o *= r);
             }
         });
     }
@@ -149,9 +147,7 @@ fn fused_backward<T: Real>(
                         dden[l] -= g[l] * m[l];
                     }
                 }
-                dden.iter_mut()
-                    .zip(&den)
-                    .for_each(|(x, &den)| *x /= den);
+                dden.iter_mut().zip(&den).for_each(|(x, &den)| *x /= den);
                 // dA = phi(Q) dnum^T, ds = phi(Q) dden.
                 let mut da = vec![T::zero(); d * c];
                 matmul(

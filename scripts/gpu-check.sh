@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves (docs/gpu.md says when and how to call them):
+#
+#   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda`
+#       against NVIDIA's CUDA 13.0 toolkit wheels from PyPI (the GPU machine's driver is CUDA
+#       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
+#       it with this script in gpu-check/ (ignored by git), the folder that travels.
+#   scripts/gpu-check.sh --run       on the GPU machine (no Rust, no network): puts the CUDA
+#       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs
+#       `la-cli selftest --device cuda`: every op's generic form on the GPU against the fast
+#       CPU kernels, a training step of VGG16_bn + each attention kind on both devices, the
+#       default digits run on both, and the `la-cli bench` rows on the GPU. Under 8 minutes.
+#       Logs go to $OUT (when set) or gpu-check/.
+#
+# ../shared/CUDA.md has the background (stub libcuda, unversioned library links).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out_dir="$root/gpu-check"
+toolkit_version="${CUDA_TOOLKIT_VERSION:-13.0.2}"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"   # 90 = H100/H200 (sm_90)
+
+prepare() {
+    cd "$root"
+    local venv=".venv-cuda-$toolkit_version"
+    if [ ! -e "$venv/.complete" ]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cccl,cublas,curand,nvrtc]==$toolkit_version"
+        touch "$venv/.complete"
+    fi
+    local cu13
+    cu13=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+    # A toolkit-shaped folder: the wheels lack the unversioned libX.so links that -lX needs,
+    # and PyPI has no libcuda.so (the driver), so a stub stands in for linking.
+    local home="$root/target/cuda-home-$toolkit_version"
+    mkdir -p "$home/lib64/stubs"
+    for d in bin include nvvm; do ln -sfn "$cu13/$d" "$home/$d"; done
+    for lib in "$cu13"/lib/lib*.so.*; do
+        local base; base=$(basename "$lib")
+        ln -sf "$lib" "$home/lib64/$base"
+        ln -sf "$lib" "$home/lib64/${base%%.so.*}.so"
+    done
+    export CUDA_HOME="$home" CUDA_PATH="$home"
+    export PATH="$home/bin:$PATH"
+    export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+    export CARGO_TARGET_DIR="$root/target/cuda"
+    cargo fetch -q
+    if [ ! -e "$home/lib64/stubs/libcuda.so" ]; then
+        # Every cu* function that cudarc's driver bindings declare returns 34
+        # (CUDA_ERROR_STUB_LIBRARY), as NVIDIA's own stub does. Only for linking: on the GPU
+        # machine the real driver is found first.
+        local sys
+        sys=$(cargo metadata --format-version 1 --features la-cli/cuda 2>/dev/null \
+            | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))')
+        sys="$(dirname "$sys")/src/driver/sys"
+        grep -rhoE 'pub (unsafe )?fn cu[A-Za-z0-9_]+' "$sys" | sed -E 's/.*fn //' | sort -u \
+            | awk '{print "int " $1 "(void) { return 34; }"}' > "$home/lib64/stubs/cuda_stub.c"
+        gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$home/lib64/stubs/libcuda.so" "$home/lib64/stubs/cuda_stub.c"
+        ln -sf libcuda.so "$home/lib64/stubs/libcuda.so.1"
+    fi
+    export LIBRARY_PATH="$home/lib64:$home/lib64/stubs:${LIBRARY_PATH:-}"
+    export RUSTFLAGS="${RUSTFLAGS:-} -L $home/lib64 -L $home/lib64/stubs"
+    nvcc --version | tail -n 2
+    cargo build --release -p la-cli --features cuda
+    mkdir -p "$out_dir"
+    cp "$CARGO_TARGET_DIR/release/la-cli" "$out_dir/la-cli"
+    strip "$out_dir/la-cli"
+    # Smoke test here: with only the stub driver the binary must start and say there is no GPU.
+    LD_LIBRARY_PATH="$home/lib64:$home/lib64/stubs" "$out_dir/la-cli" selftest --device cuda --quick \
+        > "$out_dir/prepare-smoke.log" 2>&1 && { echo "unexpected: a CUDA device behind the stub"; exit 1; }
+    grep -q -- '--device cuda' "$out_dir/prepare-smoke.log" || { cat "$out_dir/prepare-smoke.log"; exit 1; }
+    ls -l "$out_dir"
+    echo "prepared: carry gpu-check/ to the GPU machine and run scripts/gpu-check.sh --run there"
+}
+
+run() {
+    local bin="$out_dir/la-cli" log_dir="${OUT:-$out_dir}"
+    [ -x "$bin" ] || { echo "error: $bin is missing: run scripts/gpu-check.sh --prepare first (here, with the repo)" >&2; exit 1; }
+    mkdir -p "$log_dir"
+    local nv
+    nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')
+    export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    local status=0
+    timeout 470 "$bin" selftest --device cuda 2>&1 | tee "$log_dir/selftest.log" || status=$?
+    echo "gpu-check: selftest exit status $status (log: $log_dir/selftest.log)"
+    exit "$status"
+}
+
+case "${1:-}" in
+    --prepare) prepare ;;
+    --run) run ;;
+    *) echo "usage: scripts/gpu-check.sh --prepare | --run" >&2; exit 2 ;;
+esac
