@@ -1,10 +1,9 @@
 //! A bias added along one axis, with a cheap gradient.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{data as contiguous_data, sum_lanes};
+use crate::cpu::{data as contiguous_data, sum_lanes, with_float};
 
 /// `x + bias`, with `bias` [size of `axis`] broadcast along the other dims of `x`: a Linear
 /// layer's bias on tokens (`axis` last) or on a channel-first map (`axis` 1).
@@ -114,25 +113,9 @@ impl CustomOp2 for AddBias {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, len, inner) = self.split(l1.dims());
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(add_bias_forward(
-                contiguous_data(s1, l1)?,
-                contiguous_data(s2, l2)?,
-                len,
-                inner,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(add_bias_forward(
-                contiguous_data(s1, l1)?,
-                contiguous_data(s2, l2)?,
-                len,
-                inner,
-            )),
-            _ => candle_core::bail!(
-                "add_bias: expected f32 or f64 of one dtype, got {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let out = with_float!("add_bias", s1.dtype(), T => T::to_cpu_storage_owned(
+            add_bias_forward::<T>(contiguous_data(s1, l1)?, contiguous_data(s2, l2)?, len, inner),
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -150,11 +133,7 @@ impl CustomOp2 for AddBias {
                 crate::cpu::with_slices::<T, _, 1>([grad], |[g]| Ok(bias_grad(g, len, inner)))?;
             Tensor::from_vec(sums, len, grad.device())
         }
-        let grad_bias = match grad.dtype() {
-            DType::F32 => sums::<f32>(&grad, len, inner)?,
-            DType::F64 => sums::<f64>(&grad, len, inner)?,
-            dt => candle_core::bail!("add_bias: unsupported gradient dtype {dt:?}"),
-        };
+        let grad_bias = with_float!("add_bias", grad.dtype(), T => sums::<T>(&grad, len, inner)?);
         Ok((Some(grad), Some(grad_bias)))
     }
 }

@@ -36,11 +36,10 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{data, with_slices};
+use crate::cpu::{data, with_float, with_slices};
 use crate::gemm::{matmul, Mat};
 
 mod scratch;
@@ -123,20 +122,9 @@ impl CustomOp3 for Conv3x3Op {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), l3.dims())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(
-                forward(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(
-                forward(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),
-            ),
-            _ => bail!(
-                "conv3x3: expected f32 or f64 input, weight and bias, got {:?}, {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let out = with_float!("conv3x3", s1.dtype(), T => T::to_cpu_storage_owned(
+            forward::<T>(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),
+        ));
         Ok((out, Shape::from((g.batch, g.c_out, g.h, g.w))))
     }
 
@@ -179,11 +167,7 @@ impl CustomOp3 for Conv3x3Op {
             ])
         }
         let args = [input, weight, &grad_out, &output];
-        let [gi, gw, gb] = match input.dtype() {
-            DType::F32 => run::<f32>(g, (need_input, relu), args, bias)?,
-            DType::F64 => run::<f64>(g, (need_input, relu), args, bias)?,
-            dt => bail!("conv3x3: no backward for {dt:?}"),
-        };
+        let [gi, gw, gb] = with_float!("conv3x3", input.dtype(), T => run::<T>(g, (need_input, relu), args, bias)?);
         let wanted = |t: Tensor, arg: &Tensor| arg.track_op().then_some(t);
         Ok((wanted(gi, input), wanted(gw, weight), wanted(gb, bias)))
     }

@@ -109,3 +109,27 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     }
     sum
 }
+
+/// Evaluates `$body` with the type `$t` bound to `f32` or `f64` as `$dtype` says, and fails
+/// with the op's name for any other dtype: the one step from a tensor's runtime dtype to the
+/// kernels' generic code. Inputs of another dtype than the first fail when read as `$t`
+/// (`cpu_storage_as_slice`).
+macro_rules! with_float {
+    ($op:expr, $dtype:expr, $t:ident => $body:expr) => {{
+        // The traits behind `storage.dtype()` and `T::to_cpu_storage_owned`.
+        #[allow(unused_imports)]
+        use candle_core::{backend::BackendStorage as _, WithDType as _};
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: expected f32 or f64, got {dt:?}", $op),
+        }
+    }};
+}
+pub(crate) use with_float;

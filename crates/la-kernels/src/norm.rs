@@ -11,8 +11,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::cpu::{data, with_slices};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
+use crate::cpu::{data, with_float, with_slices};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
@@ -284,15 +284,9 @@ impl CustomOp3 for BatchNormRelu {
             Ok(y)
         }
         let args = ((s1, l1), (s2, l2), (s3, l3));
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(run(self, args.0, args.1, args.2, d)?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(run(self, args.0, args.1, args.2, d)?)
-            }
-            _ => candle_core::bail!("batch norm: expected f32 or f64 of one dtype"),
-        };
+        let out = with_float!("batch norm", s1.dtype(), T => T::to_cpu_storage_owned(
+            run::<T>(self, args.0, args.1, args.2, d)?,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -330,11 +324,8 @@ impl CustomOp3 for BatchNormRelu {
         }
         let args = [x, weight, y, &grad];
         let stats = (mean.as_slice(), var.as_slice(), self.eps);
-        let [dx, dw, db] = match x.dtype() {
-            DType::F32 => run::<f32>(args, bias, d, stats)?,
-            DType::F64 => run::<f64>(args, bias, d, stats)?,
-            dt => candle_core::bail!("batch norm: no backward for {dt:?}"),
-        };
+        let [dx, dw, db] =
+            with_float!("batch norm", x.dtype(), T => run::<T>(args, bias, d, stats)?);
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

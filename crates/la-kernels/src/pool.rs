@@ -1,9 +1,8 @@
 //! VGG's pools: 2x2 max-pooling whose gradient goes to the maximum (Candle 0.11's does not),
 //! and adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
 
-use crate::cpu::{data, with_slices};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
+use crate::cpu::{data, with_float, with_slices};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Pools [b, c, h, w] to [b, c, out, out] with PyTorch's bins: output cell i averages rows
@@ -200,15 +199,9 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
         let shape = Shape::from((b, c, h / 2, w / 2));
-        let storage = match storage {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(pool_forward(data(storage, layout)?, b * c, h, w))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(pool_forward(data(storage, layout)?, b * c, h, w))
-            }
-            _ => candle_core::bail!("max-pool-2x2: unsupported dtype {:?}", storage.dtype()),
-        };
+        let storage = with_float!("max-pool-2x2", storage.dtype(), T => T::to_cpu_storage_owned(
+            pool_forward::<T>(data(storage, layout)?, b * c, h, w),
+        ));
         Ok((storage, shape))
     }
 
@@ -220,13 +213,7 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
                 with_slices::<T, _, 2>([arg, grad], |[x, g]| Ok(pool_backward(x, g, b * c, h, w)))?;
             Tensor::from_vec(grad, arg.shape(), arg.device())
         }
-        let grad = match (arg.dtype(), grad_res.dtype()) {
-            (DType::F32, DType::F32) => run::<f32>(arg, &grad_res)?,
-            (DType::F64, DType::F64) => run::<f64>(arg, &grad_res)?,
-            (a, g) => candle_core::bail!(
-                "max-pool-2x2: expected matching f32 or f64 input and gradient, got {a:?} and {g:?}"
-            ),
-        };
+        let grad = with_float!("max-pool-2x2", arg.dtype(), T => run::<T>(arg, &grad_res)?);
         Ok(Some(grad))
     }
 }

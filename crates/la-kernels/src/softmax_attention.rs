@@ -12,11 +12,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::cpu::{data as slice, dot, sum_lanes, Real};
+use crate::cpu::{data as slice, dot, sum_lanes, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
 
@@ -116,32 +116,11 @@ impl CustomOp3 for TiledSoftmaxAttention {
         let (b, n, d) = l1.shape().dims3()?;
         let c = l3.shape().dims3()?.2;
         let dims = Dims { b, n, d, c };
-        let (storage, lse) = match s1.dtype() {
-            DType::F32 => {
-                let (out, lse) = forward::<f32>(
-                    slice(s1, l1)?,
-                    slice(s2, l2)?,
-                    slice(s3, l3)?,
-                    dims,
-                    self.scale as f32,
-                );
-                (
-                    CpuStorage::F32(out),
-                    lse.into_iter().map(f64::from).collect(),
-                )
-            }
-            DType::F64 => {
-                let (out, lse) = forward::<f64>(
-                    slice(s1, l1)?,
-                    slice(s2, l2)?,
-                    slice(s3, l3)?,
-                    dims,
-                    self.scale,
-                );
-                (CpuStorage::F64(out), lse)
-            }
-            dt => candle_core::bail!("tiled softmax attention: unsupported dtype {dt:?}"),
-        };
+        let (storage, lse): (CpuStorage, Vec<f64>) = with_float!("tiled softmax attention", s1.dtype(), T => {
+            let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+            let (out, lse) = forward::<T>(q, k, v, dims, self.scale as T);
+            (T::to_cpu_storage_owned(out), lse.into_iter().map(<T as candle_core::WithDType>::to_f64).collect())
+        });
         *self.log_sum_exp.lock().expect("poisoned lse lock") = Some(lse);
         Ok((storage, Shape::from((b, n, c))))
     }
@@ -184,14 +163,10 @@ impl CustomOp3 for TiledSoftmaxAttention {
         }
         let out = out.contiguous()?;
         let args = [q, k, v, &out, &grad_out];
-        let [dq, dk, dv] = match q.dtype() {
-            DType::F32 => {
-                let lse: Vec<f32> = lse.iter().map(|&x| x as f32).collect();
-                run::<f32>(args, &lse, dims, self.scale as f32)?
-            }
-            DType::F64 => run::<f64>(args, &lse, dims, self.scale)?,
-            dt => candle_core::bail!("tiled softmax attention: unsupported dtype {dt:?}"),
-        };
+        let [dq, dk, dv] = with_float!("tiled softmax attention", q.dtype(), T => {
+            let lse: Vec<T> = lse.iter().map(|&x| x as T).collect();
+            run::<T>(args, &lse, dims, self.scale as T)?
+        });
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

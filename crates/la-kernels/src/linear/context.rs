@@ -1,10 +1,10 @@
 //! `phi_k x^T`, linear attention's context before the value projection, with its backward.
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{assemble, chunks, cpu_data, CHUNK, GEMM_MIN_D};
-use crate::cpu::{dot, Real};
+use crate::cpu::{dot, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
 
@@ -162,23 +162,9 @@ impl candle_core::CustomOp2 for TokenContext {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(token_context_forward(
-                cpu_data(s1, l1)?,
-                cpu_data(s2, l2)?,
-                d,
-                c,
-                n,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(token_context_forward(
-                cpu_data(s1, l1)?,
-                cpu_data(s2, l2)?,
-                d,
-                c,
-                n,
-            )),
-            _ => candle_core::bail!("token context: expected f32 or f64 of one dtype"),
-        };
+        let out = with_float!("token context", s1.dtype(), T => T::to_cpu_storage_owned(
+            token_context_forward::<T>(cpu_data(s1, l1)?, cpu_data(s2, l2)?, d, c, n),
+        ));
         Ok((out, Shape::from((b, d, c))))
     }
 
@@ -205,11 +191,7 @@ impl candle_core::CustomOp2 for TokenContext {
             ])
         }
         let args = [phi_k, x, &grad];
-        let [dk, dx] = match phi_k.dtype() {
-            DType::F32 => run::<f32>(args, (d, c, n))?,
-            DType::F64 => run::<f64>(args, (d, c, n))?,
-            dt => candle_core::bail!("token context: no backward for {dt:?}"),
-        };
+        let [dk, dx] = with_float!("token context", phi_k.dtype(), T => run::<T>(args, (d, c, n))?);
         Ok((Some(dk), Some(dx)))
     }
 }

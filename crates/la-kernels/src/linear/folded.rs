@@ -3,11 +3,11 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK, GEMM_MIN_D};
-use crate::cpu::Real;
+use crate::cpu::{with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
 
@@ -330,29 +330,10 @@ impl CustomOp3 for FoldedOutput {
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
         let dims = LinDims { d, c, n };
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(folded_forward(
-                    cpu_data(s1, l1)?,
-                    cpu_data(s2, l2)?,
-                    cpu_data(s3, l3)?,
-                    dims,
-                    self.phi,
-                    self.eps as f32,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(folded_forward(
-                    cpu_data(s1, l1)?,
-                    cpu_data(s2, l2)?,
-                    cpu_data(s3, l3)?,
-                    dims,
-                    self.phi,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("linear attention output: expected f32 or f64 of one dtype"),
-        };
+        let out = with_float!("linear attention output", s1.dtype(), T => {
+            let (q, m, s) = (cpu_data(s1, l1)?, cpu_data(s2, l2)?, cpu_data(s3, l3)?);
+            T::to_cpu_storage_owned(folded_forward::<T>(q, m, s, dims, self.phi, self.eps as T))
+        });
         Ok((out, Shape::from((b, c, n))))
     }
 
@@ -384,11 +365,9 @@ impl CustomOp3 for FoldedOutput {
             ])
         }
         let args = [q, m, s, out, &grad];
-        let [dq, dm, ds] = match q.dtype() {
-            DType::F32 => run::<f32>(self, args, dims, self.eps as f32)?,
-            DType::F64 => run::<f64>(self, args, dims, self.eps)?,
-            dt => candle_core::bail!("linear attention output: no backward for {dt:?}"),
-        };
+        let [dq, dm, ds] = with_float!("linear attention output", q.dtype(), T => {
+            run::<T>(self, args, dims, self.eps as T)?
+        });
         Ok((Some(dq), Some(dm), Some(ds)))
     }
 }
@@ -506,25 +485,10 @@ impl CustomOp3 for FoldedResidual {
             }
             out
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run(
-                cpu_data(s1, l1)?,
-                cpu_data(s2, l2)?,
-                cpu_data(s3, l3)?,
-                dims,
-                self.phi,
-                self.eps as f32,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(run(
-                cpu_data(s1, l1)?,
-                cpu_data(s2, l2)?,
-                cpu_data(s3, l3)?,
-                dims,
-                self.phi,
-                self.eps,
-            )),
-            _ => candle_core::bail!("linear attention output: expected f32 or f64 of one dtype"),
-        };
+        let out = with_float!("linear attention output", s1.dtype(), T => {
+            let (q, p, x) = (cpu_data(s1, l1)?, cpu_data(s2, l2)?, cpu_data(s3, l3)?);
+            T::to_cpu_storage_owned(run::<T>(q, p, x, dims, self.phi, self.eps as T))
+        });
         Ok((out, l3.shape().clone()))
     }
 
@@ -554,11 +518,9 @@ impl CustomOp3 for FoldedResidual {
             ])
         }
         let args = [q, p, x, out, &grad];
-        let [dq, dp] = match q.dtype() {
-            DType::F32 => run::<f32>(self, args, dims, self.eps as f32)?,
-            DType::F64 => run::<f64>(self, args, dims, self.eps)?,
-            dt => candle_core::bail!("linear attention output: no backward for {dt:?}"),
-        };
+        let [dq, dp] = with_float!("linear attention output", q.dtype(), T => {
+            run::<T>(self, args, dims, self.eps as T)?
+        });
         Ok((Some(dq), Some(dp), Some(grad)))
     }
 }

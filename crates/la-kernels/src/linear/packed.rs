@@ -1,12 +1,10 @@
 //! [`super::linear_attention_packed`]'s fused op: q, k and v stacked in one tensor.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
-use crate::cpu::sum_lanes;
-use crate::cpu::{dot, Real};
+use crate::cpu::{dot, sum_lanes, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
 
@@ -266,21 +264,9 @@ impl CustomOp1 for FusedLinearAttention {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, dims) = self.dims(layout.shape())?;
-        let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(fused_forward(
-                cpu_data(storage, layout)?,
-                dims,
-                self.phi,
-                self.eps as f32,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(fused_forward(
-                cpu_data(storage, layout)?,
-                dims,
-                self.phi,
-                self.eps,
-            )),
-            _ => candle_core::bail!("linear attention: unsupported dtype {:?}", storage.dtype()),
-        };
+        let out = with_float!("linear attention", storage.dtype(), T => T::to_cpu_storage_owned(
+            fused_forward::<T>(cpu_data(storage, layout)?, dims, self.phi, self.eps as T),
+        ));
         Ok((out, Shape::from((b, dims.c, dims.n))))
     }
 
@@ -305,11 +291,9 @@ impl CustomOp1 for FusedLinearAttention {
             Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
         }
         let args = [qkv, mixed, &grad];
-        let dqkv = match qkv.dtype() {
-            DType::F32 => run::<f32>(self, args, dims, self.eps as f32)?,
-            DType::F64 => run::<f64>(self, args, dims, self.eps)?,
-            dt => candle_core::bail!("linear attention: no backward for {dt:?}"),
-        };
+        let dqkv = with_float!("linear attention", qkv.dtype(), T => {
+            run::<T>(self, args, dims, self.eps as T)?
+        });
         Ok(Some(dqkv))
     }
 }

@@ -13,8 +13,7 @@ use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{assemble, FeatureMap, GEMM_MIN_D};
-use crate::cpu::sum_lanes;
-use crate::cpu::{dot, Real};
+use crate::cpu::{dot, sum_lanes, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
 use crate::simd::with_simd;
 
@@ -93,11 +92,8 @@ pub fn project_context(
         ])
     }
     let args = [&x, &w, &bias];
-    let [q, a, s] = match x.dtype() {
-        candle_core::DType::F32 => run::<f32>(args, (b, d, c, n), phi)?,
-        candle_core::DType::F64 => run::<f64>(args, (b, d, c, n), phi)?,
-        dt => candle_core::bail!("project_context: expected f32 or f64, got {dt:?}"),
-    };
+    let [q, a, s] =
+        with_float!("project_context", x.dtype(), T => run::<T>(args, (b, d, c, n), phi)?);
     Ok((q, a, s))
 }
 
