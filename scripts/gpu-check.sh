@@ -4,7 +4,7 @@
 #   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda`
 #       against NVIDIA's CUDA 13.0 toolkit wheels from PyPI (the GPU machine's driver is CUDA
 #       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
-#       it with this script in gpu-check/ (ignored by git), the folder that travels.
+#       it, compresses it to gpu-check/la-cli.gz (ignored by git), the folder that travels.
 #   scripts/gpu-check.sh --run       on the GPU machine (no Rust, no network): puts the CUDA
 #       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs
 #       `la-cli selftest --device cuda`: every op's generic form on the GPU against the fast
@@ -24,7 +24,11 @@ prepare() {
     local venv=".venv-cuda-$toolkit_version"
     if [ ! -e "$venv/.complete" ]; then
         python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cccl,cublas,curand,nvrtc]==$toolkit_version"
+        # nvcc's own dependencies (nvvm, crt) are not pinned by the meta-package: a newer one
+        # writes PTX that this release's ptxas (and driver) refuse.
+        local minor="${toolkit_version%.*}"
+        "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cccl,cublas,curand,nvrtc]==$toolkit_version" \
+            "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*"
         touch "$venv/.complete"
     fi
     local cu13
@@ -68,16 +72,21 @@ prepare() {
     LD_LIBRARY_PATH="$home/lib64:$home/lib64/stubs" "$out_dir/la-cli" selftest --device cuda --quick \
         > "$out_dir/prepare-smoke.log" 2>&1 && { echo "unexpected: a CUDA device behind the stub"; exit 1; }
     grep -q -- '--device cuda' "$out_dir/prepare-smoke.log" || { cat "$out_dir/prepare-smoke.log"; exit 1; }
+    # Candle's CUDA kernels travel as PTX text inside the binary (about 60 MB stripped), and
+    # only 64 MiB travel with the repository: compressed, about 16 MB.
+    gzip -9 -f "$out_dir/la-cli"
     ls -l "$out_dir"
     echo "prepared: carry gpu-check/ to the GPU machine and run scripts/gpu-check.sh --run there"
 }
 
 run() {
-    local bin="$out_dir/la-cli" log_dir="${OUT:-$out_dir}"
-    [ -x "$bin" ] || { echo "error: $bin is missing: run scripts/gpu-check.sh --prepare first (here, with the repo)" >&2; exit 1; }
+    local packed="$out_dir/la-cli.gz" bin=/tmp/la-cli-gpu log_dir="${OUT:-$out_dir}"
+    [ -e "$packed" ] || { echo "error: $packed is missing: run scripts/gpu-check.sh --prepare first (here, with the repo)" >&2; exit 1; }
+    gunzip -c "$packed" > "$bin" && chmod +x "$bin"
     mkdir -p "$log_dir"
     local nv
-    nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')
+    nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null) \
+        || { echo "error: this python3 has no NVIDIA CUDA wheels (nvidia/cu13/lib): is this the GPU machine?" >&2; exit 1; }
     export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     local status=0

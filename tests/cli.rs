@@ -277,6 +277,43 @@ fn bad_inputs_to_train_and_predict_are_one_line_errors() {
         "/proc/la-cli-test",
     );
     check(&["train", "--lr", "0"], "--lr 0 must be a positive number");
+    // Refused, not replaced by the default (the layering once turned NaN into "unset").
+    check(
+        &["train", "--lr", "nan"],
+        "--lr NaN must be a finite number",
+    );
+    check(
+        &["train", "--momentum", "inf"],
+        "--momentum inf must be a finite number",
+    );
+    check(
+        &["train", "--label-smoothing", "1.5"],
+        "--label-smoothing 1.5 must be in [0, 1)",
+    );
+    check(
+        &[
+            "train",
+            "--attention-init",
+            "kaiming",
+            "--zero-init-attention",
+            "true",
+        ],
+        "--attention-init kaiming and --zero-init-attention true disagree",
+    );
+    let nan_toml = dir.join("nan.toml");
+    std::fs::write(
+        &nan_toml,
+        "weight-decay = nan
+",
+    )
+    .unwrap();
+    check(
+        &["train", "--config", nan_toml.to_str().unwrap()],
+        &format!(
+            "--weight-decay NaN (in {}) must be a finite number",
+            nan_toml.display()
+        ),
+    );
     check(
         &["train", "--device", "tpu"],
         "expected cpu, cuda, cuda:N or auto",
@@ -286,6 +323,16 @@ fn bad_inputs_to_train_and_predict_are_one_line_errors() {
     check(
         &["train", "--config", toml.to_str().unwrap()],
         "not a valid options file",
+    );
+
+    // A PyTorch pickle given as weights: named as such, with the way out.
+    let pth = dir.join("model.pth");
+    let mut zip = b"PK\x03\x04".to_vec();
+    zip.extend([0u8; 64]);
+    std::fs::write(&pth, &zip).unwrap();
+    check(
+        &["train", "--weights", pth.to_str().unwrap(), "--epochs", "1"],
+        "model.pth: a PyTorch pickle (.pth/.pt from torch.save), not a safetensors file",
     );
 
     let png = digit_png(&dir);

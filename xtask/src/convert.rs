@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use la_attention::{AttentionConfig, AttentionKind};
+use la_attention::{AttentionConfig, AttentionInit, AttentionKind};
 use la_vgg::{HeadConfig, Normalization, VggConfig};
 
 /// `--attention`: a kind, or `none`.
@@ -52,9 +52,13 @@ pub struct ModelOptions {
     /// (new modules are initialised fresh; a source's own softmax modules are kept for softmax).
     #[arg(long, default_value = "softmax", value_name = "KIND")]
     pub attention: AttentionChoice,
-    /// Start the output projection of each new attention module at zero, so that the
-    /// pretrained network is unchanged at first.
-    #[arg(long)]
+    /// How new attention modules start: `identity` (output projection at zero, so the
+    /// pretrained network's predictions are unchanged at first) or `kaiming` (the article's
+    /// advice; every module then adds a large random residual).
+    #[arg(long, default_value_t = AttentionInit::Identity, value_name = "INIT")]
+    pub attention_init: AttentionInit,
+    /// The same as `--attention-init identity`, the default (kept for existing scripts).
+    #[arg(long, hide = true, conflicts_with = "attention_init")]
     pub zero_init_attention: bool,
     /// Replace the last layer (`head.logits`) by a fresh one with N outputs; the hidden
     /// layers (fc1, fc2) are kept.
@@ -80,6 +84,7 @@ impl Default for ModelOptions {
     fn default() -> Self {
         Self {
             attention: AttentionChoice(Some(AttentionKind::Softmax)),
+            attention_init: AttentionInit::Identity,
             zero_init_attention: false,
             classes: None,
             head: HeadChoice::Pretrained,
@@ -108,8 +113,10 @@ pub fn read_source(path: &Path) -> Result<Source> {
         use sha2::Digest;
         crate::hub::hex(&sha2::Sha256::digest(&bytes))
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        let reason = la_vgg::io::not_safetensors(&bytes, e);
+        anyhow::anyhow!("{}: {reason}", path.display())
+    })?;
     let ours = header
         .metadata()
         .as_ref()
@@ -182,7 +189,7 @@ pub fn prepare(
     let wanted = opts.attention.0.map(|kind| AttentionConfig {
         kind,
         reduction: 8,
-        zero_init_out: opts.zero_init_attention,
+        zero_init_out: opts.zero_init_attention || opts.attention_init.zero_init_out(),
     });
     let (config, tensors, adapted) =
         la_vgg::import::adapt(config, tensors, wanted, opts.classes.map(|n| n as usize))?;

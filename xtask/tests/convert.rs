@@ -97,6 +97,71 @@ fn the_golden_torchvision_file_converts_with_fresh_softmax_attention() {
         .all(|v| v.is_finite()));
 }
 
+/// Class probabilities of `logits` [b, k].
+fn probabilities(logits: &Tensor) -> Tensor {
+    let shifted = logits
+        .broadcast_sub(&logits.max_keepdim(1).unwrap())
+        .unwrap()
+        .exp()
+        .unwrap();
+    shifted
+        .broadcast_div(&shifted.sum_keepdim(1).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn attention_inserted_by_default_keeps_the_pretrained_predictions() {
+    // The mission's path: take a torchvision or timm VGG16 and insert attention with the
+    // defaults. The modules start as the identity, so the converted model predicts PyTorch's
+    // probabilities; `--attention-init kaiming` (the article's advice) does not.
+    let dir = tempfile::tempdir().unwrap();
+    let io = golden_io("vgg16_tiny_io.safetensors");
+    let expected = probabilities(&io["logits"]);
+    let timm = dir.path().join("timm.safetensors");
+    write_safetensors(
+        &timm,
+        &torchvision_to_timm(&read_raw(&fixture("vgg16_tiny.safetensors"))),
+    );
+    for (layout, source) in [
+        ("torchvision", fixture("vgg16_tiny.safetensors")),
+        ("timm", timm),
+    ] {
+        let out = dir.path().join(format!("{layout}-softmax.safetensors"));
+        let o = convert(&source, &out, &[]);
+        assert!(o.status.success(), "{layout}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains(&format!("source: {layout} layout")),
+            "{}",
+            stdout(&o)
+        );
+        let w = load(&out);
+        assert_eq!(w.config.attention.unwrap().kind, AttentionKind::Softmax);
+        assert_eq!(w.config.attention_blocks, vec![0, 1, 2, 3, 4]);
+        let d = max_abs_diff(&probabilities(&logits(&w, &io["input"])), &expected);
+        assert!(d < 1e-5, "{layout}: probabilities differ by {d}");
+
+        let kaiming = dir.path().join(format!("{layout}-kaiming.safetensors"));
+        let o = convert(&source, &kaiming, &["--attention-init", "kaiming"]);
+        assert!(o.status.success(), "{layout}: {}", stderr(&o));
+        let d = max_abs_diff(
+            &probabilities(&logits(&load(&kaiming), &io["input"])),
+            &expected,
+        );
+        assert!(d > 1e-3, "{layout}: Kaiming modules changed nothing ({d})");
+    }
+    let o = convert(
+        &fixture("vgg16_tiny.safetensors"),
+        &dir.path().join("x.safetensors"),
+        &["--attention-init", "zero"],
+    );
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    assert!(
+        stderr(&o).contains("expected identity or kaiming"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn without_attention_the_golden_torchvision_file_gives_pytorchs_logits() {
     let dir = tempfile::tempdir().unwrap();

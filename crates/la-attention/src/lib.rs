@@ -87,6 +87,51 @@ impl std::str::FromStr for AttentionKind {
     }
 }
 
+/// How a new module starts, when it is inserted into a network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionInit {
+    /// The output projection at zero: the module is the identity at first, so a pretrained
+    /// network's predictions are unchanged until training moves it.
+    #[default]
+    Identity,
+    /// Every projection Kaiming-normal (fan in), the article's advice: each module adds a
+    /// large random residual at step 0.
+    Kaiming,
+}
+
+impl AttentionInit {
+    pub const ALL: [AttentionInit; 2] = [AttentionInit::Identity, AttentionInit::Kaiming];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionInit::Identity => "identity",
+            AttentionInit::Kaiming => "kaiming",
+        }
+    }
+
+    /// Whether the output projection starts at zero ([`AttentionConfig::zero_init_out`]).
+    pub fn zero_init_out(self) -> bool {
+        self == AttentionInit::Identity
+    }
+}
+
+impl std::fmt::Display for AttentionInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionInit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown attention init {s:?} (expected identity or kaiming)"))
+    }
+}
+
 /// Everything needed to build one module besides its channel count.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use la_attention::{AttentionConfig, AttentionKind};
+use la_attention::{AttentionConfig, AttentionInit, AttentionKind};
 use la_vgg::{HeadConfig, VggConfig};
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +72,10 @@ pub struct ModelArgs {
     /// Query/key channels are channels / reduction.
     #[arg(long, default_value_t = 8)]
     pub reduction: usize,
-    /// Start each attention module as the identity (output projection at zero).
-    #[arg(long)]
-    pub zero_init_attention: bool,
+    /// How attention modules start: `identity` (output projection at zero) or `kaiming`
+    /// (the article's advice).
+    #[arg(long, default_value_t = AttentionInit::Identity, value_name = "INIT")]
+    pub attention_init: AttentionInit,
     #[arg(long, value_enum, default_value = "imagenet")]
     pub head: HeadArg,
     /// Hidden width of the cifar head (none by default).
@@ -97,7 +98,7 @@ impl ModelArgs {
         let attention = self.attention.kind().map(|kind| AttentionConfig {
             kind,
             reduction: self.reduction,
-            zero_init_out: self.zero_init_attention,
+            zero_init_out: self.attention_init.zero_init_out(),
         });
         let config = VggConfig::vgg(self.arch.depth(), self.classes)?
             .with_batch_norm(self.bn)

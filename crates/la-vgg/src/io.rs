@@ -139,12 +139,30 @@ pub fn check_tensors_subset(config: &VggConfig, tensors: &HashMap<String, Tensor
     Ok(())
 }
 
+/// Why `bytes` are not a safetensors file, with what to do when we know it: a PyTorch
+/// pickle (`torch.save`'s zip archive, or a bare pickle) is named as such, since it is the
+/// file users most often give by mistake.
+pub fn not_safetensors(bytes: &[u8], error: impl std::fmt::Display) -> String {
+    let zip = bytes.starts_with(b"PK\x03\x04");
+    let pickle = bytes.first() == Some(&0x80) && bytes.get(1).is_some_and(|p| (2..=5).contains(p));
+    if zip || pickle {
+        "a PyTorch pickle (.pth/.pt from torch.save), not a safetensors file: la never \
+         unpickles (loading a pickle can run code); convert it where PyTorch is installed, \
+         e.g. `python -c \"import torch, safetensors.torch as st; \
+         st.save_file(torch.load('model.pth', weights_only=True), 'model.safetensors')\"`, \
+         and give the .safetensors file"
+            .to_string()
+    } else {
+        format!("not a valid safetensors file ({error})")
+    }
+}
+
 /// Reads a weights file: ours (config in the metadata) or a PyTorch state dict in the
 /// torchvision, timm or seed layout. Errors name the file and what is wrong with it.
 pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_error(path, format!("not a valid safetensors file ({e})")))?;
+        .map_err(|e| file_error(path, not_safetensors(&bytes, e)))?;
     let metadata = safetensors::SafeTensors::read_metadata(&bytes)
         .map(|(_, m)| m.metadata().clone().unwrap_or_default())
         .unwrap_or_default();

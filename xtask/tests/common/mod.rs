@@ -235,6 +235,33 @@ pub fn timm_to_torchvision(timm: &HashMap<String, Tensor>) -> HashMap<String, Te
     out
 }
 
+/// The inverse of [`timm_to_torchvision`]: timm's names, its fc1 a [hidden, c, 7, 7] conv.
+pub fn torchvision_to_timm(tv: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for (name, t) in tv {
+        if name.starts_with("features.") {
+            out.insert(name.clone(), t.clone());
+            continue;
+        }
+        let (module, leaf) = name.rsplit_once('.').unwrap();
+        let (new, conv) = match module {
+            "classifier.0" => ("pre_logits.fc1", Some(7)),
+            "classifier.3" => ("pre_logits.fc2", Some(1)),
+            "classifier.6" => ("head.fc", None),
+            other => panic!("unexpected {other}"),
+        };
+        let t = match (leaf, conv) {
+            ("weight", Some(k)) => {
+                let (rows, cols) = t.dims2().unwrap();
+                t.reshape((rows, cols / (k * k), k, k)).unwrap()
+            }
+            _ => t.clone(),
+        };
+        out.insert(format!("{new}.{leaf}"), t);
+    }
+    out
+}
+
 /// Random attention projections (seed-style init) for every block of `config`, under our names.
 pub fn random_attention(rng: &mut Rng, config: &la_vgg::VggConfig) -> HashMap<String, Tensor> {
     let a = config.attention.expect("a config with attention");

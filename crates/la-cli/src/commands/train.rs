@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use la_attention::AttentionInit;
 use la_data::{Loader, LoaderConfig, Mix, Pipeline};
 use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
 use la_vgg::Normalization;
@@ -75,10 +76,13 @@ pub struct Options {
     /// [default: softmax]
     #[arg(long, value_enum)]
     pub attention: Option<AttentionArg>,
-    /// Start attention modules as the identity (output projection zero) [default: true].
-    /// With Kaiming-initialised output projections (`false`, the seed's advice) every block
-    /// adds a large random residual at step 0, and VGG16 from scratch barely learns.
-    #[arg(long)]
+    /// How new attention modules start: `identity` (output projection at zero) or `kaiming`
+    /// (the article's advice: every block then adds a large random residual at step 0, and
+    /// VGG16 from scratch barely learns) [default: identity].
+    #[arg(long, value_name = "INIT")]
+    pub attention_init: Option<AttentionInit>,
+    /// The older spelling: `true` is `--attention-init identity`, `false` is `kaiming`.
+    #[arg(long, hide = true)]
     pub zero_init_attention: Option<bool>,
     /// [default: cifar]
     #[arg(long, value_enum)]
@@ -183,6 +187,59 @@ pub struct Args {
     resume: Option<PathBuf>,
 }
 
+impl Options {
+    /// Refuses a number that cannot be used, naming its option (`where_` says where it was
+    /// given). Checked before the layering, whose JSON round trip would turn a NaN into
+    /// "unset" and so into the default.
+    fn check_numbers(&self, where_: &str) -> Result<()> {
+        type Rule = (&'static str, fn(f64) -> bool, &'static str);
+        const POSITIVE: (fn(f64) -> bool, &str) = (|v| v > 0.0, "a positive number");
+        const NON_NEGATIVE: (fn(f64) -> bool, &str) = (|v| v >= 0.0, "a number >= 0");
+        const UNIT: (fn(f64) -> bool, &str) = (|v| (0.0..1.0).contains(&v), "in [0, 1)");
+        const OPEN_UNIT: (fn(f64) -> bool, &str) = (|v| v > 0.0 && v < 1.0, "in (0, 1)");
+        let checks: [(Option<f64>, Rule); 12] = [
+            (self.lr, ("lr", POSITIVE.0, POSITIVE.1)),
+            (self.momentum, ("momentum", UNIT.0, UNIT.1)),
+            (
+                self.weight_decay,
+                ("weight-decay", NON_NEGATIVE.0, NON_NEGATIVE.1),
+            ),
+            (self.gamma, ("gamma", POSITIVE.0, POSITIVE.1)),
+            (
+                self.warmup_epochs,
+                ("warmup-epochs", NON_NEGATIVE.0, NON_NEGATIVE.1),
+            ),
+            (self.mixup.map(f64::from), ("mixup", POSITIVE.0, POSITIVE.1)),
+            (
+                self.cutmix.map(f64::from),
+                ("cutmix", POSITIVE.0, POSITIVE.1),
+            ),
+            (self.label_smoothing, ("label-smoothing", UNIT.0, UNIT.1)),
+            (self.grad_clip, ("grad-clip", POSITIVE.0, POSITIVE.1)),
+            (
+                self.pretrained_lr_scale,
+                ("pretrained-lr-scale", NON_NEGATIVE.0, NON_NEGATIVE.1),
+            ),
+            (self.width, ("width", POSITIVE.0, POSITIVE.1)),
+            (
+                self.val_fraction,
+                ("val-fraction", OPEN_UNIT.0, OPEN_UNIT.1),
+            ),
+        ];
+        for (value, (name, ok, expected)) in checks {
+            if let Some(v) = value {
+                if !v.is_finite() {
+                    bail!("--{name} {v}{where_} must be a finite number");
+                }
+                if !ok(v) {
+                    bail!("--{name} {v}{where_} must be {expected}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Fills `base`'s unset fields from `fallback`.
 fn merge(base: Options, fallback: Options) -> Options {
     let a = serde_json::to_value(base).expect("options serialise");
@@ -262,6 +319,23 @@ impl Resolved {
     }
     fn bn(&self) -> bool {
         self.o.bn.unwrap_or(!self.pretrained())
+    }
+    /// `--attention-init`, or the older `--zero-init-attention`; identity by default.
+    fn attention_init(&self) -> Result<AttentionInit> {
+        let old = self.o.zero_init_attention.map(|zero| {
+            if zero {
+                AttentionInit::Identity
+            } else {
+                AttentionInit::Kaiming
+            }
+        });
+        match (self.o.attention_init, old) {
+            (Some(new), Some(old)) if new != old => bail!(
+                "--attention-init {new} and --zero-init-attention {} disagree: give one",
+                old == AttentionInit::Identity
+            ),
+            (new, old) => Ok(new.or(old).unwrap_or_default()),
+        }
     }
     fn attention(&self) -> AttentionArg {
         self.o.attention.unwrap_or(AttentionArg::Softmax)
@@ -428,11 +502,14 @@ pub fn run(args: Args) -> Result<()> {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
                         .with_context(|| format!("{}: cannot read", path.display()))?;
-                    toml::from_str::<Options>(&text)
-                        .with_context(|| format!("{}: not a valid options file", path.display()))?
+                    let file = toml::from_str::<Options>(&text)
+                        .with_context(|| format!("{}: not a valid options file", path.display()))?;
+                    file.check_numbers(&format!(" (in {})", path.display()))?;
+                    file
                 }
                 None => Options::default(),
             };
+            args.options.check_numbers("")?;
             let preset = args.preset.map(preset_options).unwrap_or_default();
             (merge(merge(args.options.clone(), file), preset), None)
         }
@@ -576,7 +653,7 @@ fn model_and_weights(
             bn: r.bn(),
             attention: r.attention(),
             reduction: 8,
-            zero_init_attention: r.o.zero_init_attention.unwrap_or(true),
+            attention_init: r.attention_init()?,
             head: r.head(),
             hidden: r.o.hidden,
             classes,
@@ -621,11 +698,12 @@ fn model_and_weights(
         );
     }
     // The attention flag may swap the file's modules for fresh ones; without it they stay.
+    let zero_init_out = r.attention_init()?.zero_init_out();
     let wanted = match r.o.attention {
         Some(arg) => arg.kind().map(|kind| la_attention::AttentionConfig {
             kind,
             reduction: 8,
-            zero_init_out: r.o.zero_init_attention.unwrap_or(true),
+            zero_init_out,
         }),
         None => config
             .attention
