@@ -371,7 +371,7 @@ fn bad_inputs_to_train_and_predict_are_one_line_errors() {
 
 #[test]
 fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
-    // The golden tiny VGG16 + attention, in the seed's PyTorch layout, 10 classes like digits.
+    // The golden tiny VGG16 + attention, in the article's PyTorch layout, 10 classes like digits.
     let dir = temp("finetune");
     let weights = fixture("golden/vgg16_la_tiny.safetensors");
     let out = la_cli(&[

@@ -5,7 +5,7 @@
 //! - [`hub`]: downloads from the Hugging Face Hub (or a mirror) into the standard cache,
 //!   configured from the environment as the Python client is (`HF_HOME`, `HF_ENDPOINT`,
 //!   `HF_TOKEN`, ...).
-//! - [`convert`]: a PyTorch VGG state dict (torchvision, timm or the seed's layout) -> a
+//! - [`convert`]: a PyTorch VGG state dict (torchvision, timm or the article's layout) -> a
 //!   weights file of ours, ready to train from (attention modules, a new head, ...).
 //!
 //! The product never depends on this crate: the conversion itself lives in `la_vgg::import`.

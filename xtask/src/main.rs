@@ -25,7 +25,7 @@ enum Task {
     /// Download torchvision's ImageNet VGG weights (timm/vggNN[_bn].tv_in1k on the Hugging
     /// Face Hub, honouring HF_HOME, HF_ENDPOINT, HF_TOKEN) and convert them for training.
     FetchWeights(FetchArgs),
-    /// Convert a local safetensors file (torchvision, timm or the seed's layout) for training.
+    /// Convert a local safetensors file (torchvision, timm or the article's layout) for training.
     Convert(ConvertArgs),
 }
 
@@ -71,7 +71,7 @@ struct FetchArgs {
 
 #[derive(clap::Args)]
 struct ConvertArgs {
-    /// A safetensors state dict in the torchvision, timm or seed layout (or a file of ours).
+    /// A safetensors state dict in the torchvision, timm or article layout (or a file of ours).
     #[arg(long, value_name = "FILE")]
     from: PathBuf,
     #[command(flatten)]

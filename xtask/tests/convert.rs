@@ -233,14 +233,14 @@ fn the_golden_seed_file_keeps_its_attention_and_gives_pytorchs_logits() {
 /// The synthetic tiny VGG16 in the three layouts, from the same tensors.
 fn three_layouts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, HashMap<String, Tensor>) {
     // Widths / 8: with / 16, block 0's 4 channels would have 4/8 -> 1 query channel, which
-    // the seed's file cannot tell from a reduction of 4.
+    // the article's file cannot tell from a reduction of 4.
     let timm = timm_state_dict(3, 1000, 2);
     let timm_path = dir.join("timm.safetensors");
     write_safetensors(&timm_path, &timm);
     let tv = timm_to_torchvision(&timm);
     let tv_path = dir.join("torchvision.safetensors");
     write_safetensors(&tv_path, &tv);
-    // The seed's layout: the same convs and classifier, attention modules in every block.
+    // The article's layout: the same convs and classifier, attention modules in every block.
     let imported = la_vgg::import::import_state_dict(tv).unwrap();
     let config = imported
         .config
@@ -248,7 +248,7 @@ fn three_layouts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, HashMap<String, Tens
     let attention = random_attention(&mut Rng::new(9), &config);
     let mut ours = imported.tensors;
     ours.extend(attention.clone());
-    let seed = la_vgg::import::export_seed_layout(&config, &ours).unwrap();
+    let seed = la_vgg::import::export_article_layout(&config, &ours).unwrap();
     let seed_path = dir.join("seed.safetensors");
     write_safetensors(&seed_path, &seed);
     (timm_path, tv_path, seed_path, attention)
@@ -259,7 +259,7 @@ fn the_three_layouts_convert_to_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let (timm, tv, seed, attention) = three_layouts(dir.path());
     let mut outs = Vec::new();
-    for (name, path) in [("timm", &timm), ("torchvision", &tv), ("seed", &seed)] {
+    for (name, path) in [("timm", &timm), ("torchvision", &tv), ("article", &seed)] {
         let out = dir.path().join(format!("out-{name}.safetensors"));
         let o = convert(path, &out, &["--seed", "3"]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
@@ -282,15 +282,15 @@ fn the_three_layouts_convert_to_the_same_model() {
         );
         let from_seed = &c.tensors[name];
         if name.contains(".attention.") {
-            // The seed file's own modules, not fresh ones.
+            // The article-layout file's own modules, not fresh ones.
             assert_eq!(max_abs_diff(from_seed, &attention[name]), 0.0, "{name}");
         } else {
-            assert_eq!(max_abs_diff(t, from_seed), 0.0, "{name}: timm vs seed");
+            assert_eq!(max_abs_diff(t, from_seed), 0.0, "{name}: timm vs article");
         }
     }
     // Our own files convert too (the layout is `la-vgg`), unchanged with the same options.
     let again = dir.path().join("again.safetensors");
-    let o = convert(&dir.path().join("out-seed.safetensors"), &again, &[]);
+    let o = convert(&dir.path().join("out-article.safetensors"), &again, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("source: la-vgg layout"),

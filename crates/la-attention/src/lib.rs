@@ -3,7 +3,7 @@
 //! [`SpatialAttention`] maps a [b, c, h, w] feature map to one of the same shape: each of the
 //! N = h*w positions is a token, projected to queries and keys (c/r channels) and values (c),
 //! mixed by one of the [`AttentionKind`]s, projected back by `out` and added to the input.
-//! `softmax` is the seed article's module with its intended meaning, exact but computed in
+//! `softmax` is the article's module with its intended meaning, exact but computed in
 //! O(N) memory; `linear`, `efficient` and `relu-linear` are O(N) in time as well.
 //! The ops themselves (fused CPU kernels and their device-generic forms) are in `la-kernels`;
 //! this crate holds the modules, their configuration and their cost.
@@ -137,7 +137,7 @@ impl std::str::FromStr for AttentionInit {
 #[serde(deny_unknown_fields)]
 pub struct AttentionConfig {
     pub kind: AttentionKind,
-    /// Queries and keys have `channels / reduction` channels (at least one), as the seed's c/8.
+    /// Queries and keys have `channels / reduction` channels (at least one), as the article's c/8.
     #[serde(default = "default_reduction")]
     pub reduction: usize,
     /// Start the output projection at zero so that a module inserted into a pretrained

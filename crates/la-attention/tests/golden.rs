@@ -1,7 +1,7 @@
 //! The `softmax` kind against the PyTorch reference (tests/fixtures/golden at the workspace
 //! root): each of the five attention modules of the tiny seed model, run on its recorded
 //! input with its recorded weights, must give the recorded `intended` output, and must not
-//! give the `reshape` output (the seed's code with `.view` patched to `.reshape`).
+//! give the `reshape` output (the article's code with `.view` patched to `.reshape`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,7 +64,7 @@ fn softmax_kind_reproduces_the_intended_seed_module() {
             "features.{index}: max |ours - PyTorch| = {diff}"
         );
 
-        // The seed's literal code (with .reshape) scrambles channels before out_proj: we
+        // The article's literal code (with .reshape) scrambles channels before out_proj: we
         // must not reproduce it. The difference is of order 0.1-1 on these maps.
         let reshape_in = &io[&format!("reshape.features.{index}.in")];
         let reshape_out = &io[&format!("reshape.features.{index}.out")];

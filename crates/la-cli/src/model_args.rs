@@ -52,7 +52,7 @@ impl AttentionArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadArg {
-    /// 7x7 average pool, 25088-4096-4096-classes (torchvision, the seed).
+    /// 7x7 average pool, 25088-4096-4096-classes (torchvision, the article).
     Imagenet,
     /// Global average pool, optional hidden layer (--hidden), Linear to classes.
     Cifar,

@@ -23,9 +23,9 @@ pub enum Preset {
     FashionMnist,
     Digits,
     ImageNet,
-    /// The seed article's recipe: RandomResizedCrop + HorizontalFlip + ColorJitter
+    /// The article's recipe: RandomResizedCrop + HorizontalFlip + ColorJitter
     /// (CutMix/MixUp are added with [`Pipeline::with_mix`]).
-    SeedRecipe,
+    ArticleRecipe,
 }
 
 impl Preset {
@@ -35,7 +35,7 @@ impl Preset {
         Preset::FashionMnist,
         Preset::Digits,
         Preset::ImageNet,
-        Preset::SeedRecipe,
+        Preset::ArticleRecipe,
     ];
 
     /// The normalisation statistics that go with the data set.
@@ -45,7 +45,7 @@ impl Preset {
             Preset::Cifar100 => Normalize::CIFAR100,
             Preset::FashionMnist => Normalize::FASHION_MNIST,
             Preset::Digits => Normalize::DIGITS,
-            Preset::ImageNet | Preset::SeedRecipe => Normalize::IMAGENET,
+            Preset::ImageNet | Preset::ArticleRecipe => Normalize::IMAGENET,
         }
     }
 
@@ -53,7 +53,7 @@ impl Preset {
     /// need at least 32), 224 for ImageNet-style data.
     pub fn default_size(self) -> usize {
         match self {
-            Preset::ImageNet | Preset::SeedRecipe => 224,
+            Preset::ImageNet | Preset::ArticleRecipe => 224,
             _ => 32,
         }
     }
@@ -65,7 +65,7 @@ impl Preset {
             Preset::FashionMnist => "fashion-mnist",
             Preset::Digits => "digits",
             Preset::ImageNet => "imagenet",
-            Preset::SeedRecipe => "seed",
+            Preset::ArticleRecipe => "article",
         }
     }
 }
@@ -90,10 +90,11 @@ impl FromStr for Preset {
             "fashionmnist" | "fashion" => Preset::FashionMnist,
             "digits" => Preset::Digits,
             "imagenet" => Preset::ImageNet,
-            "seed" | "seedrecipe" => Preset::SeedRecipe,
+            // "seed": the name before it was "article".
+            "article" | "articlerecipe" | "seed" | "seedrecipe" => Preset::ArticleRecipe,
             _ => {
                 return Err(Error::Config(format!(
-                    "unknown preset `{s}` (one of: cifar10, cifar100, fashion-mnist, digits, imagenet, seed)"
+                    "unknown preset `{s}` (one of: cifar10, cifar100, fashion-mnist, digits, imagenet, article)"
                 )))
             }
         })
@@ -313,7 +314,7 @@ impl Pipeline {
     /// - Fashion-MNIST: bilinear resize to `size` + RandomCrop(size, size/8) + HorizontalFlip;
     /// - digits: the same without the flip (a mirrored 2 is no longer a 2);
     /// - ImageNet: RandomResizedCrop(size) + HorizontalFlip;
-    /// - SeedRecipe: RandomResizedCrop(size) + HorizontalFlip + ColorJitter(0.4, 0.4, 0.4, 0.1).
+    /// - ArticleRecipe: RandomResizedCrop(size) + HorizontalFlip + ColorJitter(0.4, 0.4, 0.4, 0.1).
     ///
     /// The small-set presets resize first only when an image is not already `size`.
     pub fn train_preset(preset: Preset, size: usize) -> Pipeline {
@@ -330,7 +331,7 @@ impl Pipeline {
             Preset::ImageNet => p
                 .then(RandomResizedCrop::new(size))
                 .then(HorizontalFlip::default()),
-            Preset::SeedRecipe => p
+            Preset::ArticleRecipe => p
                 .then(RandomResizedCrop::new(size))
                 .then(HorizontalFlip::default())
                 .then(ColorJitter::new(0.4, 0.4, 0.4, 0.1)),

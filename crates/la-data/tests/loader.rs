@@ -43,7 +43,7 @@ fn targets(b: &Batch) -> Vec<f32> {
 #[test]
 fn same_batches_whatever_the_thread_count() {
     let ds = synthetic(70);
-    let pipeline = Pipeline::train_preset(Preset::SeedRecipe, 24).with_mix(Some(Mix::Either {
+    let pipeline = Pipeline::train_preset(Preset::ArticleRecipe, 24).with_mix(Some(Mix::Either {
         mixup_alpha: 0.2,
         cutmix_alpha: 1.0,
         prob_cutmix: 0.5,

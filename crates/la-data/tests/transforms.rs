@@ -202,7 +202,7 @@ fn eval_pipeline_on_native_size_only_normalises() {
 #[test]
 fn presets_shapes_ranges_and_seeding() {
     for preset in Preset::ALL {
-        let size = if matches!(preset, Preset::ImageNet | Preset::SeedRecipe) {
+        let size = if matches!(preset, Preset::ImageNet | Preset::ArticleRecipe) {
             48
         } else {
             32
@@ -211,7 +211,7 @@ fn presets_shapes_ranges_and_seeding() {
         let input = match preset {
             Preset::FashionMnist => noise(28, 28, 1),
             Preset::Digits => noise(8, 8, 1),
-            Preset::ImageNet | Preset::SeedRecipe => noise(70, 90, 1),
+            Preset::ImageNet | Preset::ArticleRecipe => noise(70, 90, 1),
             _ => noise(32, 32, 1),
         };
         let (a, h, w) = p.process(input.clone(), &mut rng(3)).unwrap();

@@ -1,6 +1,6 @@
 //! Exact softmax attention, `softmax(Q K^T * scale) V`, in O(N) memory.
 //!
-//! The seed's module materialises the [N, N] score matrix: 9.4 GiB per image for the first
+//! The article's module materialises the [N, N] score matrix: 9.4 GiB per image for the first
 //! VGG16 block at 224x224. Here the scores are computed tile by tile with a running max and a
 //! running sum (the "online softmax" of flash attention), so only a [TILE_Q, TILE_K] tile lives
 //! at a time. The backward pass recomputes the scores tile by tile from Q, K and the per-query

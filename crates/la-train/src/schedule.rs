@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Schedule {
     Constant,
-    /// StepLR: times `gamma` every `step_epochs` (the seed: 30, 0.1).
+    /// StepLR: times `gamma` every `step_epochs` (the article: 30, 0.1).
     Step {
         step_epochs: usize,
         gamma: f64,

@@ -41,7 +41,7 @@ pub struct HeadConfig {
 }
 
 impl HeadConfig {
-    /// torchvision's and the seed's head: 7x7 pool, 25088-4096-4096-classes, dropout 0.5.
+    /// torchvision's and the article's head: 7x7 pool, 25088-4096-4096-classes, dropout 0.5.
     pub fn imagenet() -> Self {
         Self {
             pool: 7,
@@ -82,7 +82,7 @@ pub struct VggConfig {
     #[serde(default)]
     pub batch_norm: bool,
     /// The attention module, if any, and the blocks (0-based) that get one after their last
-    /// conv + ReLU, before the pool (the seed puts one in each of the five).
+    /// conv + ReLU, before the pool (the article puts one in each of the five).
     #[serde(default)]
     pub attention: Option<AttentionConfig>,
     #[serde(default)]

@@ -1,10 +1,10 @@
-//! PyTorch state dicts -> the project's names, and back to the seed's layout.
+//! PyTorch state dicts -> the project's names, and back to the article's layout.
 //!
 //! Three layouts are read, the architecture inferred from names and shapes:
 //! - torchvision: `features.{i}` (conv, [BatchNorm,] ReLU, ..., MaxPool) and `classifier.{0,3,6}`;
 //! - timm: the same `features.{i}`, `pre_logits.fc1` as a [hidden, c, 7, 7] conv,
 //!   `pre_logits.fc2` as [hidden, hidden, 1, 1], `head.fc`;
-//! - the seed's: torchvision's Sequential with an attention module (`linear_query`,
+//! - the article's: torchvision's Sequential with an attention module (`linear_query`,
 //!   `linear_key`, `linear_value`, `out_proj`) before each max-pool, shifting the indices.
 //!
 //! As timm keeps its pretrained-weight filters beside its models, the conversion lives here.
@@ -22,7 +22,8 @@ use crate::{Error, Result};
 pub enum SourceLayout {
     Torchvision,
     Timm,
-    Seed,
+    /// The article's Sequential, attention modules inside `features`.
+    Article,
 }
 
 impl SourceLayout {
@@ -30,7 +31,7 @@ impl SourceLayout {
         match self {
             SourceLayout::Torchvision => "torchvision",
             SourceLayout::Timm => "timm",
-            SourceLayout::Seed => "seed",
+            SourceLayout::Article => "article",
         }
     }
 }
@@ -83,7 +84,7 @@ pub fn detect_layout(tensors: &HashMap<String, Tensor>) -> Result<SourceLayout> 
     if has("pre_logits.fc1.") {
         Ok(SourceLayout::Timm)
     } else if seed_attention {
-        Ok(SourceLayout::Seed)
+        Ok(SourceLayout::Article)
     } else if has("features.") && has("classifier.") {
         Ok(SourceLayout::Torchvision)
     } else {
@@ -95,7 +96,7 @@ pub fn detect_layout(tensors: &HashMap<String, Tensor>) -> Result<SourceLayout> 
         Err(bad(
             first,
             "fits no known layout: expected torchvision (`features.N`, `classifier.N`), timm \
-             (`pre_logits.fc1`, `head.fc`) or the seed's (`features.N.linear_query`)",
+             (`pre_logits.fc1`, `head.fc`) or the article's (`features.N.linear_query`)",
         ))
     }
 }
@@ -311,7 +312,7 @@ fn import_features(
 }
 
 /// The reduction r that gives every module its query width d = max(1, c / r) (integer
-/// division), preferring the seed's 8. Widths alone do not pin r down (64 channels with 8-wide
+/// division), preferring the article's 8. Widths alone do not pin r down (64 channels with 8-wide
 /// queries allow only 8, a 4-channel block with 1-wide queries allows any r >= 3), so the
 /// ranges of all modules are intersected.
 fn shared_reduction(sites: &[(usize, usize, usize)]) -> Result<usize> {
@@ -386,7 +387,7 @@ fn import_head(
                 layers.push((name.to_string(), w, b));
             }
         }
-        SourceLayout::Torchvision | SourceLayout::Seed => {
+        SourceLayout::Torchvision | SourceLayout::Article => {
             let mut indices: Vec<usize> = pending
                 .keys()
                 .filter_map(|k| {
@@ -454,17 +455,17 @@ fn import_head(
     ))
 }
 
-/// Our tensors -> the seed's Sequential layout (torchvision's when there is no attention),
+/// Our tensors -> the article's Sequential layout (torchvision's when there is no attention),
 /// loadable by `shared/reference/seed_model.py` (`VGG(cfg, ..., mode="intended")`) or
-/// torchvision. Only the `softmax` kind exists in the seed's PyTorch code.
-pub fn export_seed_layout(
+/// torchvision. Only the `softmax` kind exists in the article's PyTorch code.
+pub fn export_article_layout(
     config: &VggConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
     if let Some(a) = &config.attention {
         if a.kind != AttentionKind::Softmax && !config.attention_blocks.is_empty() {
             return Err(Error::Config(format!(
-                "the seed's PyTorch module computes softmax attention; a model with {} attention cannot be exported to its layout",
+                "the article's PyTorch module computes softmax attention; a model with {} attention cannot be exported to its layout",
                 a.kind
             )));
         }

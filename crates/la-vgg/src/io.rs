@@ -158,7 +158,7 @@ pub fn not_safetensors(bytes: &[u8], error: impl std::fmt::Display) -> String {
 }
 
 /// Reads a weights file: ours (config in the metadata) or a PyTorch state dict in the
-/// torchvision, timm or seed layout. Errors name the file and what is wrong with it.
+/// torchvision, timm or article layout. Errors name the file and what is wrong with it.
 pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)

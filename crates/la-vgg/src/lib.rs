@@ -1,10 +1,10 @@
 //! VGG 11/13/16/19 (optionally with BatchNorm) with spatial attention modules from
-//! `la-attention` after the last conv of chosen blocks, as the seed article does.
+//! `la-attention` after the last conv of chosen blocks, as the article does.
 //!
 //! - [`config`]: the serde config table (depth, widths, attention sites, head).
 //! - [`conv`]: the 3x3 convolution layer (its kernels are in `la-kernels`).
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
-//! - [`import`]: torchvision / timm / seed state dicts -> ours, and export to the seed's layout.
+//! - [`import`]: torchvision / timm / article state dicts -> ours, and export to the article's layout.
 //! - [`io`]: weights files that carry their config, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
 //! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.

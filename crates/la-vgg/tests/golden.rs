@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use la_vgg::import::{export_seed_layout, import_state_dict, SourceLayout};
+use la_vgg::import::{export_article_layout, import_state_dict, SourceLayout};
 use la_vgg::{Vgg, WeightsFile};
 
 fn fixture(name: &str) -> PathBuf {
@@ -75,7 +75,7 @@ fn plain_vgg16_from_torchvision_names_matches_pytorch() {
 fn vgg16_with_attention_from_seed_names_matches_the_intended_module() {
     let io = load("vgg16_la_tiny_io.safetensors");
     let (vgg, layout) = model(load("vgg16_la_tiny.safetensors"));
-    assert_eq!(layout, SourceLayout::Seed);
+    assert_eq!(layout, SourceLayout::Article);
     let config = vgg.config();
     assert_eq!(config.attention_blocks, vec![0, 1, 2, 3, 4]);
     assert_eq!(config.attention.unwrap().reduction, 8);
@@ -91,7 +91,7 @@ fn vgg16_with_attention_from_seed_names_matches_the_intended_module() {
         );
         assert!(d < 1e-4, "block {block}: {d}");
     }
-    // The seed's literal code (.view patched to .reshape) gives other logits: we must not.
+    // The article's literal code (.view patched to .reshape) gives other logits: we must not.
     let reshape = max_abs_diff(&taps.logits, &io["reshape.logits"]);
     assert!(reshape > 0.1, "matches the scrambled variant ({reshape})");
     // f32 against PyTorch's f64 run of the same weights.
@@ -150,7 +150,7 @@ fn export_to_the_seed_layout_round_trips_exactly() {
     for file in ["vgg16_la_tiny.safetensors", "vgg16_tiny.safetensors"] {
         let original = load(file);
         let imported = import_state_dict(original.clone()).unwrap();
-        let exported = export_seed_layout(&imported.config, &imported.tensors).unwrap();
+        let exported = export_article_layout(&imported.config, &imported.tensors).unwrap();
         let mut want: Vec<&String> = original.keys().collect();
         let mut got: Vec<&String> = exported.keys().collect();
         want.sort();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use la_attention::{AttentionConfig, AttentionKind};
-use la_vgg::import::{export_seed_layout, import_state_dict};
+use la_vgg::import::{export_article_layout, import_state_dict};
 use la_vgg::io::expected_shapes;
 use la_vgg::summary::summarize;
 use la_vgg::{load_weights, save_weights, Error, HeadConfig, Normalization, Vgg, VggConfig};
@@ -43,9 +43,9 @@ fn summary_reports_the_true_cost_of_the_seed_model() {
 
     let with_attention = vgg16.clone().with_attention(softmax());
     let s = summarize(&with_attention, 224);
-    assert_eq!(s.params, 139_734_040); // not the seed's 139.2 M
+    assert_eq!(s.params, 139_734_040); // not the article's 139.2 M
     assert_eq!(s.params - 138_357_544, 1_376_496);
-    assert_eq!(format!("{:.2}", s.macs as f64 / 1e9), "224.57"); // not the seed's 16.1
+    assert_eq!(format!("{:.2}", s.macs as f64 / 1e9), "224.57"); // not the article's 16.1
     assert_eq!(
         format!("{:.1}", s.attention_quadratic_macs as f64 / 1e9),
         "207.1"
@@ -59,7 +59,7 @@ fn summary_reports_the_true_cost_of_the_seed_model() {
     assert!(block1.layer.contains("N=50176"));
     assert_eq!(params(&with_attention), s.params);
 
-    // CIFAR-100 at 32x32 with the ImageNet head (the seed's set-up).
+    // CIFAR-100 at 32x32 with the ImageNet head (the article's set-up).
     let cifar = VggConfig::vgg(16, 100).unwrap();
     let s = summarize(&cifar, 32);
     assert_eq!(s.params, 134_670_244);
@@ -199,7 +199,7 @@ fn batch_norm_models_round_trip_through_the_torchvision_layout() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
         .collect();
-    let exported = export_seed_layout(&config, &ours).unwrap();
+    let exported = export_article_layout(&config, &ours).unwrap();
     assert!(
         exported.contains_key("features.1.running_var"),
         "BN sits after the first conv"
@@ -224,7 +224,7 @@ fn batch_norm_models_round_trip_through_the_torchvision_layout() {
 #[test]
 fn only_softmax_attention_exports_to_the_seed_layout() {
     let config = small_config(false, Some(AttentionKind::Linear));
-    let err = export_seed_layout(&config, &HashMap::new())
+    let err = export_article_layout(&config, &HashMap::new())
         .unwrap_err()
         .to_string();
     assert!(err.contains("linear attention cannot be exported"), "{err}");
@@ -603,7 +603,7 @@ fn the_reduction_is_inferred_from_all_modules_together() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
-    let imported = import_state_dict(export_seed_layout(&config, &ours).unwrap()).unwrap();
+    let imported = import_state_dict(export_article_layout(&config, &ours).unwrap()).unwrap();
     assert_eq!(imported.config.attention.unwrap().reduction, 8);
     assert_eq!(imported.config, config);
 }

@@ -40,9 +40,11 @@ pub enum ScheduleArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
-    /// The seed article's recipe: ImageNet head, SGD 0.01 momentum 0.9, StepLR(30, 0.1),
+    /// The article's recipe: ImageNet head, SGD 0.01 momentum 0.9, StepLR(30, 0.1),
     /// RandomResizedCrop + flip + ColorJitter + CutMix/MixUp, 90 epochs (give --weights).
-    Cifar100Seed,
+    #[value(alias = "cifar100-seed")]
+    #[serde(alias = "cifar100-seed")]
+    Cifar100Article,
     /// A quick CIFAR-100 recipe: BatchNorm, CIFAR head, SGD 0.05 Nesterov, cosine, label
     /// smoothing 0.1, RandomCrop + flip, 30 epochs.
     Cifar100Fast,
@@ -170,7 +172,7 @@ pub struct Options {
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  la-cli train                                   # VGG16 + softmax attention on the built-in digits\n  la-cli train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist --epochs 1\n  la-cli train --preset cifar100-seed --data-dir data/cifar-100-binary --weights weights/vgg16-softmax-imagenet.safetensors\n  la-cli train --config run.toml --lr 0.01        # flags override the file\n  la-cli train --resume runs/digits-vgg16_bn-softmax-20261125-101500"
+    after_help = "Examples:\n  la-cli train                                   # VGG16 + softmax attention on the built-in digits\n  la-cli train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist --epochs 1\n  la-cli train --preset cifar100-article --data-dir data/cifar-100-binary --weights weights/vgg16-softmax-imagenet.safetensors\n  la-cli train --config run.toml --lr 0.01        # flags override the file\n  la-cli train --resume runs/digits-vgg16_bn-softmax-20261125-101500"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -257,7 +259,7 @@ fn merge(base: Options, fallback: Options) -> Options {
 
 fn preset_options(preset: Preset) -> Options {
     match preset {
-        Preset::Cifar100Seed => Options {
+        Preset::Cifar100Article => Options {
             data: Some(DataKind::Cifar100),
             arch: Some(Arch::Vgg16),
             bn: Some(false),
