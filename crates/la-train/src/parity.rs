@@ -23,6 +23,10 @@ pub struct StepComparison {
     pub worst_grad: String,
     /// The largest error of the parameters after the SGD step.
     pub param_error: f64,
+    /// In f32 (else zero): each form's largest gradient error against the fast form's step in
+    /// f64, the best answer at hand: how far f32 rounding takes each form from the truth.
+    pub fast_error_vs_f64: f64,
+    pub generic_error_vs_f64: f64,
 }
 
 impl StepComparison {
@@ -130,6 +134,23 @@ pub fn compare_training_step(
             fast.grads.len()
         )));
     }
+    let (mut fast_error_vs_f64, mut generic_error_vs_f64) = (0f64, 0f64);
+    if dtype != DType::F64 {
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+        let initial64 = initial
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), to64(v)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        let truth = with_form(Form::Fast, || {
+            train_step(config, &initial64, &to64(&images)?, &labels, &Device::Cpu)
+        })?;
+        for (name, reference) in &truth.grads {
+            fast_error_vs_f64 =
+                fast_error_vs_f64.max(relative_error(&fast.grads[name], reference)?);
+            generic_error_vs_f64 =
+                generic_error_vs_f64.max(relative_error(&generic.grads[name], reference)?);
+        }
+    }
     let mut param_error = 0f64;
     for (name, reference) in &fast.params {
         param_error = param_error.max(relative_error(&generic.params[name], reference)?);
@@ -141,5 +162,7 @@ pub fn compare_training_step(
         grad_error,
         worst_grad,
         param_error,
+        fast_error_vs_f64,
+        generic_error_vs_f64,
     })
 }

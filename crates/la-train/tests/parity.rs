@@ -3,11 +3,11 @@
 //! fast CPU form.
 //!
 //! In f64 the loss, every gradient and every updated parameter agree within 1e-10 (seen:
-//! 1e-13). In f32 the loss agrees within 1e-4 for every kind, and so do the gradients for
-//! none, softmax and linear; with `efficient` and `relu-linear` a few max-pool windows and
-//! ReLUs sit so close to a tie that the two forms' f32 roundings choose differently (seen:
-//! 6e-3 and 1.4e-2 of the largest gradient), which moves whole gradient entries. The f64
-//! agreement shows that it is rounding, not a difference of the two forms.
+//! 1e-13). In f32 each form's gradients are within 1e-4 of the f64 step (seen: 1e-5, and
+//! 4e-5 and 6e-5 for relu-linear, whose tiny denominators make it the worst conditioned), so
+//! the two forms within 2e-4 of each other, and the losses within 1e-4. The generic
+//! BatchNorm sums in f64 for this: with Candle's f32 sums, block 1's gradients were 1.4 %
+//! away from the f64 step with efficient attention.
 
 use candle_core::DType;
 use la_attention::{AttentionConfig, AttentionKind};
@@ -15,7 +15,7 @@ use la_kernels::parity::test_device;
 use la_train::parity::compare_training_step;
 use la_vgg::{HeadConfig, VggConfig};
 
-fn check(attention: Option<AttentionKind>, f32_grad_tolerance: f64) {
+fn check(attention: Option<AttentionKind>) {
     let config = VggConfig::vgg(16, 10)
         .unwrap()
         .with_batch_norm(true)
@@ -38,33 +38,34 @@ fn check(attention: Option<AttentionKind>, f32_grad_tolerance: f64) {
         f32_step.loss_error <= 1e-4,
         "{attention:?} in f32: {f32_step:#?}"
     );
+    let s = &f32_step;
     assert!(
-        f32_step.grad_error <= f32_grad_tolerance,
-        "{attention:?} in f32: {f32_step:#?}"
+        s.fast_error_vs_f64 <= 1e-4 && s.generic_error_vs_f64 <= 1e-4 && s.grad_error <= 2e-4,
+        "{attention:?} in f32: {s:#?}"
     );
 }
 
 #[test]
 fn a_plain_step_is_the_same_in_both_forms() {
-    check(None, 1e-4);
+    check(None);
 }
 
 #[test]
 fn a_softmax_attention_step_is_the_same_in_both_forms() {
-    check(Some(AttentionKind::Softmax), 1e-4);
+    check(Some(AttentionKind::Softmax));
 }
 
 #[test]
 fn a_linear_attention_step_is_the_same_in_both_forms() {
-    check(Some(AttentionKind::Linear), 1e-4);
+    check(Some(AttentionKind::Linear));
 }
 
 #[test]
 fn an_efficient_attention_step_is_the_same_in_both_forms() {
-    check(Some(AttentionKind::Efficient), 5e-2);
+    check(Some(AttentionKind::Efficient));
 }
 
 #[test]
 fn a_relu_linear_attention_step_is_the_same_in_both_forms() {
-    check(Some(AttentionKind::ReluLinear), 5e-2);
+    check(Some(AttentionKind::ReluLinear));
 }
