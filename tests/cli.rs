@@ -592,3 +592,27 @@ fn selftest_compares_the_generic_form_with_the_fast_kernels() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("--device gpu7"), "{}", stderr(&bad));
 }
+
+#[test]
+fn an_unknown_kernel_form_is_an_error_not_a_guess() {
+    let out = Command::new(env!("CARGO_BIN_EXE_la-cli"))
+        .args([
+            "bench",
+            "--attention",
+            "none",
+            "--head",
+            "cifar",
+            "--classes",
+            "10",
+        ])
+        .args([
+            "--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+        ])
+        .env("LA_KERNELS", "gpu")
+        .output()
+        .expect("la-cli runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("LA_KERNELS=gpu: unknown kernel form"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
