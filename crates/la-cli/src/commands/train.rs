@@ -21,6 +21,11 @@ use crate::device::{parse_device, set_threads};
 use crate::model_args::{Arch, AttentionArg, HeadArg};
 use crate::progress::BarObserver;
 
+mod presets;
+
+use presets::preset_options;
+pub use presets::Preset;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OptimizerArg {
@@ -35,19 +40,6 @@ pub enum ScheduleArg {
     Step,
     Multistep,
     Cosine,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
-    /// The article's recipe: ImageNet head, SGD 0.01 momentum 0.9, StepLR(30, 0.1),
-    /// RandomResizedCrop + flip + ColorJitter + CutMix/MixUp, 90 epochs (give --weights).
-    #[value(alias = "cifar100-seed")]
-    #[serde(alias = "cifar100-seed")]
-    Cifar100Article,
-    /// A quick CIFAR-100 recipe: BatchNorm, CIFAR head, SGD 0.05 Nesterov, cosine, label
-    /// smoothing 0.1, RandomCrop + flip, 30 epochs.
-    Cifar100Fast,
 }
 
 /// Every option of a run. Flags, the TOML file and presets all fill this same struct.
@@ -255,50 +247,6 @@ fn merge(base: Options, fallback: Options) -> Options {
         }
     }
     serde_json::from_value(serde_json::Value::Object(a)).expect("merged options deserialise")
-}
-
-fn preset_options(preset: Preset) -> Options {
-    match preset {
-        Preset::Cifar100Article => Options {
-            data: Some(DataKind::Cifar100),
-            arch: Some(Arch::Vgg16),
-            bn: Some(false),
-            attention: Some(AttentionArg::Softmax),
-            head: Some(HeadArg::Imagenet),
-            width: Some(1.0),
-            size: Some(32),
-            epochs: Some(90),
-            batch_size: Some(128),
-            lr: Some(0.01),
-            optimizer: Some(OptimizerArg::Sgd),
-            momentum: Some(0.9),
-            weight_decay: Some(5e-4),
-            schedule: Some(ScheduleArg::Step),
-            step_epochs: Some(30),
-            gamma: Some(0.1),
-            mixup: Some(0.2),
-            cutmix: Some(1.0),
-            ..Options::default()
-        },
-        Preset::Cifar100Fast => Options {
-            data: Some(DataKind::Cifar100),
-            arch: Some(Arch::Vgg16),
-            bn: Some(true),
-            attention: Some(AttentionArg::Softmax),
-            head: Some(HeadArg::Cifar),
-            width: Some(1.0),
-            size: Some(32),
-            epochs: Some(30),
-            batch_size: Some(128),
-            lr: Some(0.05),
-            optimizer: Some(OptimizerArg::Sgd),
-            nesterov: Some(true),
-            schedule: Some(ScheduleArg::Cosine),
-            warmup_epochs: Some(1.0),
-            label_smoothing: Some(0.1),
-            ..Options::default()
-        },
-    }
 }
 
 /// Options resolved to concrete values.
