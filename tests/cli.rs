@@ -1,5 +1,6 @@
 //! End-to-end: run the built `la-cli` binary as a user would and check what it prints.
 
+use la_testing::fixture;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -16,12 +17,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
 }
 
 #[test]
@@ -88,13 +83,6 @@ fn bad_flags_and_files_give_one_line_errors_and_exit_codes() {
     assert!(stderr(&out).contains("too small"), "{}", stderr(&out));
 }
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("la-cli-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A digit from the embedded data set as an 8x8 grey PNG (the way a user would feed one).
 fn digit_png(dir: &std::path::Path) -> PathBuf {
     let digits = la_data::digits().unwrap();
@@ -112,7 +100,8 @@ fn digit_png(dir: &std::path::Path) -> PathBuf {
 
 #[test]
 fn train_eval_predict_explain_and_resume_on_digits() {
-    let dir = temp("digits");
+    let tmp = la_testing::tempdir("cli-digits");
+    let dir = tmp.path().to_path_buf();
     let runs = dir.join("runs");
     let out = la_cli(&[
         "train",
@@ -253,7 +242,8 @@ fn train_eval_predict_explain_and_resume_on_digits() {
 
 #[test]
 fn bad_inputs_to_train_and_predict_are_one_line_errors() {
-    let dir = temp("bad");
+    let tmp = la_testing::tempdir("cli-bad");
+    let dir = tmp.path().to_path_buf();
     let check = |args: &[&str], needle: &str| {
         let out = la_cli(args);
         let err = stderr(&out);
@@ -372,7 +362,8 @@ fn bad_inputs_to_train_and_predict_are_one_line_errors() {
 #[test]
 fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
     // The golden tiny VGG16 + attention, in the article's PyTorch layout, 10 classes like digits.
-    let dir = temp("finetune");
+    let tmp = la_testing::tempdir("cli-finetune");
+    let dir = tmp.path().to_path_buf();
     let weights = fixture("golden/vgg16_la_tiny.safetensors");
     let out = la_cli(&[
         "train",
@@ -470,7 +461,8 @@ fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
 
 #[test]
 fn device_auto_falls_back_to_the_cpu_with_a_notice() {
-    let dir = temp("auto");
+    let tmp = la_testing::tempdir("cli-auto");
+    let dir = tmp.path().to_path_buf();
     let png = digit_png(&dir);
     let weights = fixture("golden/vgg16_la_tiny.safetensors");
     let out = la_cli(&[
@@ -516,7 +508,8 @@ fn serve(status: &'static str, body: Vec<u8>) -> (String, std::thread::JoinHandl
 
 #[test]
 fn data_fetch_checks_the_archive_and_leaves_nothing_behind() {
-    let dir = temp("fetch");
+    let tmp = la_testing::tempdir("cli-fetch");
+    let dir = tmp.path().to_path_buf();
     // A server that answers with the wrong bytes: the MD5 check must reject them.
     let (url, server) = serve("200 OK", b"not the CIFAR-10 archive".to_vec());
     let out = la_cli(&[

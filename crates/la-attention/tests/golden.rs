@@ -4,19 +4,11 @@
 //! give the `reshape` output (the article's code with `.view` patched to `.reshape`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use la_attention::{AttentionConfig, AttentionKind, SpatialAttention};
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/golden")
-        .join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+use la_testing::{golden, max_abs_diff};
 
 fn seed_module(weights: &HashMap<String, Tensor>, index: usize) -> SpatialAttention {
     let mut renamed = HashMap::new();
@@ -34,19 +26,6 @@ fn seed_module(weights: &HashMap<String, Tensor>, index: usize) -> SpatialAttent
     let channels = renamed["value.weight"].dim(0).unwrap();
     let vb = VarBuilder::from_tensors(renamed, DType::F32, &Device::Cpu);
     SpatialAttention::new(channels, AttentionConfig::new(AttentionKind::Softmax), vb).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

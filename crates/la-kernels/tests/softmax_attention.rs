@@ -3,21 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use la_kernels::softmax_attention::{softmax_attention, softmax_attention_reference};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use la_testing::max_abs_diff;
 
 fn check(b: usize, n: usize, d: usize, c: usize, dtype: DType, tol: f64) {
     let dev = Device::Cpu;

@@ -3,7 +3,7 @@
 //! the last good checkpoint intact; the run directory holds what it should.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -77,12 +77,6 @@ fn loaders(threads: usize) -> (Loader, Loader) {
     )
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("la-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 /// Stops after a given number of epochs, as an interrupted run would.
 struct StopAfter(usize);
 impl Observer for StopAfter {
@@ -104,12 +98,14 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
 #[test]
 fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     let (train, val) = loaders(2);
-    let straight = tempdir("straight");
+    let straight_tmp = la_testing::tempdir("train-straight");
+    let straight = straight_tmp.path().join("run");
     let mut t = Trainer::new(&straight, info(3, 0.05), HashMap::new(), &Device::Cpu).unwrap();
     t.fit(&train, Some(&val), &mut Silent).unwrap();
     assert_eq!(t.state.epoch, 3);
 
-    let interrupted = tempdir("interrupted");
+    let interrupted_tmp = la_testing::tempdir("train-interrupted");
+    let interrupted = interrupted_tmp.path().join("run");
     let mut t = Trainer::new(&interrupted, info(3, 0.05), HashMap::new(), &Device::Cpu).unwrap();
     t.fit(&train, Some(&val), &mut StopAfter(1)).unwrap();
     assert_eq!(t.state.epoch, 1);
@@ -186,7 +182,8 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
 #[test]
 fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let (train, val) = loaders(2);
-    let dir = tempdir("diverge");
+    let dir_tmp = la_testing::tempdir("train-diverge");
+    let dir = dir_tmp.path().join("run");
     let mut t = Trainer::new(&dir, info(2, 0.05), HashMap::new(), &Device::Cpu).unwrap();
     t.fit(&train, Some(&val), &mut StopAfter(1)).unwrap();
     let good = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
@@ -234,7 +231,8 @@ fn unwritable_run_directories_fail_before_training() {
 
 #[test]
 fn a_corrupt_checkpoint_is_named_on_resume() {
-    let dir = tempdir("corrupt");
+    let dir_tmp = la_testing::tempdir("train-corrupt");
+    let dir = dir_tmp.path().join("run");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("checkpoint.safetensors"),

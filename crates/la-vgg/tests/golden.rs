@@ -2,33 +2,14 @@
 //! three PyTorch layouts, gives PyTorch's logits.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
+use la_testing::max_abs_diff;
 use la_vgg::import::{export_article_layout, import_state_dict, SourceLayout};
 use la_vgg::{Vgg, WeightsFile};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/golden")
-        .join(name)
-}
-
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    la_testing::golden(name)
 }
 
 fn model(tensors: HashMap<String, Tensor>) -> (Vgg, SourceLayout) {

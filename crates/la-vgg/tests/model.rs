@@ -1,21 +1,15 @@
 //! Config table, summary figures, weights files and their error paths.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use la_attention::{AttentionConfig, AttentionKind};
+use la_testing::{golden, golden_path as fixture};
 use la_vgg::import::{export_article_layout, import_state_dict};
 use la_vgg::io::expected_shapes;
 use la_vgg::summary::summarize;
 use la_vgg::{load_weights, save_weights, Error, HeadConfig, Normalization, Vgg, VggConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/golden")
-        .join(name)
-}
 
 fn softmax() -> Option<AttentionConfig> {
     Some(AttentionConfig::new(AttentionKind::Softmax))
@@ -230,10 +224,6 @@ fn only_softmax_attention_exports_to_the_seed_layout() {
     assert!(err.contains("linear attention cannot be exported"), "{err}");
 }
 
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
-}
-
 fn import_error(mut edit: impl FnMut(&mut HashMap<String, Tensor>)) -> String {
     let mut t = golden("vgg16_la_tiny.safetensors");
     edit(&mut t);
@@ -309,7 +299,8 @@ fn import_errors_name_the_tensor_and_the_problem() {
 
 #[test]
 fn weights_files_carry_their_config_and_bad_files_are_named() {
-    let dir = tempdir();
+    let tmp = la_testing::tempdir("vgg-model");
+    let dir = tmp.path().to_path_buf();
     let imported = import_state_dict(golden("vgg16_la_tiny.safetensors")).unwrap();
     let path = dir.join("tiny.safetensors");
     let mut extra = HashMap::new();
@@ -414,16 +405,6 @@ fn inputs_too_small_or_with_wrong_channels_are_rejected() {
         .contains("h, w >= 32"));
     let grey = Tensor::zeros((1, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
     assert!(vgg.check_input(&grey).is_err());
-}
-
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "la-vgg-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[test]

@@ -5,14 +5,17 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use la_testing::{golden_path as fixture, max_abs_diff, read_tensors as read_raw};
 use sha2::Digest;
 
 // ---------------------------------------------------------------------------------------------
@@ -85,12 +88,6 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/golden")
-        .join(name)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -298,25 +295,6 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Vec<u8> {
 
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) {
     std::fs::write(path, safetensors_bytes(tensors)).unwrap();
-}
-
-/// Reads a safetensors file's tensors (f32 on the CPU) without any conversion.
-pub fn read_raw(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
