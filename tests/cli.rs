@@ -609,3 +609,55 @@ fn an_unknown_kernel_form_is_an_error_not_a_guess() {
     assert!(err.contains("LA_KERNELS=gpu: unknown kernel form"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn boolean_options_take_the_same_forms_in_every_command() {
+    // `--bn` alone, `--bn true` and `--bn false`, whether the command is bench, summary or train.
+    let bench = |bn: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--attention",
+            "none",
+            "--head",
+            "cifar",
+            "--classes",
+            "10",
+        ];
+        args.extend_from_slice(bn);
+        args.extend([
+            "--size",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--no-breakdown",
+        ]);
+        let out = la_cli(&args);
+        assert!(out.status.success(), "{bn:?}: {}", stderr(&out));
+        stdout(&out).lines().next().unwrap_or("").to_string()
+    };
+    assert!(bench(&["--bn"]).starts_with("model=vgg16_bn "));
+    assert!(bench(&["--bn", "true"]).starts_with("model=vgg16_bn "));
+    assert!(bench(&["--bn", "false"]).starts_with("model=vgg16 "));
+    let summary = la_cli(&["summary", "--bn", "--attention", "none", "--size", "32"]);
+    assert!(
+        stdout(&summary).starts_with("vgg16_bn "),
+        "{}",
+        stdout(&summary)
+    );
+    // train parses both forms too (stopped here by the learning rate, before any training).
+    for bn in [&["--bn"][..], &["--bn", "false"][..]] {
+        let mut args = vec!["train"];
+        args.extend_from_slice(bn);
+        args.extend(["--nesterov", "--lr", "0"]);
+        let out = la_cli(&args);
+        assert!(
+            stderr(&out).contains("--lr 0 must be a positive number"),
+            "{bn:?}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -58,7 +58,7 @@ pub struct ModelOptions {
     #[arg(long, default_value_t = AttentionInit::Identity, value_name = "INIT")]
     pub attention_init: AttentionInit,
     /// The same as `--attention-init identity`, the default (kept for existing scripts).
-    #[arg(long, hide = true, conflicts_with = "attention_init")]
+    #[arg(long, hide = true, conflicts_with = "attention_init", action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub zero_init_attention: bool,
     /// Replace the last layer (`head.logits`) by a fresh one with N outputs; the hidden
     /// layers (fc1, fc2) are kept.
@@ -70,7 +70,7 @@ pub struct ModelOptions {
     pub head: HeadChoice,
     /// For 32x32 inputs (last feature map 1x1): sum fc1's weights over the 7x7 pool positions,
     /// an exact rewrite to a pool-1 head with a [4096, 512] fc1.
-    #[arg(long)]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub collapse_fc1: bool,
     /// Seed of the freshly initialised tensors.
     #[arg(long, default_value_t = 0)]

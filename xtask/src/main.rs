@@ -54,7 +54,7 @@ struct FetchArgs {
     #[arg(long, value_enum, default_value_t = Arch::Vgg16)]
     arch: Arch,
     /// The BatchNorm variant (vggNN_bn).
-    #[arg(long)]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     bn: bool,
     /// Another repository with a timm-layout model.safetensors [default: timm/<arch>[_bn].tv_in1k].
     #[arg(long, value_name = "ORG/NAME")]

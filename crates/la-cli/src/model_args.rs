@@ -64,7 +64,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "vgg16")]
     pub arch: Arch,
     /// BatchNorm after every conv.
-    #[arg(long)]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub bn: bool,
     /// Attention module after the last conv of every block.
     #[arg(long, value_enum, default_value = "softmax")]

@@ -56,7 +56,7 @@ pub struct Options {
     #[arg(long)]
     pub val_dir: Option<PathBuf>,
     /// ImageFolder: skip (and count) undecodable images instead of stopping at the first.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad: Option<bool>,
     /// Fraction held out for validation when the data set has no test split [default: 0.2].
     #[arg(long)]
@@ -65,7 +65,7 @@ pub struct Options {
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
     /// BatchNorm after every conv [default: on for the default run, off with --weights].
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bn: Option<bool>,
     /// [default: softmax]
     #[arg(long, value_enum)]
@@ -76,7 +76,7 @@ pub struct Options {
     #[arg(long, value_name = "INIT")]
     pub attention_init: Option<AttentionInit>,
     /// The older spelling: `true` is `--attention-init identity`, `false` is `kaiming`.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub zero_init_attention: Option<bool>,
     /// [default: cifar]
     #[arg(long, value_enum)]
@@ -108,7 +108,7 @@ pub struct Options {
     /// SGD momentum [default: 0.9].
     #[arg(long)]
     pub momentum: Option<f64>,
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub nesterov: Option<bool>,
     /// [default: 5e-4 for SGD, 0.01 for AdamW]
     #[arg(long)]
@@ -143,7 +143,7 @@ pub struct Options {
     #[arg(long)]
     pub pretrained_lr_scale: Option<f64>,
     /// Train only the attention modules and the head.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
     /// cpu, cuda, cuda:N or auto [default: cpu].
     #[arg(long)]
