@@ -586,21 +586,30 @@ fn selftest_compares_the_generic_form_with_the_fast_kernels() {
     assert!(stderr(&bad).contains("--device gpu7"), "{}", stderr(&bad));
 }
 
+/// A benchmark small enough for a test: plain VGG16 on two 32x32 images, one step.
+const TINY_BENCH: [&str; 16] = [
+    "bench",
+    "--attention",
+    "none",
+    "--head",
+    "cifar",
+    "--classes",
+    "10",
+    "--size",
+    "32",
+    "--batch",
+    "2",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--no-breakdown",
+];
+
 #[test]
 fn an_unknown_kernel_form_is_an_error_not_a_guess() {
     let out = Command::new(env!("CARGO_BIN_EXE_la-cli"))
-        .args([
-            "bench",
-            "--attention",
-            "none",
-            "--head",
-            "cifar",
-            "--classes",
-            "10",
-        ])
-        .args([
-            "--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
-        ])
+        .args(TINY_BENCH)
         .env("LA_KERNELS", "gpu")
         .output()
         .expect("la-cli runs");
@@ -614,27 +623,8 @@ fn an_unknown_kernel_form_is_an_error_not_a_guess() {
 fn boolean_options_take_the_same_forms_in_every_command() {
     // `--bn` alone, `--bn true` and `--bn false`, whether the command is bench, summary or train.
     let bench = |bn: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "--attention",
-            "none",
-            "--head",
-            "cifar",
-            "--classes",
-            "10",
-        ];
+        let mut args = TINY_BENCH.to_vec();
         args.extend_from_slice(bn);
-        args.extend([
-            "--size",
-            "32",
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--no-breakdown",
-        ]);
         let out = la_cli(&args);
         assert!(out.status.success(), "{bn:?}: {}", stderr(&out));
         stdout(&out).lines().next().unwrap_or("").to_string()

@@ -123,8 +123,8 @@ pub fn compare_training_step(
             )));
         };
         let error = relative_error(ours, reference)?;
-        if error > grad_error || worst_grad.is_empty() {
-            (grad_error, worst_grad) = (error.max(grad_error), name.clone());
+        if worst_grad.is_empty() || error > grad_error {
+            (grad_error, worst_grad) = (error, name.clone());
         }
     }
     if generic.grads.len() != fast.grads.len() {

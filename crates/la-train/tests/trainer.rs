@@ -120,16 +120,7 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     let (a, b) = (weights(&straight), weights(&interrupted));
     assert_eq!(a.len(), b.len());
     for (name, ta) in &a {
-        let diff = (ta - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = la_testing::max_abs_diff(ta, &b[name]);
         assert_eq!(diff, 0.0, "{name} differs after resume");
     }
     // Training moved the weights (the comparison above is not between two untouched models).

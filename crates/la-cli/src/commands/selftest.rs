@@ -54,10 +54,10 @@ impl Tally {
 
 pub fn run(args: Args) -> Result<()> {
     set_threads(args.threads)?;
-    let device = parse_device(&args.device)?;
-    if matches!(args.device.as_str(), "auto") {
+    if args.device == "auto" {
         bail!("--device auto: name the device to check (cpu, cuda or cuda:N)");
     }
+    let device = parse_device(&args.device)?;
     println!(
         "selftest: the generic form on {} against the fast kernels on the CPU ({} threads)",
         describe(&device),

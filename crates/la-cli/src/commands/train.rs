@@ -181,53 +181,64 @@ pub struct Args {
     resume: Option<PathBuf>,
 }
 
+/// Where a numeric option's value must lie.
+#[derive(Clone, Copy)]
+enum Range {
+    Positive,
+    NonNegative,
+    /// [0, 1)
+    Unit,
+    /// (0, 1)
+    OpenUnit,
+}
+
+impl Range {
+    fn contains(self, v: f64) -> bool {
+        match self {
+            Range::Positive => v > 0.0,
+            Range::NonNegative => v >= 0.0,
+            Range::Unit => (0.0..1.0).contains(&v),
+            Range::OpenUnit => v > 0.0 && v < 1.0,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Range::Positive => "a positive number",
+            Range::NonNegative => "a number >= 0",
+            Range::Unit => "in [0, 1)",
+            Range::OpenUnit => "in (0, 1)",
+        }
+    }
+}
+
 impl Options {
     /// Refuses a number that cannot be used, naming its option (`where_` says where it was
     /// given). Checked before the layering, whose JSON round trip would turn a NaN into
     /// "unset" and so into the default.
     fn check_numbers(&self, where_: &str) -> Result<()> {
-        type Rule = (&'static str, fn(f64) -> bool, &'static str);
-        const POSITIVE: (fn(f64) -> bool, &str) = (|v| v > 0.0, "a positive number");
-        const NON_NEGATIVE: (fn(f64) -> bool, &str) = (|v| v >= 0.0, "a number >= 0");
-        const UNIT: (fn(f64) -> bool, &str) = (|v| (0.0..1.0).contains(&v), "in [0, 1)");
-        const OPEN_UNIT: (fn(f64) -> bool, &str) = (|v| v > 0.0 && v < 1.0, "in (0, 1)");
-        let checks: [(Option<f64>, Rule); 12] = [
-            (self.lr, ("lr", POSITIVE.0, POSITIVE.1)),
-            (self.momentum, ("momentum", UNIT.0, UNIT.1)),
-            (
-                self.weight_decay,
-                ("weight-decay", NON_NEGATIVE.0, NON_NEGATIVE.1),
-            ),
-            (self.gamma, ("gamma", POSITIVE.0, POSITIVE.1)),
-            (
-                self.warmup_epochs,
-                ("warmup-epochs", NON_NEGATIVE.0, NON_NEGATIVE.1),
-            ),
-            (self.mixup.map(f64::from), ("mixup", POSITIVE.0, POSITIVE.1)),
-            (
-                self.cutmix.map(f64::from),
-                ("cutmix", POSITIVE.0, POSITIVE.1),
-            ),
-            (self.label_smoothing, ("label-smoothing", UNIT.0, UNIT.1)),
-            (self.grad_clip, ("grad-clip", POSITIVE.0, POSITIVE.1)),
-            (
-                self.pretrained_lr_scale,
-                ("pretrained-lr-scale", NON_NEGATIVE.0, NON_NEGATIVE.1),
-            ),
-            (self.width, ("width", POSITIVE.0, POSITIVE.1)),
-            (
-                self.val_fraction,
-                ("val-fraction", OPEN_UNIT.0, OPEN_UNIT.1),
-            ),
+        use Range::*;
+        let checks = [
+            ("lr", self.lr, Positive),
+            ("momentum", self.momentum, Unit),
+            ("weight-decay", self.weight_decay, NonNegative),
+            ("gamma", self.gamma, Positive),
+            ("warmup-epochs", self.warmup_epochs, NonNegative),
+            ("mixup", self.mixup.map(f64::from), Positive),
+            ("cutmix", self.cutmix.map(f64::from), Positive),
+            ("label-smoothing", self.label_smoothing, Unit),
+            ("grad-clip", self.grad_clip, Positive),
+            ("pretrained-lr-scale", self.pretrained_lr_scale, NonNegative),
+            ("width", self.width, Positive),
+            ("val-fraction", self.val_fraction, OpenUnit),
         ];
-        for (value, (name, ok, expected)) in checks {
-            if let Some(v) = value {
-                if !v.is_finite() {
-                    bail!("--{name} {v}{where_} must be a finite number");
-                }
-                if !ok(v) {
-                    bail!("--{name} {v}{where_} must be {expected}");
-                }
+        for (name, value, range) in checks {
+            let Some(v) = value else { continue };
+            if !v.is_finite() {
+                bail!("--{name} {v}{where_} must be a finite number");
+            }
+            if !range.contains(v) {
+                bail!("--{name} {v}{where_} must be {}", range.describe());
             }
         }
         Ok(())
