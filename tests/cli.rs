@@ -387,13 +387,13 @@ fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
     let trained =
         la_vgg::load_weights(&dir.join("ft/best.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(
-        trained.config.blocks[0],
+        trained.metadata.config.blocks[0],
         vec![8, 8],
         "the file's widths, not the default --width"
     );
     assert_eq!(
-        trained.normalization,
-        Some(la_vgg::Normalization::IMAGENET),
+        trained.metadata.normalization,
+        Some(la_vgg::Normalize::IMAGENET),
         "pretrained weights keep their normalisation"
     );
 
@@ -454,8 +454,11 @@ fn training_starts_from_a_pytorch_weights_file_without_architecture_flags() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    assert_eq!(trained.config.num_classes, 3);
-    assert_eq!(trained.metadata["classes"], r#"["cat","dog","fox"]"#);
+    assert_eq!(trained.metadata.config.num_classes, 3);
+    assert_eq!(
+        trained.metadata.classes.as_deref(),
+        Some(&["cat".to_string(), "dog".into(), "fox".into()][..])
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

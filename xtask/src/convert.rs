@@ -12,7 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use la_attention::{AttentionConfig, AttentionInit, AttentionKind};
-use la_vgg::{HeadConfig, Normalization, VggConfig};
+use la_vgg::{HeadConfig, ModelMetadata, Normalize, VggConfig};
 
 /// `--attention`: a kind, or `none`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +126,7 @@ pub fn read_source(path: &Path) -> Result<Source> {
         let w = la_vgg::load_weights(path, &Device::Cpu)?;
         return Ok(Source {
             layout: "la-vgg",
-            config: w.config,
+            config: w.metadata.config,
             tensors: w.tensors,
             sha256,
         });
@@ -177,8 +177,8 @@ pub fn prepare(
         notes.push(format!(
             "fc1 collapsed to a pool-1 head (exact for inputs whose last map is 1x1, e.g. 32x32): head.{} is {:?}",
             if config.head.hidden.is_empty() { "logits" } else { "fc1" },
-            la_vgg::io::expected_shapes(&config)
-                [if config.head.hidden.is_empty() { "head.logits.weight" } else { "head.fc1.weight" }]
+            config.layers().iter().find(|l| l.name == if config.head.hidden.is_empty() { "head.logits" } else { "head.fc1" })
+                .map(|l| l.tensors()[0].1.clone()).unwrap_or_default()
         ));
     }
     if opts.head == HeadChoice::Cifar {
@@ -194,10 +194,13 @@ pub fn prepare(
     let (config, tensors, adapted) =
         la_vgg::import::adapt(config, tensors, wanted, opts.classes.map(|n| n as usize))?;
     notes.extend(adapted);
-    let fresh: Vec<String> = la_vgg::io::expected_shapes(&config)
-        .into_keys()
+    let mut fresh: Vec<String> = config
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, _)| name)
         .filter(|name| !tensors.contains_key(name))
         .collect();
+    fresh.sort();
     let (_model, varmap) =
         la_vgg::trainable(config.clone(), tensors, opts.seed, DType::F32, &Device::Cpu)?;
     let tensors: HashMap<String, Tensor> = varmap
@@ -217,7 +220,7 @@ pub fn prepare(
             bail!("tensor `{name}` was initialised with non-finite values");
         }
     }
-    la_vgg::io::check_tensors(&config, &tensors)?;
+    config.check_tensors(&tensors)?;
     Ok(Prepared {
         config,
         tensors,
@@ -303,24 +306,23 @@ pub fn convert_and_write(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
-    let mut extra = HashMap::new();
-    extra.insert("source".to_string(), source_info.to_string());
-    extra.insert("source_sha256".to_string(), sha256);
-    extra.insert("seed".to_string(), opts.seed.to_string());
-    extra.insert(
-        "fresh".to_string(),
-        serde_json::to_string(&prepared.fresh).unwrap_or_default(),
-    );
-    if opts.collapse_fc1 {
-        extra.insert("input_size".to_string(), "32".to_string());
-    }
-    la_vgg::save_weights(
-        &path,
-        &prepared.config,
-        &prepared.tensors,
-        Some(Normalization::IMAGENET),
-        &extra,
-    )?;
+    // Provenance of the conversion, beside the typed fields.
+    let other = HashMap::from([
+        ("source_sha256".to_string(), sha256),
+        ("seed".to_string(), opts.seed.to_string()),
+        (
+            "fresh".to_string(),
+            serde_json::to_string(&prepared.fresh).unwrap_or_default(),
+        ),
+    ]);
+    let metadata = ModelMetadata {
+        normalization: Some(Normalize::IMAGENET),
+        source: Some(source_info.to_string()),
+        input_size: opts.collapse_fc1.then_some(32),
+        other,
+        ..ModelMetadata::new(prepared.config.clone())
+    };
+    la_vgg::save_weights(&path, &metadata, &prepared.tensors)?;
     let fresh = modules(&prepared.fresh);
     if fresh.is_empty() {
         println!("  every tensor comes from the source");
@@ -331,12 +333,9 @@ pub fn convert_and_write(
             fresh.join(", ")
         );
     }
-    let attention = match (
-        &prepared.config.attention,
-        prepared.config.attention_blocks.len(),
-    ) {
-        (Some(a), n) if n > 0 => format!("{} attention in {n} blocks", a.kind),
-        _ => "no attention".to_string(),
+    let attention = match &prepared.config.attention {
+        Some(a) => format!("{} attention in {} blocks", a.config.kind, a.blocks.len()),
+        None => "no attention".to_string(),
     };
     println!(
         "wrote {}: {}, {attention}, head {}, {} classes",

@@ -56,13 +56,20 @@ fn the_golden_torchvision_file_converts_with_fresh_softmax_attention() {
         "{text}"
     );
     let w = load(&out);
-    assert_eq!(w.config.attention.unwrap().kind, AttentionKind::Softmax);
-    assert_eq!(w.config.attention_blocks, vec![0, 1, 2, 3, 4]);
-    assert_eq!(w.config.num_classes, 10);
-    let src: serde_json::Value = serde_json::from_str(&w.metadata["source"]).unwrap();
+    assert_eq!(
+        w.metadata.config.attention_config().unwrap().kind,
+        AttentionKind::Softmax
+    );
+    assert_eq!(
+        w.metadata.config.attention.as_ref().unwrap().blocks,
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(w.metadata.config.num_classes, 10);
+    let src: serde_json::Value =
+        serde_json::from_str(w.metadata.source.as_deref().unwrap()).unwrap();
     assert_eq!(src["layout"], "torchvision");
     let bytes = std::fs::read(fixture("vgg16_tiny.safetensors")).unwrap();
-    assert_eq!(w.metadata["source_sha256"], sha256_hex(&bytes));
+    assert_eq!(w.metadata.other["source_sha256"], sha256_hex(&bytes));
     // Fresh attention is Kaiming-normal (fan in), not zero; the convs are the file's.
     let q = &w.tensors["blocks.2.attention.query.weight"];
     let std = q
@@ -135,8 +142,14 @@ fn attention_inserted_by_default_keeps_the_pretrained_predictions() {
             stdout(&o)
         );
         let w = load(&out);
-        assert_eq!(w.config.attention.unwrap().kind, AttentionKind::Softmax);
-        assert_eq!(w.config.attention_blocks, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            w.metadata.config.attention_config().unwrap().kind,
+            AttentionKind::Softmax
+        );
+        assert_eq!(
+            w.metadata.config.attention.as_ref().unwrap().blocks,
+            vec![0, 1, 2, 3, 4]
+        );
         let d = max_abs_diff(&probabilities(&logits(&w, &io["input"])), &expected);
         assert!(d < 1e-5, "{layout}: probabilities differ by {d}");
 
@@ -173,8 +186,8 @@ fn without_attention_the_golden_torchvision_file_gives_pytorchs_logits() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let w = load(&out);
-    assert!(w.config.attention_blocks.is_empty());
-    let fresh: Vec<String> = serde_json::from_str(&w.metadata["fresh"]).unwrap();
+    assert!(w.metadata.config.attention.is_none());
+    let fresh: Vec<String> = serde_json::from_str(&w.metadata.other["fresh"]).unwrap();
     assert!(fresh.is_empty());
     let io = golden_io("vgg16_tiny_io.safetensors");
     let d = max_abs_diff(&logits(&w, &io["input"]), &io["logits"]);
@@ -211,7 +224,10 @@ fn the_golden_seed_file_keeps_its_attention_and_gives_pytorchs_logits() {
         stdout(&o)
     );
     let w2 = load(&out2);
-    assert_eq!(w2.config.attention.unwrap().kind, AttentionKind::Efficient);
+    assert_eq!(
+        w2.metadata.config.attention_config().unwrap().kind,
+        AttentionKind::Efficient
+    );
     assert!(
         max_abs_diff(
             &w2.tensors["blocks.0.attention.value.weight"],
@@ -271,9 +287,9 @@ fn the_three_layouts_convert_to_the_same_model() {
         outs.push(load(&out));
     }
     let (a, b, c) = (&outs[0], &outs[1], &outs[2]);
-    assert_eq!(a.config, b.config);
-    assert_eq!(a.config, c.config);
-    assert_eq!(a.config.head.hidden, vec![64, 64]);
+    assert_eq!(a.metadata.config, b.metadata.config);
+    assert_eq!(a.metadata.config, c.metadata.config);
+    assert_eq!(a.metadata.config.head.hidden, vec![64, 64]);
     for (name, t) in &a.tensors {
         assert_eq!(
             max_abs_diff(t, &b.tensors[name]),
@@ -320,7 +336,7 @@ fn classes_head_and_zero_init_options() {
         0.0,
         "fc2 kept"
     );
-    let fresh: Vec<String> = serde_json::from_str(&w.metadata["fresh"]).unwrap();
+    let fresh: Vec<String> = serde_json::from_str(&w.metadata.other["fresh"]).unwrap();
     assert!(fresh.contains(&"head.logits.weight".to_string()));
     assert!(!fresh.iter().any(|n| n.starts_with("head.fc")));
     let sum = |t: &Tensor| {
@@ -359,11 +375,14 @@ fn classes_head_and_zero_init_options() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let w = load(&out);
-    assert_eq!(w.config.head, la_vgg::HeadConfig::cifar(None));
-    assert_eq!(w.config.num_classes, 10);
+    assert_eq!(w.metadata.config.head, la_vgg::HeadConfig::cifar(None));
+    assert_eq!(w.metadata.config.num_classes, 10);
     assert_eq!(w.tensors["head.logits.weight"].dims(), &[10, 64]);
     assert!(!w.tensors.contains_key("head.fc1.weight"));
-    assert_eq!(w.config.attention.unwrap().kind, AttentionKind::ReluLinear);
+    assert_eq!(
+        w.metadata.config.attention_config().unwrap().kind,
+        AttentionKind::ReluLinear
+    );
 
     let o = convert(&timm, &out, &["--attention", "quadratic"]);
     assert_eq!(o.status.code(), Some(2), "a usage error");
@@ -454,13 +473,11 @@ fn collapse_fc1_is_exact_for_32x32_inputs() {
         .sum(2)
         .unwrap();
     assert_eq!(max_abs_diff(&ctensors["head.fc1.weight"], &manual), 0.0);
-    la_vgg::io::check_tensors(&collapsed, &ctensors).unwrap();
+    collapsed.check_tensors(&ctensors).unwrap();
 
     let file = |config: VggConfig, tensors| WeightsFile {
-        config,
+        metadata: la_vgg::ModelMetadata::new(config),
         tensors,
-        normalization: None,
-        metadata: HashMap::new(),
     };
     let before = file(config.clone(), tensors.clone());
     let after = file(collapsed, ctensors);
@@ -551,9 +568,9 @@ fn the_collapsed_golden_file_gives_pytorchs_logits_at_32x32() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let w = load(&out);
-    assert_eq!(w.config.head.pool, 1);
+    assert_eq!(w.metadata.config.head.pool, 1);
     assert_eq!(w.tensors["head.fc1.weight"].dims(), &[64, 64]);
-    assert_eq!(w.metadata["input_size"], "32");
+    assert_eq!(w.metadata.input_size, Some(32));
     let io = golden_io("vgg16_tiny_io.safetensors");
     let d = max_abs_diff(&logits(&w, &io["input"]), &io["logits"]);
     assert!(d < 1e-4, "{d}");

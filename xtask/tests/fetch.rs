@@ -92,17 +92,21 @@ fn downloads_converts_and_then_reuses_the_cache_with_the_server_stopped() {
 
     // The weights file: ours, complete, with its provenance, loadable as la-cli loads it.
     let w = la_vgg::load_weights(&out, &Device::Cpu).unwrap();
-    assert_eq!(w.config.arch_name(), "vgg16");
-    assert_eq!(w.config.num_classes, 1000);
-    assert_eq!(w.config.attention_blocks, vec![0, 1, 2, 3, 4]);
-    assert_eq!(w.normalization, Some(la_vgg::Normalization::IMAGENET));
-    assert_eq!(w.metadata["source_sha256"], served.sha256);
-    let src: serde_json::Value = serde_json::from_str(&w.metadata["source"]).unwrap();
+    assert_eq!(w.metadata.config.arch_name(), "vgg16");
+    assert_eq!(w.metadata.config.num_classes, 1000);
+    assert_eq!(
+        w.metadata.config.attention.as_ref().unwrap().blocks,
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(w.metadata.normalization, Some(la_vgg::Normalize::IMAGENET));
+    assert_eq!(w.metadata.other["source_sha256"], served.sha256);
+    let src: serde_json::Value =
+        serde_json::from_str(w.metadata.source.as_deref().unwrap()).unwrap();
     assert_eq!(src["repo"], REPO);
     assert_eq!(src["revision"], "main");
     assert_eq!(src["commit"], served.commit.as_str());
     assert_eq!(src["layout"], "timm");
-    let fresh: Vec<String> = serde_json::from_str(&w.metadata["fresh"]).unwrap();
+    let fresh: Vec<String> = serde_json::from_str(&w.metadata.other["fresh"]).unwrap();
     assert_eq!(fresh.len(), 5 * 8, "{fresh:?}");
     assert!(fresh.iter().all(|n| n.contains(".attention.")), "{fresh:?}");
     assert_eq!(
@@ -274,10 +278,10 @@ fn direct_answers_bn_arch_and_options() {
         "no token, no header"
     );
     let w = la_vgg::load_weights(&out, &Device::Cpu).unwrap();
-    assert_eq!(w.config.arch_name(), "vgg11_bn");
-    assert_eq!(w.config.num_classes, 10);
-    assert_eq!(w.metadata["seed"], "5");
-    let a = w.config.attention.unwrap();
+    assert_eq!(w.metadata.config.arch_name(), "vgg11_bn");
+    assert_eq!(w.metadata.config.num_classes, 10);
+    assert_eq!(w.metadata.other["seed"], "5");
+    let a = w.metadata.config.attention_config().unwrap();
     assert_eq!(a.kind, la_attention::AttentionKind::Linear);
     assert!(a.zero_init_out);
     let out_w = &w.tensors["blocks.3.attention.out.weight"];
@@ -444,7 +448,7 @@ fn a_truncated_download_fails_cleanly_then_resumes() {
         .any(|r| r.headers.get("range") == Some(&format!("bytes={half}-")));
     assert!(resumed, "{:?}", server.requests());
     let w = la_vgg::load_weights(&out, &Device::Cpu).unwrap();
-    assert_eq!(w.metadata["source_sha256"], served.sha256);
+    assert_eq!(w.metadata.other["source_sha256"], served.sha256);
 }
 
 #[test]
@@ -522,7 +526,8 @@ fn hf_hub_cache_token_path_and_commit_revisions_are_honoured() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("using the cached"), "{}", stderr(&o));
     let w = la_vgg::load_weights(&out, &Device::Cpu).unwrap();
-    let src: serde_json::Value = serde_json::from_str(&w.metadata["source"]).unwrap();
+    let src: serde_json::Value =
+        serde_json::from_str(w.metadata.source.as_deref().unwrap()).unwrap();
     assert_eq!(src["revision"], served.commit.as_str());
     assert_eq!(src["commit"], served.commit.as_str());
 }

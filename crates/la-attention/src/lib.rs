@@ -163,22 +163,43 @@ impl AttentionConfig {
     pub fn key_channels(&self, channels: usize) -> usize {
         (channels / self.reduction).max(1)
     }
+
+    /// The module's four projections on a map of `channels` channels: (name, output width);
+    /// each reads `channels` inputs and has a weight [width, channels] and a bias [width].
+    pub fn projections(&self, channels: usize) -> [(&'static str, usize); 4] {
+        let d = self.key_channels(channels);
+        [
+            ("query", d),
+            ("key", d),
+            ("value", channels),
+            ("out", channels),
+        ]
+    }
 }
 
 /// Multiply-accumulates of one module on a map of `n` tokens of `c` channels with `d`-channel
 /// queries and keys: the four projections plus the token mixing of the chosen kind.
 pub fn macs(kind: AttentionKind, n: usize, c: usize, d: usize) -> u64 {
+    let quadratic = quadratic_macs(kind, n, c, d);
     let (n, c, d) = (n as u64, c as u64, d as u64);
     let projections = n * c * (2 * d + 2 * c);
     let mixing = match kind {
-        // Q K^T and A V: the N^2 terms.
-        AttentionKind::Softmax => n * n * (d + c),
+        AttentionKind::Softmax => quadratic,
         // phi(K)^T V, phi(Q) context and the normaliser phi(Q) . sum phi(K).
         AttentionKind::Linear | AttentionKind::ReluLinear => 2 * n * d * c + n * d,
         // softmax(K)^T V and softmax(Q) context.
         AttentionKind::Efficient => 2 * n * d * c,
     };
     projections + mixing
+}
+
+/// The part of [`macs`] that grows as N^2: Q K^T and A V of softmax attention, none for the
+/// linear kinds.
+pub fn quadratic_macs(kind: AttentionKind, n: usize, c: usize, d: usize) -> u64 {
+    match kind {
+        AttentionKind::Softmax => (n as u64).pow(2) * (d + c) as u64,
+        AttentionKind::Linear | AttentionKind::ReluLinear | AttentionKind::Efficient => 0,
+    }
 }
 
 /// One attention module over a [b, c, h, w] map, residual included:
@@ -219,18 +240,19 @@ impl SpatialAttention {
         } else {
             kaiming
         };
-        let linear = |out_dim: usize, name: &str, init: Init| -> Result<Linear> {
+        let [query, key, value, out] = config.projections(channels).map(|(name, out_dim)| {
+            let init = if name == "out" { out_init } else { kaiming };
             let vb = vb.pp(name);
             let weight = vb.get_with_hints((out_dim, channels), "weight", init)?;
             let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-            Ok(Linear::new(weight, Some(bias)))
-        };
+            Ok::<_, Error>(Linear::new(weight, Some(bias)))
+        });
         Ok(Self {
             kind: config.kind,
-            query: linear(d, "query", kaiming)?,
-            key: linear(d, "key", kaiming)?,
-            value: linear(channels, "value", kaiming)?,
-            out: linear(channels, "out", out_init)?,
+            query: query?,
+            key: key?,
+            value: value?,
+            out: out?,
             scale: (d as f64).powf(-0.5),
         })
     }

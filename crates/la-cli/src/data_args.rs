@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use la_data::{Dataset, Normalize, Pipeline, Preset, Split};
-use la_vgg::Normalization;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -43,12 +42,8 @@ impl DataKind {
     }
 
     /// The statistics a model trained from scratch on this data normalises with.
-    pub fn normalization(self) -> Normalization {
-        let n = self.preset().normalization();
-        Normalization {
-            mean: n.mean,
-            std: n.std,
-        }
+    pub fn normalization(self) -> Normalize {
+        self.preset().normalization()
     }
 
     /// The data set's standard augmentation at `size`, normalised with `norm`.

@@ -61,6 +61,6 @@ pub fn overlay(
         image::ImageFormat::Png,
     )
     .with_context(|| format!("{}: cannot encode PNG", out.display()))?;
-    la_vgg::io::write_atomically(out, &bytes)?;
+    la_core::write_atomically(out, &bytes)?;
     Ok(())
 }

@@ -6,11 +6,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use la_data::{Image, Normalize, Pipeline};
-use la_vgg::{Normalization, Vgg};
+use la_vgg::Vgg;
 
 pub struct LoadedModel {
     pub model: Vgg,
-    pub normalization: Normalization,
+    pub normalization: Normalize,
     pub input_size: usize,
     pub classes: Vec<String>,
     pub device: Device,
@@ -22,49 +22,19 @@ pub fn load_model(path: &Path, size: Option<usize>, device: &Device) -> Result<L
     let weights = la_vgg::load_weights(path, &Device::Cpu)?;
     let model = Vgg::from_weights(&weights, DType::F32, device)
         .with_context(|| format!("{}: cannot build the model", path.display()))?;
-    let input_size = match (size, weights.metadata.get("input_size")) {
-        (Some(s), _) => s,
-        (None, Some(s)) => s.parse().with_context(|| {
-            format!(
-                "{}: metadata input_size {s:?} is not a number",
-                path.display()
-            )
-        })?,
-        (None, None) => 224,
-    };
-    let classes = match weights.metadata.get("classes") {
-        Some(json) => serde_json::from_str::<Vec<String>>(json)
-            .with_context(|| format!("{}: metadata `classes` is malformed", path.display()))?,
-        None => (0..weights.config.num_classes)
-            .map(|i| i.to_string())
-            .collect(),
-    };
-    if classes.len() != weights.config.num_classes {
-        anyhow::bail!(
-            "{}: {} class names for {} outputs",
-            path.display(),
-            classes.len(),
-            weights.config.num_classes
-        );
-    }
+    let metadata = &weights.metadata;
     Ok(LoadedModel {
         model,
-        normalization: weights.normalization.unwrap_or(Normalization::IMAGENET),
-        input_size,
-        classes,
+        normalization: metadata.normalization.unwrap_or(Normalize::IMAGENET),
+        input_size: size.or(metadata.input_size).unwrap_or(224),
+        classes: metadata.class_names(),
         device: device.clone(),
     })
 }
 
 impl LoadedModel {
     fn pipeline(&self) -> Pipeline {
-        Pipeline::eval(
-            self.input_size,
-            Normalize {
-                mean: self.normalization.mean,
-                std: self.normalization.std,
-            },
-        )
+        Pipeline::eval(self.input_size, self.normalization)
     }
 
     /// Decodes an image file and prepares it: Resize + CenterCrop to the input size (an image
@@ -77,7 +47,7 @@ impl LoadedModel {
         let mut rng = la_data::rng::sample_rng(0, 0, 0);
         let seen = pipeline.augment(image, &mut rng)?;
         let (chw, h, w) = (
-            pipeline.normalization().to_chw(&seen),
+            seen.to_chw(&pipeline.normalization()),
             seen.height,
             seen.width,
         );

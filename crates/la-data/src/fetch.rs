@@ -130,7 +130,6 @@ fn hex(bytes: &[u8]) -> String {
 /// Streams `url` to `dest` through a temporary file in the same folder, renamed only
 /// once the MD5 matches.
 pub fn download(url: &str, dest: &Path, md5: &str, progress: bool) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
     let fail = |reason: String| Error::Download {
         url: url.to_string(),
         reason,
@@ -159,17 +158,13 @@ pub fn download(url: &str, dest: &Path, md5: &str, progress: bool) -> Result<()>
         ProgressBar::hidden()
     };
 
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".download-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut tmp = la_core::AtomicFile::create(dest)?;
     let mut hasher = Md5::new();
     let mut reader = response.body_mut().as_reader();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     {
-        let mut out = BufWriter::new(tmp.as_file_mut());
+        let mut out = BufWriter::new(&mut tmp);
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -199,8 +194,7 @@ pub fn download(url: &str, dest: &Path, md5: &str, progress: bool) -> Result<()>
             actual,
         });
     }
-    tmp.as_file().sync_all().map_err(|e| Error::io(dest, e))?;
-    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    tmp.commit()?;
     Ok(())
 }
 

@@ -33,10 +33,11 @@ pub use digits::{digits, DigitsDataset};
 pub use folder::{image_folder, ImageFolderDataset, ImageFolderOptions};
 pub use idx::{fashion_mnist, idx, mnist, IdxDataset};
 pub use info::{info, DataInfo, ImageSizes};
+pub use la_core::Normalize;
 pub use loader::{bench_pipeline, Batch, Loader, LoaderConfig, Targets};
 pub use pipeline::{Mix, Pipeline, Preset};
 pub use sample::{Image, Sample};
-pub use transforms::{Normalize, Transform};
+pub use transforms::Transform;
 
 /// Errors of this crate; each names the file (or sample, or URL) at fault and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,11 @@ pub enum Error {
     /// A loader worker thread that panicked (a bug in a dataset or transform).
     #[error("loader worker failed: {0}")]
     Worker(String),
+    /// A file that could not be written (the old one, if any, is intact).
+    #[error(transparent)]
+    Write(#[from] la_core::fs::WriteError),
+    #[error("invalid configuration: {0}")]
+    Normalize(#[from] la_core::normalize::InvalidNormalize),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

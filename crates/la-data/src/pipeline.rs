@@ -395,6 +395,6 @@ impl Pipeline {
                 image.width
             )));
         }
-        Ok((self.normalize.to_chw(&image), image.height, image.width))
+        Ok((image.to_chw(&self.normalize), image.height, image.width))
     }
 }

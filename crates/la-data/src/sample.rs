@@ -1,5 +1,7 @@
 //! The in-memory image and sample types shared by readers, transforms and the loader.
 
+use crate::Normalize;
+
 /// An RGB image, `u8`, rows of pixels of 3 interleaved channels (HWC).
 ///
 /// Always 3 channels: grey sources are replicated so that every network sees the same
@@ -81,5 +83,30 @@ impl Image {
     pub fn pixel(&self, y: usize, x: usize) -> [u8; 3] {
         let o = (y * self.width + x) * 3;
         [self.data[o], self.data[o + 1], self.data[o + 2]]
+    }
+}
+
+impl Image {
+    /// Appends the image to `out` as CHW `f32`, normalised by `normalize` (the last
+    /// per-sample step).
+    pub fn extend_chw(&self, normalize: &Normalize, out: &mut Vec<f32>) {
+        let t = normalize.byte_table();
+        let plane = self.height * self.width;
+        let start = out.len();
+        out.resize(start + 3 * plane, 0.0);
+        let dst = &mut out[start..];
+        // `take` keeps a buffer longer than its dimensions from writing past the planes.
+        for (i, p) in self.data.chunks_exact(3).take(plane).enumerate() {
+            dst[i] = t[0][p[0] as usize];
+            dst[plane + i] = t[1][p[1] as usize];
+            dst[2 * plane + i] = t[2][p[2] as usize];
+        }
+    }
+
+    /// The image as CHW `f32`, normalised by `normalize`.
+    pub fn to_chw(&self, normalize: &Normalize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.data.len());
+        self.extend_chw(normalize, &mut out);
+        out
     }
 }

@@ -1,5 +1,6 @@
 //! Per-sample transforms on `u8` HWC RGB images, each drawing its random choices from
-//! the generator it is handed (see [`crate::rng`]), and the final [`Normalize`].
+//! the generator it is handed (see [`crate::rng`]). The final normalisation is
+//! [`Image::to_chw`].
 //!
 //! The geometry follows torchvision so that recipes carry over: RandomResizedCrop's
 //! scale/ratio sampling with 10 attempts and a centre fallback, RandomCrop's zero
@@ -473,88 +474,5 @@ impl Transform for CenterCrop {
         let top = ((image.height as f64 - th as f64) / 2.0).round() as isize;
         let left = ((image.width as f64 - tw as f64) / 2.0).round() as isize;
         Ok(crop_or_pad(&image, top, left, th, tw))
-    }
-}
-
-/// Per-channel `(x / 255 - mean) / std`, the last per-sample step, producing CHW `f32`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Normalize {
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl Normalize {
-    pub const IMAGENET: Normalize = Normalize {
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-    };
-    pub const CIFAR10: Normalize = Normalize {
-        mean: [0.4914, 0.4822, 0.4465],
-        std: [0.2470, 0.2435, 0.2616],
-    };
-    pub const CIFAR100: Normalize = Normalize {
-        mean: [0.5071, 0.4865, 0.4409],
-        std: [0.2673, 0.2564, 0.2762],
-    };
-    pub const FASHION_MNIST: Normalize = Normalize {
-        mean: [0.2860; 3],
-        std: [0.3530; 3],
-    };
-    /// Computed over the 1797 embedded images after scaling to 0..255 (population
-    /// statistics of all 1797 x 64 pixels in [0, 1]: mean 0.30531, std 0.37589).
-    pub const DIGITS: Normalize = Normalize {
-        mean: [0.3053; 3],
-        std: [0.3759; 3],
-    };
-    /// Only the scaling to [0, 1].
-    pub const UNIT: Normalize = Normalize {
-        mean: [0.0; 3],
-        std: [1.0; 3],
-    };
-
-    /// Fails on a standard deviation that is zero, negative or not finite.
-    pub fn validate(&self) -> Result<()> {
-        if self.std.iter().chain(&self.mean).any(|v| !v.is_finite())
-            || self.std.iter().any(|&s| s <= 0.0)
-        {
-            return Err(Error::Config(format!(
-                "normalisation mean {:?} std {:?}: values must be finite and std positive",
-                self.mean, self.std
-            )));
-        }
-        Ok(())
-    }
-
-    /// Per channel, the 256 normalised values a byte can map to.
-    fn table(&self) -> [[f32; 256]; 3] {
-        let mut t = [[0f32; 256]; 3];
-        for (c, row) in t.iter_mut().enumerate() {
-            for (v, out) in row.iter_mut().enumerate() {
-                *out = (v as f32 / 255.0 - self.mean[c]) / self.std[c];
-            }
-        }
-        t
-    }
-
-    /// Appends the image to `out` as normalised CHW `f32`.
-    pub fn extend_chw(&self, image: &Image, out: &mut Vec<f32>) {
-        let t = self.table();
-        let plane = image.height * image.width;
-        let start = out.len();
-        out.resize(start + 3 * plane, 0.0);
-        let dst = &mut out[start..];
-        // `take` keeps a buffer longer than its dimensions from writing past the planes.
-        for (i, p) in image.data.chunks_exact(3).take(plane).enumerate() {
-            dst[i] = t[0][p[0] as usize];
-            dst[plane + i] = t[1][p[1] as usize];
-            dst[2 * plane + i] = t[2][p[2] as usize];
-        }
-    }
-
-    /// The image as normalised CHW `f32`.
-    pub fn to_chw(&self, image: &Image) -> Vec<f32> {
-        let mut out = Vec::with_capacity(image.data.len());
-        self.extend_chw(image, &mut out);
-        out
     }
 }

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use la_vgg::{Normalization, VggConfig};
+use la_vgg::{ModelMetadata, Normalize, VggConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::trainer::{EpochRecord, TrainConfig};
+use crate::config::TrainConfig;
+use crate::record::EpochRecord;
 use crate::{Error, Result};
 
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -41,7 +42,7 @@ pub struct TrainState {
 pub struct RunInfo {
     pub model: VggConfig,
     pub train: TrainConfig,
-    pub normalization: Normalization,
+    pub normalization: Normalize,
     pub input_size: usize,
     pub classes: Vec<String>,
 }
@@ -59,14 +60,16 @@ fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::Checkpoint(e.to_string()))
 }
 
-/// Metadata that model files of a run carry besides la-vgg's own (`config`, `normalization`).
-pub fn model_metadata(info: &RunInfo, state: &TrainState) -> Result<HashMap<String, String>> {
-    let mut m = HashMap::new();
-    m.insert("classes".into(), json(&info.classes)?);
-    m.insert("input_size".into(), info.input_size.to_string());
-    m.insert("epoch".into(), state.epoch.to_string());
-    m.insert("source".into(), "la-train".into());
-    Ok(m)
+/// The description of the model files (`last`, `best`) of a run.
+pub fn model_metadata(info: &RunInfo, state: &TrainState) -> ModelMetadata {
+    ModelMetadata {
+        normalization: Some(info.normalization),
+        classes: Some(info.classes.clone()),
+        input_size: Some(info.input_size),
+        source: Some("la-train".into()),
+        epoch: Some(state.epoch),
+        ..ModelMetadata::new(info.model.clone())
+    }
 }
 
 /// Writes the resumable checkpoint atomically.
@@ -98,7 +101,7 @@ pub fn save_checkpoint(
     meta.insert("optimizer_steps".to_string(), optimizer.1.to_string());
     let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(|e| Error::Checkpoint(format!("{}: cannot serialise: {e}", path.display())))?;
-    la_vgg::io::write_atomically(&path, &bytes)?;
+    la_core::write_atomically(&path, &bytes)?;
     Ok(())
 }
 
@@ -144,7 +147,9 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
             return Err(bad(format!("unexpected tensor {name}")));
         }
     }
-    la_vgg::io::check_tensors(&info.model, &model).map_err(|e| bad(e.to_string()))?;
+    info.model
+        .check_tensors(&model)
+        .map_err(|e| bad(e.to_string()))?;
     Ok(Checkpoint {
         info,
         state,

@@ -4,22 +4,24 @@
 //! files and training curves.
 
 pub mod checkpoint;
+pub mod config;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod parity;
 pub mod plot;
+pub mod record;
 pub mod schedule;
 pub mod trainer;
 
 use std::path::PathBuf;
 
 pub use checkpoint::{RunInfo, TrainState};
+pub use config::TrainConfig;
 pub use optim::{Optimizer, OptimizerConfig};
+pub use record::EpochRecord;
 pub use schedule::{LrSchedule, Schedule};
-pub use trainer::{
-    evaluate, Control, EpochRecord, EvalReport, Observer, Silent, StepInfo, TrainConfig, Trainer,
-};
+pub use trainer::{evaluate, Control, EvalReport, Observer, Silent, StepInfo, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,6 +37,8 @@ pub enum Error {
     },
     #[error("{}: {reason}", path.display())]
     Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Write(#[from] la_core::fs::WriteError),
     #[error(transparent)]
     Model(#[from] la_vgg::Error),
     #[error(transparent)]

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::trainer::EpochRecord;
+use crate::record::EpochRecord;
 use crate::{Error, Result};
 
 fn io_error(path: &Path, e: std::io::Error) -> Error {
@@ -45,6 +45,6 @@ pub fn write_csv(dir: &Path, history: &[EpochRecord]) -> Result<()> {
             r.images_per_s
         ));
     }
-    la_vgg::io::write_atomically(&dir.join("epochs.csv"), text.as_bytes())?;
+    la_core::write_atomically(&dir.join("epochs.csv"), text.as_bytes())?;
     Ok(())
 }

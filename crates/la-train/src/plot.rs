@@ -7,7 +7,7 @@ use std::sync::Once;
 
 use plotters::prelude::*;
 
-use crate::trainer::EpochRecord;
+use crate::record::EpochRecord;
 use crate::{Error, Result};
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -32,7 +32,7 @@ fn save_png(path: &Path, buffer: Vec<u8>, width: u32, height: u32) -> Result<()>
     image::codecs::png::PngEncoder::new(&mut bytes)
         .write_image(&buffer, width, height, image::ExtendedColorType::Rgb8)
         .map_err(draw_error(path))?;
-    la_vgg::io::write_atomically(path, &bytes)?;
+    la_core::write_atomically(path, &bytes)?;
     Ok(())
 }
 

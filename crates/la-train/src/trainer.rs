@@ -10,73 +10,12 @@ use candle_nn::VarMap;
 use la_data::{Loader, Targets};
 use la_vgg::{Vgg, VggConfig};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, RunInfo, TrainState};
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
-use crate::optim::{param_groups, GroupRules, Optimizer, OptimizerConfig};
-use crate::schedule::{LrSchedule, Schedule};
+use crate::optim::{param_groups, GroupRules, Optimizer};
+use crate::record::EpochRecord;
 use crate::{metrics, plot, Error, Result};
-
-/// How to train; saved in every checkpoint so a run resumes with the same settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    pub epochs: usize,
-    pub lr: f64,
-    pub optimizer: OptimizerConfig,
-    pub schedule: Schedule,
-    #[serde(default)]
-    pub warmup_epochs: f64,
-    #[serde(default)]
-    pub label_smoothing: f64,
-    /// Clip the global gradient norm to this value.
-    #[serde(default)]
-    pub grad_clip: Option<f64>,
-    /// Learning-rate multiplier of the layers loaded from pretrained weights.
-    #[serde(default = "one")]
-    pub pretrained_lr_scale: f64,
-    #[serde(default)]
-    pub freeze_backbone: bool,
-    /// No weight decay on biases and BatchNorm parameters.
-    #[serde(default = "yes")]
-    pub no_decay_bias_norm: bool,
-    pub seed: u64,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl TrainConfig {
-    fn lr_schedule(&self) -> LrSchedule {
-        LrSchedule {
-            base_lr: self.lr,
-            schedule: self.schedule.clone(),
-            warmup_epochs: self.warmup_epochs,
-            epochs: self.epochs,
-        }
-    }
-}
-
-/// One epoch's figures.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// 1-based.
-    pub epoch: usize,
-    pub lr: f64,
-    pub train_loss: f64,
-    pub train_top1: f64,
-    pub val_loss: Option<f64>,
-    pub val_top1: Option<f64>,
-    pub val_top5: Option<f64>,
-    pub seconds: f64,
-    pub images_per_s: f64,
-}
 
 /// What the loop reports after each step.
 #[derive(Clone, Debug)]
@@ -311,7 +250,7 @@ impl Trainer {
                 let step = self.state.step;
                 lr = schedule.lr_at(step, steps_per_epoch);
                 let mut step_rng =
-                    la_vgg::params::rng_for(self.info.train.seed, &format!("step.{step}"));
+                    la_core::rng::labelled(self.info.train.seed, &format!("step.{step}"));
                 self.model.set_dropout_seed(step_rng.next_u64());
                 let logits = self.model.forward_t(&batch.images, true)?;
                 let smoothing = self.info.train.label_smoothing;
@@ -400,23 +339,10 @@ impl Trainer {
     /// the others.
     pub fn save(&self, is_best: bool) -> Result<()> {
         let tensors = self.tensors()?;
-        let meta = checkpoint::model_metadata(&self.info, &self.state)?;
-        let norm = Some(self.info.normalization);
-        la_vgg::save_weights(
-            &self.run_dir.join(checkpoint::LAST),
-            &self.info.model,
-            &tensors,
-            norm,
-            &meta,
-        )?;
+        let metadata = checkpoint::model_metadata(&self.info, &self.state);
+        la_vgg::save_weights(&self.run_dir.join(checkpoint::LAST), &metadata, &tensors)?;
         if is_best {
-            la_vgg::save_weights(
-                &self.run_dir.join(checkpoint::BEST),
-                &self.info.model,
-                &tensors,
-                norm,
-                &meta,
-            )?;
+            la_vgg::save_weights(&self.run_dir.join(checkpoint::BEST), &metadata, &tensors)?;
         }
         metrics::write_csv(&self.run_dir, &self.state.history)?;
         plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;

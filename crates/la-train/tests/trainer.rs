@@ -13,14 +13,16 @@ use la_train::{
     Control, EpochRecord, Observer, OptimizerConfig, RunInfo, Schedule, Silent, TrainConfig,
     Trainer,
 };
-use la_vgg::{HeadConfig, Normalization, VggConfig};
+use la_vgg::{HeadConfig, VggConfig};
 
 fn tiny_model() -> VggConfig {
     VggConfig {
         blocks: vec![vec![4], vec![8], vec![8]],
         batch_norm: true,
-        attention: Some(AttentionConfig::new(AttentionKind::Softmax)),
-        attention_blocks: vec![0, 1, 2],
+        attention: Some(la_vgg::AttentionSites {
+            config: AttentionConfig::new(AttentionKind::Softmax),
+            blocks: vec![0, 1, 2],
+        }),
         head: HeadConfig {
             pool: 1,
             hidden: vec![8],
@@ -51,7 +53,7 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             no_decay_bias_norm: true,
             seed: 3,
         },
-        normalization: Normalization::IMAGENET,
+        normalization: Normalize::IMAGENET,
         input_size: 16,
         classes: vec!["a".into(), "b".into(), "c".into()],
     }

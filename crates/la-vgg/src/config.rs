@@ -72,25 +72,88 @@ impl HeadConfig {
     }
 }
 
+/// Attention modules: which module, and the blocks (0-based, ascending, distinct) that get
+/// one after their last conv + ReLU, before the pool (the article puts one in each of five).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionSites {
+    pub config: AttentionConfig,
+    pub blocks: Vec<usize>,
+}
+
 /// A whole model. Serialised as JSON into the metadata of every weights file the project
 /// writes, so that loading a file needs no architecture flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "stored::StoredConfig")]
 pub struct VggConfig {
     /// Output channels of each 3x3 conv, per block; every block ends with a 2x2 max-pool.
     pub blocks: Vec<Vec<usize>>,
     #[serde(default)]
     pub batch_norm: bool,
-    /// The attention module, if any, and the blocks (0-based) that get one after their last
-    /// conv + ReLU, before the pool (the article puts one in each of the five).
+    /// `None`: no attention anywhere.
     #[serde(default)]
-    pub attention: Option<AttentionConfig>,
-    #[serde(default)]
-    pub attention_blocks: Vec<usize>,
+    pub attention: Option<AttentionSites>,
     pub head: HeadConfig,
     pub num_classes: usize,
     #[serde(default = "three")]
     pub in_channels: usize,
+}
+
+/// The config as files store it. Files written before attention sites were one field hold
+/// `attention` (the module) and `attention_blocks` side by side; both forms read.
+mod stored {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum StoredAttention {
+        Sites(AttentionSites),
+        Module(AttentionConfig),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct StoredConfig {
+        blocks: Vec<Vec<usize>>,
+        #[serde(default)]
+        batch_norm: bool,
+        #[serde(default)]
+        attention: Option<StoredAttention>,
+        #[serde(default)]
+        attention_blocks: Option<Vec<usize>>,
+        head: HeadConfig,
+        num_classes: usize,
+        #[serde(default = "three")]
+        in_channels: usize,
+    }
+
+    impl TryFrom<StoredConfig> for VggConfig {
+        type Error = String;
+
+        fn try_from(s: StoredConfig) -> std::result::Result<Self, String> {
+            let attention = match (s.attention, s.attention_blocks) {
+                (Some(StoredAttention::Sites(sites)), None) => Some(sites),
+                (Some(StoredAttention::Module(config)), blocks) => Some(AttentionSites {
+                    config,
+                    blocks: blocks.unwrap_or_default(),
+                }),
+                (None, None) => None,
+                (None, Some(b)) if b.is_empty() => None,
+                (None, Some(_)) => return Err("`attention_blocks` without `attention`".into()),
+                (Some(StoredAttention::Sites(_)), Some(_)) => {
+                    return Err("`attention_blocks` beside attention sites".into())
+                }
+            };
+            Ok(VggConfig {
+                blocks: s.blocks,
+                batch_norm: s.batch_norm,
+                attention: attention.filter(|a| !a.blocks.is_empty()),
+                head: s.head,
+                num_classes: s.num_classes,
+                in_channels: s.in_channels,
+            })
+        }
+    }
 }
 
 fn three() -> usize {
@@ -104,7 +167,6 @@ impl VggConfig {
             blocks: standard_blocks(depth)?,
             batch_norm: false,
             attention: None,
-            attention_blocks: Vec::new(),
             head: HeadConfig::imagenet(),
             num_classes,
             in_channels: 3,
@@ -118,12 +180,16 @@ impl VggConfig {
 
     /// Attention after every block (`Some`), or none.
     pub fn with_attention(mut self, attention: Option<AttentionConfig>) -> Self {
-        self.attention_blocks = match attention {
-            Some(_) => (0..self.blocks.len()).collect(),
-            None => Vec::new(),
-        };
-        self.attention = attention;
+        self.attention = attention.map(|config| AttentionSites {
+            config,
+            blocks: (0..self.blocks.len()).collect(),
+        });
         self
+    }
+
+    /// The attention module of every site, if the model has any.
+    pub fn attention_config(&self) -> Option<AttentionConfig> {
+        self.attention.as_ref().map(|a| a.config)
     }
 
     pub fn with_head(mut self, head: HeadConfig) -> Self {
@@ -156,8 +222,12 @@ impl VggConfig {
             .unwrap_or(self.in_channels)
     }
 
-    pub fn has_attention(&self, block: usize) -> bool {
-        self.attention.is_some() && self.attention_blocks.contains(&block)
+    /// The module after block `block`'s convs, if it has one.
+    pub fn attention_at(&self, block: usize) -> Option<AttentionConfig> {
+        self.attention
+            .as_ref()
+            .filter(|a| a.blocks.contains(&block))
+            .map(|a| a.config)
     }
 
     /// `vgg16`, `vgg11_bn`, ... when the convs per block are a standard depth's; else `vgg`.
@@ -194,18 +264,23 @@ impl VggConfig {
         if !(0.0..1.0).contains(&self.head.dropout) {
             return fail(format!("dropout {} is not in [0, 1)", self.head.dropout));
         }
-        if let Some(&b) = self
-            .attention_blocks
-            .iter()
-            .find(|&&b| b >= self.blocks.len())
-        {
-            return fail(format!(
-                "attention block {b} does not exist (the model has {} blocks)",
-                self.blocks.len()
-            ));
-        }
         if let Some(a) = &self.attention {
-            if a.reduction == 0 {
+            if let Some(&b) = a.blocks.iter().find(|&&b| b >= self.blocks.len()) {
+                return fail(format!(
+                    "attention block {b} does not exist (the model has {} blocks)",
+                    self.blocks.len()
+                ));
+            }
+            if a.blocks.windows(2).any(|w| w[0] >= w[1]) {
+                return fail(format!(
+                    "attention blocks {:?} must be distinct and ascending",
+                    a.blocks
+                ));
+            }
+            if a.blocks.is_empty() {
+                return fail("attention sites with no blocks: give `attention: null`".into());
+            }
+            if a.config.reduction == 0 {
                 return fail("attention reduction must be at least 1".into());
             }
         }

@@ -16,32 +16,11 @@ pub struct GradCam {
 }
 
 impl Vgg {
-    /// The rest of the network from block `block`'s pre-pool output: its pool, the
-    /// following blocks and the head (evaluation mode).
-    pub fn forward_from_block(
-        &self,
-        block: usize,
-        activation: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let mut x = la_kernels::pool::max_pool_2x2(activation)?;
-        for i in block + 1..self.config().blocks.len() {
-            x = la_kernels::pool::max_pool_2x2(&self.block_output(i, x)?)?;
-        }
-        self.head(&x, false)
-    }
-
     /// Grad-CAM of `class` (default: the predicted class) for a single image [1, 3, h, w] on
     /// block `block`'s output (after its attention module, before its pool): channel
     /// weights are the spatial means of d score / d activation, the map is the ReLU of the
     /// weighted sum of the activation's channels.
     pub fn grad_cam(&self, image: &Tensor, block: usize, class: Option<usize>) -> Result<GradCam> {
-        let blocks = self.config().blocks.len();
-        if block >= blocks {
-            return Err(Error::Input(format!(
-                "block {} does not exist (the model has {blocks})",
-                block + 1
-            )));
-        }
         self.check_input(image)?;
         if image.dim(0)? != 1 {
             return Err(Error::Input("Grad-CAM explains one image at a time".into()));
@@ -49,8 +28,8 @@ impl Vgg {
         // Candle keeps gradients only for variables (those of intermediate tensors are freed
         // as the backward pass consumes them), so the block's output becomes a leaf variable
         // and the rest of the network is run from it.
-        let taps = self.forward_with_taps(image, false)?;
-        let activation = Var::from_tensor(&taps.blocks[block].detach())?;
+        let taps = self.forward_intermediates(image, &[block], false)?;
+        let activation = Var::from_tensor(&taps.blocks[0].output.detach())?;
         let logits = self.forward_from_block(block, activation.as_tensor())?;
         let classes = logits.dim(1)?;
         let class = match class {

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Tensor};
 use la_attention::{AttentionConfig, AttentionKind};
 
-use crate::config::{HeadConfig, VggConfig};
+use crate::config::{AttentionSites, HeadConfig, VggConfig};
+use crate::layers::LayerKind;
 use crate::{Error, Result};
 
 /// Which PyTorch layout a state dict was in.
@@ -78,12 +79,12 @@ pub(crate) fn float32(name: &str, t: Tensor) -> Result<Tensor> {
 /// Guesses the layout from the names present.
 pub fn detect_layout(tensors: &HashMap<String, Tensor>) -> Result<SourceLayout> {
     let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
-    let seed_attention = tensors
+    let article_attention = tensors
         .keys()
         .any(|k| k.starts_with("features.") && k.contains(".linear_query."));
     if has("pre_logits.fc1.") {
         Ok(SourceLayout::Timm)
-    } else if seed_attention {
+    } else if article_attention {
         Ok(SourceLayout::Article)
     } else if has("features.") && has("classifier.") {
         Ok(SourceLayout::Torchvision)
@@ -127,16 +128,14 @@ pub fn import_state_dict(tensors: HashMap<String, Tensor>) -> Result<Imported> {
             ),
         ));
     }
-    let attention_blocks = if attention.is_some() {
-        attention_sites(&out, blocks.len())
-    } else {
-        Vec::new()
-    };
+    let attention = attention.map(|config| AttentionSites {
+        config,
+        blocks: attention_sites(&out, blocks.len()),
+    });
     let config = VggConfig {
         blocks,
         batch_norm,
         attention,
-        attention_blocks,
         head,
         num_classes,
         in_channels: 3,
@@ -350,16 +349,14 @@ fn import_attention(
             format!("query width {d} does not fit {channels} channels"),
         ));
     }
-    for (seed, ours, rows) in [
-        ("linear_query", "query", d),
-        ("linear_key", "key", d),
-        ("linear_value", "value", channels),
-        ("out_proj", "out", channels),
-    ] {
-        let wname = format!("features.{idx}.{seed}.weight");
+    for ((article, ours), rows) in ARTICLE_PROJECTIONS
+        .into_iter()
+        .zip([d, d, channels, channels])
+    {
+        let wname = format!("features.{idx}.{article}.weight");
         let w = take(pending, &wname, "attention projection")?;
         expect_dims(&wname, &w, &[rows, channels])?;
-        let bname = format!("features.{idx}.{seed}.bias");
+        let bname = format!("features.{idx}.{article}.bias");
         let b = take(pending, &bname, "attention projection bias")?;
         expect_dims(&bname, &b, &[rows])?;
         out.insert(format!("blocks.{block}.attention.{ours}.weight"), w);
@@ -455,6 +452,14 @@ fn import_head(
     ))
 }
 
+/// The article's names of our attention projections.
+const ARTICLE_PROJECTIONS: [(&str, &str); 4] = [
+    ("linear_query", "query"),
+    ("linear_key", "key"),
+    ("linear_value", "value"),
+    ("out_proj", "out"),
+];
+
 /// Our tensors -> the article's Sequential layout (torchvision's when there is no attention),
 /// loadable by `shared/reference/seed_model.py` (`VGG(cfg, ..., mode="intended")`) or
 /// torchvision. Only the `softmax` kind exists in the article's PyTorch code.
@@ -462,71 +467,51 @@ pub fn export_article_layout(
     config: &VggConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
-    if let Some(a) = &config.attention {
-        if a.kind != AttentionKind::Softmax && !config.attention_blocks.is_empty() {
+    if let Some(a) = config.attention_config() {
+        if a.kind != AttentionKind::Softmax {
             return Err(Error::Config(format!(
                 "the article's PyTorch module computes softmax attention; a model with {} attention cannot be exported to its layout",
                 a.kind
             )));
         }
     }
-    let get = |name: String| -> Result<Tensor> {
-        tensors
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| bad(name, "missing from the model being exported"))
-    };
     let mut out = HashMap::new();
-    let mut idx = 0;
-    for (i, widths) in config.blocks.iter().enumerate() {
-        for j in 0..widths.len() {
-            for leaf in ["weight", "bias"] {
-                out.insert(
-                    format!("features.{idx}.{leaf}"),
-                    get(format!("blocks.{i}.convs.{j}.{leaf}"))?,
-                );
-            }
-            idx += 1;
-            if config.batch_norm {
-                for leaf in ["weight", "bias", "running_mean", "running_var"] {
-                    out.insert(
-                        format!("features.{idx}.{leaf}"),
-                        get(format!("blocks.{i}.norms.{j}.{leaf}"))?,
-                    );
-                }
+    // Index in `features`, and whether the ReLU of the last conv is still to be counted.
+    let (mut idx, mut relu_pending, mut linear) = (0, false, 0);
+    for layer in config.layers() {
+        let target = match layer.kind {
+            LayerKind::Conv { .. } | LayerKind::Attention { .. } | LayerKind::MaxPool => {
+                idx += usize::from(std::mem::take(&mut relu_pending));
+                relu_pending = matches!(layer.kind, LayerKind::Conv { .. });
                 idx += 1;
+                format!("features.{}", idx - 1)
             }
-            idx += 1; // ReLU
-        }
-        if config.has_attention(i) {
-            for (seed, ours) in [
-                ("linear_query", "query"),
-                ("linear_key", "key"),
-                ("linear_value", "value"),
-                ("out_proj", "out"),
-            ] {
-                for leaf in ["weight", "bias"] {
-                    out.insert(
-                        format!("features.{idx}.{seed}.{leaf}"),
-                        get(format!("blocks.{i}.attention.{ours}.{leaf}"))?,
-                    );
-                }
+            LayerKind::BatchNorm { .. } => {
+                idx += 1;
+                format!("features.{}", idx - 1)
             }
-            idx += 1;
-        }
-        idx += 1; // MaxPool
-    }
-    // torchvision's classifier: Linear, ReLU, Dropout per hidden layer, so indices step by 3.
-    let names: Vec<String> = (1..=config.head.hidden.len())
-        .map(|k| format!("head.fc{k}"))
-        .chain(std::iter::once("head.logits".to_string()))
-        .collect();
-    for (k, name) in names.iter().enumerate() {
-        for leaf in ["weight", "bias"] {
-            out.insert(
-                format!("classifier.{}.{leaf}", 3 * k),
-                get(format!("{name}.{leaf}"))?,
-            );
+            // torchvision's classifier: Linear, ReLU, Dropout per hidden layer.
+            LayerKind::Linear { .. } => {
+                linear += 1;
+                format!("classifier.{}", 3 * (linear - 1))
+            }
+            LayerKind::AvgPool { .. } => continue,
+        };
+        for (leaf, _) in layer.tensors() {
+            let ours = format!("{}.{leaf}", layer.name);
+            let t = tensors
+                .get(&ours)
+                .cloned()
+                .ok_or_else(|| bad(&ours, "missing from the model being exported"))?;
+            let leaf = ARTICLE_PROJECTIONS
+                .iter()
+                .find_map(|(article, ours)| {
+                    leaf.strip_prefix(ours)
+                        .filter(|rest| rest.starts_with('.'))
+                        .map(|rest| format!("{article}{rest}"))
+                })
+                .unwrap_or(leaf);
+            out.insert(format!("{target}.{leaf}"), t);
         }
     }
     Ok(out)
@@ -582,23 +567,17 @@ pub fn adapt(
         tensors.retain(|name, _| !name.starts_with("head.logits."));
         notes.push(format!("a new last layer with {n} outputs"));
     }
-    let source = config
-        .attention
-        .filter(|_| !config.attention_blocks.is_empty());
-    match (source, attention) {
-        (Some(a), Some(wanted)) if a.kind == wanted.kind => {
-            config.attention = Some(AttentionConfig {
-                zero_init_out: wanted.zero_init_out,
-                ..a
-            });
+    match (config.attention.as_mut(), attention) {
+        (Some(sites), Some(wanted)) if sites.config.kind == wanted.kind => {
+            sites.config.zero_init_out = wanted.zero_init_out;
             notes.push(format!(
                 "the source's {} attention modules (blocks {:?}) are kept",
-                a.kind, config.attention_blocks
+                sites.config.kind, sites.blocks
             ));
         }
         (None, None) => {}
         (source, wanted) => {
-            if let Some(a) = source {
+            if let Some(a) = source.map(|s| s.config) {
                 notes.push(format!(
                     "the source's {} attention modules are dropped{}",
                     a.kind,
@@ -609,6 +588,6 @@ pub fn adapt(
             config = config.with_attention(wanted);
         }
     }
-    crate::io::check_tensors_subset(&config, &tensors)?;
+    config.check_tensors_subset(&tensors)?;
     Ok((config, tensors, notes))
 }

@@ -2,10 +2,14 @@
 //! `la-attention` after the last conv of chosen blocks, as the article does.
 //!
 //! - [`config`]: the serde config table (depth, widths, attention sites, head).
+//! - [`layers`]: the one walk over a config's layers (names, shapes, costs) that the model,
+//!   the weight checks, the summary, import/export and the bench all read.
 //! - [`conv`]: the 3x3 convolution layer (its kernels are in `la-kernels`).
-//! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths).
+//! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths),
+//!   with timm's `forward_features` / `forward_head` / `forward_intermediates`.
 //! - [`import`]: torchvision / timm / article state dicts -> ours, and export to the article's layout.
-//! - [`io`]: weights files that carry their config, written atomically.
+//! - [`metadata`]: what a weights file says besides its tensors (config, normalisation, classes, ...).
+//! - [`io`]: weights files, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
 //! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.
 //! - [`explain`]: Grad-CAM on any block's output.
@@ -15,15 +19,20 @@ pub mod conv;
 pub mod explain;
 pub mod import;
 pub mod io;
+pub mod layers;
+pub mod metadata;
 pub mod model;
 pub mod params;
 pub mod summary;
 
 use std::path::PathBuf;
 
-pub use config::{HeadConfig, VggConfig};
-pub use io::{load_weights, save_weights, Normalization, WeightsFile};
-pub use model::{Taps, Vgg};
+pub use config::{AttentionSites, HeadConfig, VggConfig};
+pub use io::{load_weights, save_weights, WeightsFile};
+pub use la_core::Normalize;
+pub use layers::{LayerKind, LayerSpec};
+pub use metadata::ModelMetadata;
+pub use model::{BlockTaps, ConvBnRelu, Intermediates, Vgg};
 pub use params::trainable;
 
 /// Errors of this crate; each names the file or tensor at fault.
@@ -37,6 +46,8 @@ pub enum Error {
     File { path: PathBuf, reason: String },
     #[error("bad input: {0}")]
     Input(String),
+    #[error(transparent)]
+    Write(#[from] la_core::fs::WriteError),
     #[error(transparent)]
     Attention(#[from] la_attention::Error),
     #[error(transparent)]
@@ -52,8 +63,9 @@ impl Vgg {
         dtype: candle_core::DType,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        io::check_tensors(&weights.config, &weights.tensors)?;
+        let config = weights.config();
+        config.check_tensors(&weights.tensors)?;
         let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), dtype, device);
-        Vgg::new(weights.config.clone(), vb)
+        Vgg::new(config.clone(), vb)
     }
 }

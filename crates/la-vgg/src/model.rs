@@ -11,19 +11,38 @@ use rand::Rng;
 
 use crate::config::VggConfig;
 use crate::conv::Conv3x3;
+use crate::layers::LayerKind;
 use crate::{Error, Result};
 
-/// One block: convs, optional attention, then the pool.
+/// One conv of a block: 3x3 conv, BatchNorm when the model has it, ReLU.
 #[derive(Clone, Debug)]
+pub struct ConvBnRelu {
+    conv: Conv3x3,
+    norm: Option<BatchNorm>,
+}
+
+impl ModuleT for ConvBnRelu {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.norm {
+            Some(bn) if train => {
+                la_kernels::norm::batch_norm_relu_train(bn, &self.conv.forward(x)?)
+            }
+            Some(bn) => bn.forward_t(&self.conv.forward(x)?, false)?.relu(),
+            None => self.conv.forward_relu(x),
+        }
+    }
+}
+
+/// One block: its conv units, then its attention module if it has one (the pool follows).
+#[derive(Clone, Debug, Default)]
 struct Block {
-    convs: Vec<Conv3x3>,
-    norms: Vec<BatchNorm>,
+    units: Vec<ConvBnRelu>,
     attention: Option<SpatialAttention>,
 }
 
-/// VGG with optional spatial attention. Variables live under `blocks.{i}.convs.{j}`,
-/// `blocks.{i}.norms.{j}`, `blocks.{i}.attention.{query,key,value,out}` and `head.fc{k}` /
-/// `head.logits`.
+/// VGG with optional spatial attention. Variables live under the paths of
+/// [`VggConfig::layers`]: `blocks.{i}.convs.{j}`, `blocks.{i}.norms.{j}`,
+/// `blocks.{i}.attention.{query,key,value,out}`, `head.fc{k}` and `head.logits`.
 #[derive(Clone, Debug)]
 pub struct Vgg {
     config: VggConfig,
@@ -34,17 +53,31 @@ pub struct Vgg {
     dropout_seed: Arc<AtomicU64>,
 }
 
-/// What [`Vgg::forward_with_taps`] returns: the logits and each block's output before its
-/// pool (after the attention module), for Grad-CAM and attention maps.
-pub struct Taps {
-    pub logits: Tensor,
-    pub blocks: Vec<Tensor>,
+/// One block's intermediate maps, both before its pool.
+#[derive(Clone, Debug)]
+pub struct BlockTaps {
+    pub block: usize,
+    /// The last conv + ReLU output: the input of the attention module (the output itself
+    /// when the block has none).
+    pub attention_input: Tensor,
+    /// The block's output (after its attention module): what Grad-CAM explains.
+    pub output: Tensor,
 }
 
+/// What [`Vgg::forward_intermediates`] returns: the conv stack's output and the blocks asked for.
+#[derive(Clone, Debug)]
+pub struct Intermediates {
+    pub features: Tensor,
+    pub blocks: Vec<BlockTaps>,
+}
+
+/// Called after each layer of [`Vgg::forward_observed`] with the layer's name and output.
+pub type Observer<'a> = &'a mut dyn FnMut(&str, &Tensor) -> candle_core::Result<()>;
+
 impl Vgg {
-    /// Builds the model from `vb`. Missing variables are created with torchvision's VGG
-    /// initialisation (convs Kaiming-normal fan-out, Linear N(0, 0.01), biases zero; the
-    /// attention modules initialise themselves).
+    /// Builds the model from `vb`, layer by layer from [`VggConfig::layers`]. Missing
+    /// variables are created with torchvision's VGG initialisation (convs Kaiming-normal
+    /// fan-out, Linear N(0, 0.01), biases zero; the attention modules initialise themselves).
     pub fn new(config: VggConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let conv_init = Init::Kaiming {
@@ -52,59 +85,61 @@ impl Vgg {
             fan: candle_nn::init::FanInOut::FanOut,
             non_linearity: candle_nn::init::NonLinearity::ReLU,
         };
-        let mut blocks = Vec::with_capacity(config.blocks.len());
-        let mut channels = config.in_channels;
-        for (i, widths) in config.blocks.iter().enumerate() {
-            let vb_block = vb.pp(format!("blocks.{i}"));
-            let mut convs = Vec::new();
-            let mut norms = Vec::new();
-            for (j, &width) in widths.iter().enumerate() {
-                let vb_conv = vb_block.pp(format!("convs.{j}"));
-                let weight =
-                    vb_conv.get_with_hints((width, channels, 3, 3), "weight", conv_init)?;
-                let bias = vb_conv.get_with_hints(width, "bias", Init::Const(0.0))?;
-                convs.push(Conv3x3::new(weight, Some(bias)));
-                if config.batch_norm {
-                    let bn = candle_nn::batch_norm(width, 1e-5, vb_block.pp(format!("norms.{j}")))?;
-                    norms.push(bn);
-                }
-                channels = width;
-            }
-            let attention = match config.attention {
-                Some(a) if config.attention_blocks.contains(&i) => Some(SpatialAttention::new(
-                    channels,
-                    a,
-                    vb_block.pp("attention"),
-                )?),
-                _ => None,
-            };
-            blocks.push(Block {
-                convs,
-                norms,
-                attention,
-            });
-        }
-        let vb_head = vb.pp("head");
-        let linear = |inputs: usize, outputs: usize, name: &str| -> Result<Linear> {
-            let vb = vb_head.pp(name);
-            let w = vb.get_with_hints(
-                (outputs, inputs),
-                "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.01,
-                },
-            )?;
-            let b = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
-            Ok(Linear::new(w, Some(b)))
+        let linear_init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.01,
         };
-        let mut features = channels * config.head.pool * config.head.pool;
+        let mut blocks: Vec<Block> = vec![Block::default(); config.blocks.len()];
         let mut hidden = Vec::new();
-        for (k, &width) in config.head.hidden.iter().enumerate() {
-            hidden.push(linear(features, width, &format!("fc{}", k + 1))?);
-            features = width;
+        let mut logits = None;
+        for layer in config.layers() {
+            let vb = vb.pp(&layer.name);
+            let block = layer.block.map(|i| &mut blocks[i]);
+            match (layer.kind, block) {
+                (LayerKind::Conv { inputs, outputs }, Some(block)) => {
+                    let weight = vb.get_with_hints((outputs, inputs, 3, 3), "weight", conv_init)?;
+                    let bias = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
+                    block.units.push(ConvBnRelu {
+                        conv: Conv3x3::new(weight, Some(bias)),
+                        norm: None,
+                    });
+                }
+                (LayerKind::BatchNorm { channels }, Some(block)) => {
+                    let unit = block.units.last_mut().ok_or_else(|| {
+                        Error::Config(format!("{}: a BatchNorm before any conv", layer.name))
+                    })?;
+                    unit.norm = Some(candle_nn::batch_norm(channels, 1e-5, vb)?);
+                }
+                (LayerKind::Attention { channels, config }, Some(block)) => {
+                    block.attention = Some(SpatialAttention::new(channels, config, vb)?);
+                }
+                (
+                    LayerKind::Linear {
+                        inputs,
+                        outputs,
+                        hidden: is_hidden,
+                    },
+                    None,
+                ) => {
+                    let weight = vb.get_with_hints((outputs, inputs), "weight", linear_init)?;
+                    let bias = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
+                    let linear = Linear::new(weight, Some(bias));
+                    if is_hidden {
+                        hidden.push(linear);
+                    } else {
+                        logits = Some(linear);
+                    }
+                }
+                (LayerKind::MaxPool | LayerKind::AvgPool { .. }, _) => {}
+                (kind, _) => {
+                    return Err(Error::Config(format!(
+                        "{}: a {kind:?} cannot sit there",
+                        layer.name
+                    )))
+                }
+            }
         }
-        let logits = linear(features, config.num_classes, "logits")?;
+        let logits = logits.ok_or_else(|| Error::Config("the head has no logits layer".into()))?;
         Ok(Self {
             config,
             blocks,
@@ -123,56 +158,53 @@ impl Vgg {
         self.blocks.get(block).and_then(|b| b.attention.as_ref())
     }
 
-    /// Block `i`'s convs (+ BatchNorm) + ReLUs: the input of its attention module.
-    pub fn block_convs(&self, i: usize, mut x: Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// Block `i` up to its pool: (attention input, block output).
+    fn block_forward(
+        &self,
+        i: usize,
+        mut x: Tensor,
+        train: bool,
+        observe: Observer,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let block = &self.blocks[i];
-        for (j, conv) in block.convs.iter().enumerate() {
-            x = match block.norms.get(j) {
-                Some(bn) if train => {
-                    la_kernels::norm::batch_norm_relu_train(bn, &conv.forward(&x)?)?
-                }
-                Some(bn) => bn.forward_t(&conv.forward(&x)?, false)?.relu()?,
-                None => conv.forward_relu(&x)?,
-            };
+        for (j, unit) in block.units.iter().enumerate() {
+            x = unit.forward_t(&x, train)?;
+            observe(&format!("blocks.{i}.convs.{j}"), &x)?;
+        }
+        match &block.attention {
+            Some(a) => {
+                let y = a.forward(&x)?;
+                observe(&format!("blocks.{i}.attention"), &y)?;
+                Ok((x, y))
+            }
+            None => Ok((x.clone(), x)),
+        }
+    }
+
+    /// Blocks `from..` with their pools, from block `from`'s input.
+    fn blocks_from(
+        &self,
+        from: usize,
+        mut x: Tensor,
+        train: bool,
+        observe: Observer,
+    ) -> candle_core::Result<Tensor> {
+        for i in from..self.blocks.len() {
+            let (_, body) = self.block_forward(i, x, train, observe)?;
+            x = la_kernels::pool::max_pool_2x2(&body)?;
+            observe(&format!("blocks.{i}.pool"), &x)?;
         }
         Ok(x)
     }
 
-    /// Block `i`'s output before its pool, in evaluation mode.
-    pub fn block_output(&self, i: usize, x: Tensor) -> candle_core::Result<Tensor> {
-        self.block_body(i, x, false)
+    /// The conv stack, as timm's `forward_features`: [b, 3, h, w] -> [b, c, h/32, w/32].
+    pub fn forward_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.blocks_from(0, x.clone(), train, &mut |_, _| Ok(()))
     }
 
-    /// Runs block `i` up to (not including) its pool.
-    fn block_body(&self, i: usize, x: Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = self.block_convs(i, x, train)?;
-        match &self.blocks[i].attention {
-            Some(a) => a.forward(&x),
-            None => Ok(x),
-        }
-    }
-
-    /// The input of block `i`'s attention module (its last conv + ReLU output) for an image
-    /// batch, in evaluation mode, for attention maps.
-    pub fn attention_input(&self, x: &Tensor, block: usize) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for i in 0..block {
-            x = la_kernels::pool::max_pool_2x2(&self.block_body(i, x, false)?)?;
-        }
-        self.block_convs(block, x, false)
-    }
-
-    /// The conv stack: [b, 3, h, w] -> [b, c, h/32, w/32].
-    pub fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for i in 0..self.blocks.len() {
-            x = la_kernels::pool::max_pool_2x2(&self.block_body(i, x, train)?)?;
-        }
-        Ok(x)
-    }
-
-    /// The head on the conv stack's output.
-    pub fn head(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// The head on the conv stack's output, as timm's `forward_head`: pool, hidden layers
+    /// (with dropout when training), logits.
+    pub fn forward_head(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = la_kernels::pool::adaptive_avg_pool2d(features, self.config.head.pool)?
             .flatten_from(1)?;
         for (k, fc) in self.hidden.iter().enumerate() {
@@ -182,6 +214,70 @@ impl Vgg {
             }
         }
         self.logits.forward(&x)
+    }
+
+    /// The whole forward pass, calling `observe` after each conv unit, attention module and
+    /// pool (with the layer's name from [`VggConfig::layers`]) and after the head (`head`):
+    /// for per-layer timings and probes.
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        train: bool,
+        observe: Observer,
+    ) -> candle_core::Result<Tensor> {
+        let features = self.blocks_from(0, x.clone(), train, observe)?;
+        let logits = self.forward_head(&features, train)?;
+        observe("head", &logits)?;
+        Ok(logits)
+    }
+
+    /// The conv stack's output and the maps of the chosen blocks (0-based, any order), as
+    /// timm's `forward_intermediates`. A block that does not exist is an error.
+    pub fn forward_intermediates(
+        &self,
+        x: &Tensor,
+        blocks: &[usize],
+        train: bool,
+    ) -> Result<Intermediates> {
+        let count = self.blocks.len();
+        if let Some(&b) = blocks.iter().find(|&&b| b >= count) {
+            return Err(Error::Input(format!(
+                "block {b} does not exist: the model has {count} blocks, 0 to {}",
+                count - 1
+            )));
+        }
+        let mut taps = Vec::with_capacity(blocks.len());
+        let mut x = x.clone();
+        for i in 0..count {
+            let (attention_input, output) = self.block_forward(i, x, train, &mut |_, _| Ok(()))?;
+            x = la_kernels::pool::max_pool_2x2(&output)?;
+            if blocks.contains(&i) {
+                taps.push(BlockTaps {
+                    block: i,
+                    attention_input,
+                    output,
+                });
+            }
+        }
+        taps.sort_by_key(|t| blocks.iter().position(|&b| b == t.block));
+        Ok(Intermediates {
+            features: x,
+            blocks: taps,
+        })
+    }
+
+    /// The rest of the network (evaluation mode) from block `block`'s output before its
+    /// pool: the pool, the following blocks and the head.
+    pub fn forward_from_block(&self, block: usize, output: &Tensor) -> Result<Tensor> {
+        if block >= self.blocks.len() {
+            return Err(Error::Input(format!(
+                "block {block} does not exist: the model has {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let x = la_kernels::pool::max_pool_2x2(output)?;
+        let features = self.blocks_from(block + 1, x, false, &mut |_, _| Ok(()))?;
+        Ok(self.forward_head(&features, false)?)
     }
 
     /// Seeds the dropout masks of the next training forward passes. Candle's CPU generator
@@ -195,7 +291,7 @@ impl Vgg {
     fn dropout(&self, x: &Tensor, layer: usize) -> candle_core::Result<Tensor> {
         let p = self.config.head.dropout as f64;
         let seed = self.dropout_seed.load(Ordering::Relaxed);
-        let mut rng = crate::params::rng_for(seed, &format!("dropout.{layer}"));
+        let mut rng = la_core::rng::labelled(seed, &format!("dropout.{layer}"));
         let keep = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
@@ -204,21 +300,6 @@ impl Vgg {
             .to_dtype(x.dtype())?
             .to_device(x.device())?;
         x * mask
-    }
-
-    /// Logits plus each block's pre-pool output.
-    pub fn forward_with_taps(&self, x: &Tensor, train: bool) -> candle_core::Result<Taps> {
-        let mut taps = Vec::with_capacity(self.blocks.len());
-        let mut x = x.clone();
-        for i in 0..self.blocks.len() {
-            let body = self.block_body(i, x, train)?;
-            x = la_kernels::pool::max_pool_2x2(&body)?;
-            taps.push(body);
-        }
-        Ok(Taps {
-            logits: self.head(&x, train)?,
-            blocks: taps,
-        })
     }
 
     /// Checks an input batch before running it: [b, in_channels, h, w] with h, w large
@@ -240,6 +321,6 @@ impl Vgg {
 /// blanket `ModuleT` that ignores the flag.)
 impl ModuleT for Vgg {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.head(&self.features(x, train)?, train)
+        self.forward_head(&self.forward_features(x, train)?, train)
     }
 }

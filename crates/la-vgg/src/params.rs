@@ -11,21 +11,11 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::init::NormalOrUniform;
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::VggConfig;
 use crate::{Result, Vgg};
-
-/// A generator for one purpose, seeded by a base seed and a label (FNV-1a of the label).
-pub fn rng_for(seed: u64, label: &str) -> rand::rngs::StdRng {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in label.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    rand::rngs::StdRng::seed_from_u64(seed ^ h)
-}
 
 /// Values of `init` for `shape`, from a generator seeded by `seed` and `name`.
 pub fn seeded_init(
@@ -35,13 +25,15 @@ pub fn seeded_init(
     name: &str,
 ) -> candle_core::Result<Tensor> {
     let count = shape.elem_count();
-    let mut rng = rng_for(seed, name);
-    let normal =
-        |rng: &mut rand::rngs::StdRng, mean: f64, std: f64| -> candle_core::Result<Vec<f32>> {
-            let dist = Normal::new(mean, std)
-                .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
-            Ok((0..count).map(|_| dist.sample(rng) as f32).collect())
-        };
+    let mut rng = la_core::rng::labelled(seed, name);
+    let normal = |rng: &mut la_core::rng::ChaCha12Rng,
+                  mean: f64,
+                  std: f64|
+     -> candle_core::Result<Vec<f32>> {
+        let dist =
+            Normal::new(mean, std).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+        Ok((0..count).map(|_| dist.sample(rng) as f32).collect())
+    };
     let values: Vec<f32> = match init {
         Init::Const(c) => vec![c as f32; count],
         Init::Uniform { lo, up } => (0..count)
@@ -155,7 +147,7 @@ pub fn trainable(
     dtype: DType,
     device: &Device,
 ) -> Result<(Vgg, VarMap)> {
-    crate::io::check_tensors_subset(&config, &initial)?;
+    config.check_tensors_subset(&initial)?;
     let backend = SeededVarMap::new(seed, initial);
     let varmap = backend.varmap.clone();
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());

@@ -3,9 +3,8 @@
 //! attention's projections and token mixing are counted, the N^2 terms of softmax
 //! attention included; ReLU, BatchNorm, pooling and softmax exponentials are not.
 
-use la_attention::AttentionKind;
-
 use crate::config::VggConfig;
+use crate::layers::LayerKind;
 
 /// One row of the table.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,90 +28,41 @@ pub struct Summary {
     pub attention_quadratic_macs: u64,
 }
 
-/// The layer table of `config` on `size` x `size` inputs.
+/// The layer table of `config` on `size` x `size` inputs, one row per layer of
+/// [`VggConfig::layers`].
 pub fn summarize(config: &VggConfig, size: usize) -> Summary {
     let mut rows = Vec::new();
-    let (mut c, mut h, mut w) = (config.in_channels, size, size);
+    let mut shape = vec![config.in_channels, size, size];
     let (mut attention_macs, mut quadratic) = (0u64, 0u64);
-    for (i, widths) in config.blocks.iter().enumerate() {
-        for (j, &width) in widths.iter().enumerate() {
-            let params = (width * c * 9 + width) as u64;
-            let macs = (h * w * width * c * 9) as u64;
-            rows.push(LayerRow {
-                name: format!("blocks.{i}.convs.{j}"),
-                layer: "conv 3x3 + ReLU".into(),
-                output: vec![width, h, w],
-                params,
-                macs,
-            });
-            if config.batch_norm {
-                rows.push(LayerRow {
-                    name: format!("blocks.{i}.norms.{j}"),
-                    layer: "batch norm".into(),
-                    output: vec![width, h, w],
-                    params: 2 * width as u64,
-                    macs: 0,
-                });
+    for layer in config.layers() {
+        let macs = layer.macs(&shape);
+        let description = match &layer.kind {
+            LayerKind::Conv { .. } => "conv 3x3 + ReLU".to_string(),
+            LayerKind::BatchNorm { .. } => "batch norm".to_string(),
+            LayerKind::Attention { channels, config } => {
+                attention_macs += macs;
+                quadratic += layer.quadratic_macs(&shape);
+                format!(
+                    "{} attention, N={}, d={}",
+                    config.kind,
+                    shape[1..].iter().product::<usize>(),
+                    config.key_channels(*channels)
+                )
             }
-            c = width;
-        }
-        if let (Some(a), true) = (&config.attention, config.has_attention(i)) {
-            let d = a.key_channels(c);
-            let n = h * w;
-            let macs = la_attention::macs(a.kind, n, c, d);
-            attention_macs += macs;
-            if a.kind == AttentionKind::Softmax {
-                quadratic += (n * n * (d + c)) as u64;
-            }
-            rows.push(LayerRow {
-                name: format!("blocks.{i}.attention"),
-                layer: format!("{} attention, N={n}, d={d}", a.kind),
-                output: vec![c, h, w],
-                params: (2 * (c * d + d) + 2 * (c * c + c)) as u64,
-                macs,
-            });
-        }
-        h /= 2;
-        w /= 2;
+            LayerKind::MaxPool => "max-pool 2x2".to_string(),
+            LayerKind::AvgPool { side } => format!("adaptive avg-pool {side}x{side} + flatten"),
+            LayerKind::Linear { hidden: true, .. } => "linear + ReLU + dropout".to_string(),
+            LayerKind::Linear { hidden: false, .. } => "linear".to_string(),
+        };
+        shape = layer.output_shape(&shape);
         rows.push(LayerRow {
-            name: format!("blocks.{i}.pool"),
-            layer: "max-pool 2x2".into(),
-            output: vec![c, h, w],
-            params: 0,
-            macs: 0,
+            params: layer.params(),
+            name: layer.name,
+            layer: description,
+            output: shape.clone(),
+            macs,
         });
     }
-    let p = config.head.pool;
-    let mut features = c * p * p;
-    rows.push(LayerRow {
-        name: "head.pool".into(),
-        layer: format!("adaptive avg-pool {p}x{p} + flatten"),
-        output: vec![features],
-        params: 0,
-        macs: 0,
-    });
-    let linear = |name: String, inputs: usize, outputs: usize, layer: &str| LayerRow {
-        name,
-        layer: layer.into(),
-        output: vec![outputs],
-        params: (inputs * outputs + outputs) as u64,
-        macs: (inputs * outputs) as u64,
-    };
-    for (k, &width) in config.head.hidden.iter().enumerate() {
-        rows.push(linear(
-            format!("head.fc{}", k + 1),
-            features,
-            width,
-            "linear + ReLU + dropout",
-        ));
-        features = width;
-    }
-    rows.push(linear(
-        "head.logits".into(),
-        features,
-        config.num_classes,
-        "linear",
-    ));
     Summary {
         params: rows.iter().map(|r| r.params).sum(),
         macs: rows.iter().map(|r| r.macs).sum(),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use la_testing::max_abs_diff;
 use la_vgg::import::{export_article_layout, import_state_dict, SourceLayout};
-use la_vgg::{Vgg, WeightsFile};
+use la_vgg::{ModelMetadata, Vgg, WeightsFile};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     la_testing::golden(name)
@@ -16,10 +16,8 @@ fn model(tensors: HashMap<String, Tensor>) -> (Vgg, SourceLayout) {
     let imported = import_state_dict(tensors).unwrap();
     let layout = imported.layout;
     let weights = WeightsFile {
-        config: imported.config,
+        metadata: ModelMetadata::new(imported.config),
         tensors: imported.tensors,
-        normalization: None,
-        metadata: HashMap::new(),
     };
     (
         Vgg::from_weights(&weights, DType::F32, &Device::Cpu).unwrap(),
@@ -45,7 +43,7 @@ fn plain_vgg16_from_torchvision_names_matches_pytorch() {
     );
     assert!(config.attention.is_none());
 
-    let features = vgg.features(&io["input"], false).unwrap();
+    let features = vgg.forward_features(&io["input"], false).unwrap();
     assert!(max_abs_diff(&features, &io["features.out"]) < 1e-4);
     let logits = vgg.forward_t(&io["input"], false).unwrap();
     let diff = max_abs_diff(&logits, &io["logits"]);
@@ -58,26 +56,30 @@ fn vgg16_with_attention_from_seed_names_matches_the_intended_module() {
     let (vgg, layout) = model(load("vgg16_la_tiny.safetensors"));
     assert_eq!(layout, SourceLayout::Article);
     let config = vgg.config();
-    assert_eq!(config.attention_blocks, vec![0, 1, 2, 3, 4]);
-    assert_eq!(config.attention.unwrap().reduction, 8);
+    let sites = config.attention.as_ref().unwrap();
+    assert_eq!(sites.blocks, vec![0, 1, 2, 3, 4]);
+    assert_eq!(sites.config.reduction, 8);
 
-    let taps = vgg.forward_with_taps(&io["input"], false).unwrap();
-    let diff = max_abs_diff(&taps.logits, &io["intended.logits"]);
+    let taps = vgg
+        .forward_intermediates(&io["input"], &[0, 1, 2, 3, 4], false)
+        .unwrap();
+    let logits = vgg.forward_head(&taps.features, false).unwrap();
+    let diff = max_abs_diff(&logits, &io["intended.logits"]);
     assert!(diff < 1e-4, "max |ours - PyTorch intended| = {diff}");
     // Each block's pre-pool output is the attention module's output recorded by PyTorch.
     for (block, index) in [4, 10, 18, 26, 34].into_iter().enumerate() {
         let d = max_abs_diff(
-            &taps.blocks[block],
+            &taps.blocks[block].output,
             &io[&format!("intended.features.{index}.out")],
         );
         assert!(d < 1e-4, "block {block}: {d}");
     }
     // The article's literal code (.view patched to .reshape) gives other logits: we must not.
-    let reshape = max_abs_diff(&taps.logits, &io["reshape.logits"]);
+    let reshape = max_abs_diff(&logits, &io["reshape.logits"]);
     assert!(reshape > 0.1, "matches the scrambled variant ({reshape})");
     // f32 against PyTorch's f64 run of the same weights.
     let f64_logits = io["intended.logits_f64"].to_dtype(DType::F32).unwrap();
-    assert!(max_abs_diff(&taps.logits, &f64_logits) < 1e-4);
+    assert!(max_abs_diff(&logits, &f64_logits) < 1e-4);
 }
 
 /// torchvision names -> timm names, as timm's own pretrained filter does.

@@ -25,8 +25,9 @@ fn grad_cam_matches_finite_difference_gradients() {
         for class in 0..10 {
             let cam = vgg.grad_cam(&image, block, Some(class)).unwrap();
             assert_eq!(cam.class, class);
-            let taps = vgg.forward_with_taps(&image, false).unwrap();
-            let activation = taps.blocks[block].clone();
+            let taps = vgg.forward_intermediates(&image, &[block], false).unwrap();
+            let activation = taps.blocks[0].output.clone();
+            let logits = vgg.forward_head(&taps.features, false).unwrap();
             let (_, c, h, w) = activation.dims4().unwrap();
             let base: Vec<f64> = activation.flatten_all().unwrap().to_vec1().unwrap();
             let score = |values: &[f64]| -> f64 {
@@ -41,8 +42,7 @@ fn grad_cam_matches_finite_difference_gradients() {
                     .unwrap()
             };
             // forward_from_block reproduces the model from that block on.
-            let full = taps
-                .logits
+            let full = logits
                 .get(0)
                 .unwrap()
                 .get(class)

@@ -7,16 +7,19 @@ use candle_nn::{VarBuilder, VarMap};
 use la_attention::{AttentionConfig, AttentionKind};
 use la_testing::{golden, golden_path as fixture};
 use la_vgg::import::{export_article_layout, import_state_dict};
-use la_vgg::io::expected_shapes;
 use la_vgg::summary::summarize;
-use la_vgg::{load_weights, save_weights, Error, HeadConfig, Normalization, Vgg, VggConfig};
+use la_vgg::{
+    load_weights, save_weights, AttentionSites, Error, HeadConfig, ModelMetadata, Normalize, Vgg,
+    VggConfig,
+};
 
 fn softmax() -> Option<AttentionConfig> {
     Some(AttentionConfig::new(AttentionKind::Softmax))
 }
 
 fn params(config: &VggConfig) -> u64 {
-    expected_shapes(config)
+    config
+        .tensor_shapes()
         .iter()
         .filter(|(name, _)| !name.contains("running_"))
         .map(|(_, s)| s.iter().product::<usize>() as u64)
@@ -142,7 +145,9 @@ fn every_kind_and_batch_norm_build_train_and_evaluate() {
             let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
             let mut names_sorted = names.clone();
             names_sorted.sort();
-            let want: Vec<String> = expected_shapes(&config).into_keys().collect();
+            let mut want: Vec<String> =
+                config.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+            want.sort();
             assert_eq!(names_sorted, want, "bn={bn} {kind:?}");
 
             let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev).unwrap();
@@ -201,7 +206,7 @@ fn batch_norm_models_round_trip_through_the_torchvision_layout() {
     let imported = import_state_dict(exported).unwrap();
     assert_eq!(imported.config.blocks, config.blocks);
     assert!(imported.config.batch_norm);
-    assert_eq!(imported.config.attention_blocks, config.attention_blocks);
+    assert_eq!(imported.config.attention, config.attention);
     for (name, t) in &ours {
         let diff = (t - &imported.tensors[name])
             .unwrap()
@@ -303,16 +308,12 @@ fn weights_files_carry_their_config_and_bad_files_are_named() {
     let dir = tmp.path().to_path_buf();
     let imported = import_state_dict(golden("vgg16_la_tiny.safetensors")).unwrap();
     let path = dir.join("tiny.safetensors");
-    let mut extra = HashMap::new();
-    extra.insert("source".to_string(), "golden".to_string());
-    save_weights(
-        &path,
-        &imported.config,
-        &imported.tensors,
-        Some(Normalization::IMAGENET),
-        &extra,
-    )
-    .unwrap();
+    let metadata = ModelMetadata {
+        normalization: Some(Normalize::IMAGENET),
+        source: Some("golden".into()),
+        ..ModelMetadata::new(imported.config.clone())
+    };
+    save_weights(&path, &metadata, &imported.tensors).unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -320,9 +321,9 @@ fn weights_files_carry_their_config_and_bad_files_are_named() {
     assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
 
     let loaded = load_weights(&path, &Device::Cpu).unwrap();
-    assert_eq!(loaded.config, imported.config);
-    assert_eq!(loaded.normalization, Some(Normalization::IMAGENET));
-    assert_eq!(loaded.metadata["source"], "golden");
+    assert_eq!(loaded.metadata.config, imported.config);
+    assert_eq!(loaded.metadata.normalization, Some(Normalize::IMAGENET));
+    assert_eq!(loaded.metadata.source.as_deref().unwrap(), "golden");
     let vgg = Vgg::from_weights(&loaded, DType::F32, &Device::Cpu).unwrap();
     let io = golden("vgg16_la_tiny_io.safetensors");
     let logits = vgg.forward_t(&io["input"], false).unwrap();
@@ -338,8 +339,8 @@ fn weights_files_carry_their_config_and_bad_files_are_named() {
 
     // A PyTorch file loads too, converted on the way in.
     let torch = load_weights(&fixture("vgg16_tiny.safetensors"), &Device::Cpu).unwrap();
-    assert_eq!(torch.config.arch_name(), "vgg16");
-    assert!(torch.normalization.is_none());
+    assert_eq!(torch.metadata.config.arch_name(), "vgg16");
+    assert!(torch.metadata.normalization.is_none());
 
     // Truncated: the error names the file.
     let bytes = std::fs::read(&path).unwrap();
@@ -365,10 +366,8 @@ fn weights_files_carry_their_config_and_bad_files_are_named() {
     config.num_classes = 11;
     let err = save_weights(
         &dir.join("bad.safetensors"),
-        &config,
+        &ModelMetadata::new(config),
         &imported.tensors,
-        None,
-        &HashMap::new(),
     )
     .unwrap_err()
     .to_string();
@@ -377,10 +376,8 @@ fn weights_files_carry_their_config_and_bad_files_are_named() {
     // An unwritable destination keeps the old file intact and names the path.
     let err = save_weights(
         &dir.join("no/such/dir/w.safetensors"),
-        &imported.config,
+        &ModelMetadata::new(imported.config.clone()),
         &imported.tensors,
-        None,
-        &HashMap::new(),
     )
     .unwrap_err()
     .to_string();
@@ -501,8 +498,10 @@ fn whole_model_gradients_match_finite_differences() {
     let config = VggConfig {
         blocks: vec![vec![3], vec![4], vec![4]],
         batch_norm: true,
-        attention: softmax(),
-        attention_blocks: vec![0, 2],
+        attention: Some(AttentionSites {
+            config: AttentionConfig::new(AttentionKind::Softmax),
+            blocks: vec![0, 2],
+        }),
         head: HeadConfig {
             pool: 2,
             hidden: vec![5],
@@ -585,6 +584,6 @@ fn the_reduction_is_inferred_from_all_modules_together() {
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     let imported = import_state_dict(export_article_layout(&config, &ours).unwrap()).unwrap();
-    assert_eq!(imported.config.attention.unwrap().reduction, 8);
+    assert_eq!(imported.config.attention_config().unwrap().reduction, 8);
     assert_eq!(imported.config, config);
 }

@@ -261,7 +261,7 @@ pub fn torchvision_to_timm(tv: &HashMap<String, Tensor>) -> HashMap<String, Tens
 
 /// Random attention projections (seed-style init) for every block of `config`, under our names.
 pub fn random_attention(rng: &mut Rng, config: &la_vgg::VggConfig) -> HashMap<String, Tensor> {
-    let a = config.attention.expect("a config with attention");
+    let a = config.attention_config().expect("a config with attention");
     let mut out = HashMap::new();
     for (i, widths) in config.blocks.iter().enumerate() {
         let c = *widths.last().unwrap();

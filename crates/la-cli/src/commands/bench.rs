@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Module, ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 
 use crate::device::{parse_device, set_threads};
 use crate::model_args::ModelArgs;
@@ -112,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "model={} attention={} head={} params={} size={} batch={} classes={} mode={:?} threads={} device={}",
         config.arch_name(),
-        config.attention.map_or("none".into(), |a| a.kind.to_string()),
+        config.attention_config().map_or("none".into(), |a| a.kind.to_string()),
         config.head.name(),
         la_vgg::summary::thousands(summary.params),
         args.size,
@@ -186,35 +186,44 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Forward time of each block's convs, its attention module and its pool, and of the head,
 /// in evaluation mode: the fastest of three passes after the timed steps (a single pass
-/// carried first-touch costs, nearly twice the steady time for some parts).
+/// carried first-touch costs, nearly twice the steady time for some parts). The model's own
+/// forward pass runs; each layer's output is synchronised and timed as it is reported.
 fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
     const PASSES: usize = 3;
     let blocks = model.config().blocks.len();
-    // Per block: convs, attention (if any), pool; then the head. Fastest over the passes.
+    // Per block: convs, attention, pool; then the head. Fastest over the passes.
     let mut best = vec![[f64::INFINITY; 3]; blocks];
     let mut best_head = f64::INFINITY;
-    let timed = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<(Tensor, f64)> {
-        let t = Instant::now();
-        let out = f()?;
-        sync(&out)?;
-        Ok((out, t.elapsed().as_secs_f64()))
-    };
     for _ in 0..PASSES {
-        let mut h = x.clone();
-        for (i, best) in best.iter_mut().enumerate() {
-            let (convs, t_convs) = timed(&mut || Ok(model.block_convs(i, h.clone(), false)?))?;
-            let (body, t_attention) = match model.attention(i) {
-                Some(a) => timed(&mut || Ok(a.forward(&convs)?))?,
-                None => (convs, 0.0),
-            };
-            let (pooled, t_pool) = timed(&mut || Ok(la_kernels::pool::max_pool_2x2(&body)?))?;
-            h = pooled;
-            for (b, t) in best.iter_mut().zip([t_convs, t_attention, t_pool]) {
-                *b = b.min(t);
+        let mut pass = vec![[0.0f64; 3]; blocks];
+        let mut head = 0.0;
+        let mut last = Instant::now();
+        model.forward_observed(x, false, &mut |name, out| {
+            sync(out).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let t = last.elapsed().as_secs_f64();
+            let parts: Vec<&str> = name.split('.').collect();
+            match parts.as_slice() {
+                ["blocks", i, part, ..] => {
+                    let slot = match *part {
+                        "convs" => 0,
+                        "attention" => 1,
+                        _ => 2,
+                    };
+                    if let Ok(i) = i.parse::<usize>() {
+                        pass[i][slot] += t;
+                    }
+                }
+                _ => head += t,
+            }
+            last = Instant::now();
+            Ok(())
+        })?;
+        for (b, p) in best.iter_mut().zip(&pass) {
+            for (b, p) in b.iter_mut().zip(p) {
+                *b = b.min(*p);
             }
         }
-        let (_, t_head) = timed(&mut || Ok(model.head(&h, false)?))?;
-        best_head = best_head.min(t_head);
+        best_head = best_head.min(head);
     }
     println!("forward breakdown (evaluation mode, fastest of {PASSES} passes):");
     let mut total = best_head;

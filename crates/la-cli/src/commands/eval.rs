@@ -97,10 +97,7 @@ pub fn run(args: Args) -> Result<()> {
             dataset.classes().len()
         );
     }
-    let norm = la_data::Normalize {
-        mean: loaded.normalization.mean,
-        std: loaded.normalization.std,
-    };
+    let norm = loaded.normalization;
     let config = LoaderConfig {
         batch_size: args.batch_size as usize,
         shuffle: false,
@@ -161,7 +158,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         csv.push('\n');
     }
-    la_vgg::io::write_atomically(&out.join("confusion.csv"), csv.as_bytes())?;
+    la_core::write_atomically(&out.join("confusion.csv"), csv.as_bytes())?;
     la_train::plot::confusion_matrix(
         &out.join("confusion.png"),
         &report.confusion,

@@ -100,8 +100,8 @@ pub fn run_attention_map(args: AttentionMapArgs) -> Result<()> {
     let config = loaded.model.config();
     let block = match args.block {
         Some(b) => block_index(Some(b), config.blocks.len())?,
-        None => match (0..config.blocks.len()).find(|&i| config.has_attention(i)) {
-            Some(b) => b,
+        None => match &config.attention {
+            Some(sites) => sites.blocks[0],
             None => bail!("{} has no attention modules", args.weights.display()),
         },
     };
@@ -109,7 +109,8 @@ pub fn run_attention_map(args: AttentionMapArgs) -> Result<()> {
         bail!("block {} has no attention module", block + 1);
     };
     let (x, picture) = loaded.prepare(&args.image)?;
-    let input = loaded.model.attention_input(&x, block)?;
+    let taps = loaded.model.forward_intermediates(&x, &[block], false)?;
+    let input = &taps.blocks[0].attention_input;
     let (_, _, h, w) = input.dims4()?;
     let size = loaded.input_size;
     let (row, col) = match args.query.as_deref() {
@@ -118,7 +119,7 @@ pub fn run_attention_map(args: AttentionMapArgs) -> Result<()> {
         None => (size / 2, size / 2),
     };
     let index = (row * h / size) * w + col * w / size;
-    let weights = module.attention_row(&input, index)?.reshape((h, w))?;
+    let weights = module.attention_row(input, index)?.reshape((h, w))?;
     let max = weights.max_all()?.to_scalar::<f32>()?;
     let map = (weights / max.max(f32::MIN_POSITIVE) as f64)?;
     overlay(

@@ -21,7 +21,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = match &args.weights {
-        Some(path) => la_vgg::load_weights(path, &Device::Cpu)?.config,
+        Some(path) => la_vgg::load_weights(path, &Device::Cpu)?.metadata.config,
         None => args.model.config()?,
     };
     let min = 1usize << config.blocks.len();
@@ -33,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let attention = config
-        .attention
+        .attention_config()
         .map_or("no".to_string(), |a| a.kind.to_string());
     println!(
         "{} with {attention} attention, {} head, {} classes, {}x{} input",

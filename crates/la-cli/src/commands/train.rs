@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use la_attention::AttentionInit;
 use la_data::{Loader, LoaderConfig, Mix, Pipeline};
 use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
-use la_vgg::Normalization;
+use la_vgg::Normalize;
 use serde::{Deserialize, Serialize};
 
 use crate::data_args::{open_data, DataKind};
@@ -434,7 +434,7 @@ pub fn read_options(run_dir: &std::path::Path) -> Result<Options> {
 
 fn write_options(run_dir: &std::path::Path, options: &Options) -> Result<()> {
     let json = serde_json::to_string_pretty(options)?;
-    la_vgg::io::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
+    la_core::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
     Ok(())
 }
 
@@ -550,11 +550,7 @@ pub fn run(args: Args) -> Result<()> {
             t
         }
     };
-    let normalization = trainer.info.normalization;
-    let norm = la_data::Normalize {
-        mean: normalization.mean,
-        std: normalization.std,
-    };
+    let norm = trainer.info.normalization;
     let train_pipeline = r.data().train_pipeline(size, norm).with_mix(r.mix()?);
     let train_loader = Loader::new(
         Arc::clone(&data.train),
@@ -572,7 +568,7 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!(
         "{} with {} attention: {} parameters, {:.3} GMAC per {size}x{size} image; {} training / {} validation images, {} classes, on {}",
         trainer.config().arch_name(),
-        trainer.config().attention.map_or("no".to_string(), |a| a.kind.to_string()),
+        trainer.config().attention_config().map_or("no".to_string(), |a| a.kind.to_string()),
         la_vgg::summary::thousands(summary.params),
         summary.macs as f64 / 1e9,
         data.train.len(),
@@ -606,7 +602,7 @@ fn model_and_weights(
 ) -> Result<(
     la_vgg::VggConfig,
     std::collections::HashMap<String, candle_core::Tensor>,
-    Normalization,
+    Normalize,
 )> {
     let Some(path) = &r.o.weights else {
         let args = crate::model_args::ModelArgs {
@@ -624,7 +620,7 @@ fn model_and_weights(
         return Ok((args.config()?, Default::default(), normalization));
     };
     let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
-    let config = weights.config.clone();
+    let config = weights.config().clone();
     // The file decides the architecture; a flag that says otherwise is a mistake to report.
     let file_arch = config.arch_name();
     let conflicts = [
@@ -666,9 +662,7 @@ fn model_and_weights(
             reduction: 8,
             zero_init_out,
         }),
-        None => config
-            .attention
-            .filter(|_| !config.attention_blocks.is_empty()),
+        None => config.attention_config(),
     };
     let new_classes = (config.num_classes != classes).then_some(classes);
     if new_classes.is_some() {
@@ -680,6 +674,9 @@ fn model_and_weights(
     }
     let (config, tensors, _) = la_vgg::import::adapt(config, weights.tensors, wanted, new_classes)
         .with_context(|| format!("{} does not fit the model", path.display()))?;
-    let normalization = weights.normalization.unwrap_or(Normalization::IMAGENET);
+    let normalization = weights
+        .metadata
+        .normalization
+        .unwrap_or(Normalize::IMAGENET);
     Ok((config, tensors, normalization))
 }

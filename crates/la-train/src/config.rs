@@ -1,0 +1,62 @@
+//! How to train: the options a run is started with, their defaults, and the schedule they
+//! give.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimizerConfig;
+use crate::schedule::{LrSchedule, Schedule};
+
+/// How to train; saved in every checkpoint so a run resumes with the same settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub warmup_epochs: f64,
+    pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Learning-rate multiplier of the layers loaded from pretrained weights.
+    pub pretrained_lr_scale: f64,
+    pub freeze_backbone: bool,
+    /// No weight decay on biases and BatchNorm parameters.
+    pub no_decay_bias_norm: bool,
+    pub seed: u64,
+}
+
+/// The defaults of every training option, in one place: the default run's (a few minutes
+/// of SGD on the embedded digits). `la-cli train` layers flags, a TOML file and presets
+/// over them.
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 6,
+            lr: 0.05,
+            optimizer: OptimizerConfig::sgd(),
+            schedule: Schedule::Cosine { min_lr: 0.0 },
+            warmup_epochs: 0.0,
+            label_smoothing: 0.0,
+            grad_clip: None,
+            pretrained_lr_scale: 1.0,
+            freeze_backbone: false,
+            no_decay_bias_norm: true,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning-rate multiplier of pretrained layers when fine-tuning, unless set.
+    pub const FINE_TUNE_LR_SCALE: f64 = 0.1;
+
+    pub(crate) fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            base_lr: self.lr,
+            schedule: self.schedule.clone(),
+            warmup_epochs: self.warmup_epochs,
+            epochs: self.epochs,
+        }
+    }
+}
