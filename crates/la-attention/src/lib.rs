@@ -146,8 +146,11 @@ pub struct AttentionConfig {
     pub zero_init_out: bool,
 }
 
+/// The article's c/8 query and key width.
+pub const DEFAULT_REDUCTION: usize = 8;
+
 fn default_reduction() -> usize {
-    8
+    DEFAULT_REDUCTION
 }
 
 impl AttentionConfig {

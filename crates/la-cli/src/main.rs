@@ -8,7 +8,7 @@ mod model_args;
 mod model_file;
 mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 // glibc's malloc returns the large activation buffers of every step to the system and takes
 // them back on the next: a large share of a training step went to system time.
@@ -80,7 +80,10 @@ fn main() -> std::process::ExitCode {
         // SAFETY: no other thread exists yet that could read the environment concurrently.
         unsafe { std::env::set_var(CANDLE_SPIN_LIMIT, "0") };
     }
-    let cli = Cli::parse();
+    // `train`'s options are all optional (they layer over a file and presets), so clap cannot
+    // show their defaults: they are written into the help from the one table of defaults.
+    let command = Cli::command().mut_subcommand("train", commands::train::document_defaults);
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),

@@ -58,19 +58,24 @@ pub enum HeadArg {
     Cifar,
 }
 
+/// The model defaults every command shares (`train`'s own are in its defaults table, which
+/// starts from these).
+pub const DEFAULT_ARCH: Arch = Arch::Vgg16;
+pub const DEFAULT_ATTENTION: AttentionArg = AttentionArg::Softmax;
+
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// VGG depth.
-    #[arg(long, value_enum, default_value = "vgg16")]
+    #[arg(long, value_enum, default_value_t = DEFAULT_ARCH)]
     pub arch: Arch,
     /// BatchNorm after every conv.
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub bn: bool,
     /// Attention module after the last conv of every block.
-    #[arg(long, value_enum, default_value = "softmax")]
+    #[arg(long, value_enum, default_value_t = DEFAULT_ATTENTION)]
     pub attention: AttentionArg,
     /// Query/key channels are channels / reduction.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = la_attention::DEFAULT_REDUCTION)]
     pub reduction: usize,
     /// How attention modules start: `identity` (output projection at zero) or `kaiming`
     /// (the article's advice).

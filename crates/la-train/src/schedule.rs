@@ -22,6 +22,14 @@ pub enum Schedule {
     },
 }
 
+impl Schedule {
+    /// StepLR's usual setting, as the article: times 0.1 every 30 epochs.
+    pub const DEFAULT_STEP_EPOCHS: usize = 30;
+    pub const DEFAULT_GAMMA: f64 = 0.1;
+    /// MultiStepLR's usual CIFAR milestones (of a 200-epoch run).
+    pub const DEFAULT_MILESTONES: [usize; 3] = [60, 120, 160];
+}
+
 /// A schedule with a linear warm-up from zero over the first `warmup_epochs`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -21,8 +21,11 @@ use crate::device::{parse_device, set_threads};
 use crate::model_args::{Arch, AttentionArg, HeadArg};
 use crate::progress::BarObserver;
 
+mod defaults;
 mod presets;
 
+use defaults::defaults;
+pub use defaults::document_defaults;
 use presets::preset_options;
 pub use presets::Preset;
 
@@ -31,6 +34,16 @@ pub use presets::Preset;
 pub enum OptimizerArg {
     Sgd,
     Adamw,
+}
+
+impl OptimizerArg {
+    /// The optimiser with la-train's defaults.
+    pub fn default_config(self) -> OptimizerConfig {
+        match self {
+            OptimizerArg::Sgd => OptimizerConfig::sgd(),
+            OptimizerArg::Adamw => OptimizerConfig::adamw(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -46,7 +59,7 @@ pub enum ScheduleArg {
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
-    /// Data set [default: digits, compiled in].
+    /// Data set
     #[arg(long, value_enum)]
     pub data: Option<DataKind>,
     /// Where the data set lives (CIFAR folders or .tar.gz, Fashion-MNIST IDX files, an image folder).
@@ -58,74 +71,66 @@ pub struct Options {
     /// ImageFolder: skip (and count) undecodable images instead of stopping at the first.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad: Option<bool>,
-    /// Fraction held out for validation when the data set has no test split [default: 0.2].
+    /// Fraction held out for validation when the data set has no test split
     #[arg(long)]
     pub val_fraction: Option<f64>,
-    /// [default: vgg16]
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
-    /// BatchNorm after every conv [default: on for the default run, off with --weights].
+    /// BatchNorm after every conv
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bn: Option<bool>,
-    /// [default: softmax]
     #[arg(long, value_enum)]
     pub attention: Option<AttentionArg>,
     /// How new attention modules start: `identity` (output projection at zero) or `kaiming`
     /// (the article's advice: every block then adds a large random residual at step 0, and
-    /// VGG16 from scratch barely learns) [default: identity].
+    /// VGG16 from scratch barely learns)
     #[arg(long, value_name = "INIT")]
     pub attention_init: Option<AttentionInit>,
     /// The older spelling: `true` is `--attention-init identity`, `false` is `kaiming`.
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub zero_init_attention: Option<bool>,
-    /// [default: cifar]
     #[arg(long, value_enum)]
     pub head: Option<HeadArg>,
     /// Hidden width of the cifar head.
     #[arg(long)]
     pub hidden: Option<usize>,
-    /// Conv width multiplier [default: 0.25 for the default run, 1 with --weights].
+    /// Conv width multiplier
     #[arg(long)]
     pub width: Option<f64>,
     /// Pretrained weights to start from (any layout la-cli reads).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Input side in pixels [default: 32].
+    /// Input side in pixels
     #[arg(long)]
     pub size: Option<usize>,
-    /// [default: 6]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// [default: 64]
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Base learning rate [default: 0.05].
+    /// Base learning rate
     #[arg(long)]
     pub lr: Option<f64>,
-    /// [default: sgd]
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,
-    /// SGD momentum [default: 0.9].
+    /// SGD momentum
     #[arg(long)]
     pub momentum: Option<f64>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub nesterov: Option<bool>,
-    /// [default: 5e-4 for SGD, 0.01 for AdamW]
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// [default: cosine]
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleArg>,
-    /// Epochs between decays of the step schedule [default: 30].
+    /// Epochs between decays of the step schedule
     #[arg(long)]
     pub step_epochs: Option<usize>,
     /// Milestones of the multistep schedule, e.g. 60,120,160.
     #[arg(long, value_delimiter = ',')]
     pub milestones: Option<Vec<usize>>,
-    /// Decay factor of step/multistep [default: 0.1].
+    /// Decay factor of step/multistep
     #[arg(long)]
     pub gamma: Option<f64>,
-    /// Linear warm-up epochs [default: 0].
+    /// Linear warm-up epochs
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     /// MixUp with this Beta alpha.
@@ -139,25 +144,23 @@ pub struct Options {
     /// Clip the global gradient norm.
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// Learning-rate multiplier for the pretrained layers [default: 0.1 with --weights].
+    /// Learning-rate multiplier for the pretrained layers
     #[arg(long)]
     pub pretrained_lr_scale: Option<f64>,
     /// Train only the attention modules and the head.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
-    /// cpu, cuda, cuda:N or auto [default: cpu].
+    /// cpu, cuda, cuda:N or auto
     #[arg(long)]
     pub device: Option<String>,
-    /// [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Worker threads for compute and data loading [default: all cores].
+    /// Worker threads for compute and data loading
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Run name; the run directory is <runs-dir>/<name> [default: data-arch-attention-time].
+    /// Run name; the run directory is <runs-dir>/<name>
     #[arg(long)]
     pub name: Option<String>,
-    /// [default: runs]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
 }
@@ -260,96 +263,84 @@ fn merge(base: Options, fallback: Options) -> Options {
     serde_json::from_value(serde_json::Value::Object(a)).expect("merged options deserialise")
 }
 
-/// Options resolved to concrete values.
+/// The value of an option that [`defaults`] always sets.
+fn need<T: Clone>(value: &Option<T>) -> T {
+    value
+        .clone()
+        .expect("the defaults layer sets every option read without a fallback")
+}
+
+/// Options with every default filled in (`o`), and those given by the user, a file or a
+/// preset (`given`), which decide what a weights file's architecture may be overridden by.
 struct Resolved {
+    given: Options,
     o: Options,
 }
 
 impl Resolved {
-    fn new(o: Options) -> Self {
-        Self { o }
-    }
-    fn pretrained(&self) -> bool {
-        self.o.weights.is_some()
-    }
-    fn data(&self) -> DataKind {
-        self.o.data.unwrap_or(DataKind::Digits)
-    }
-    fn arch(&self) -> Arch {
-        self.o.arch.unwrap_or(Arch::Vgg16)
-    }
-    fn bn(&self) -> bool {
-        self.o.bn.unwrap_or(!self.pretrained())
-    }
-    /// `--attention-init`, or the older `--zero-init-attention`; identity by default.
-    fn attention_init(&self) -> Result<AttentionInit> {
-        let old = self.o.zero_init_attention.map(|zero| {
-            if zero {
+    fn new(mut layered: Options) -> Result<Self> {
+        // The older spelling of --attention-init: `true` is identity, `false` kaiming.
+        if let Some(zero) = layered.zero_init_attention.take() {
+            let old = if zero {
                 AttentionInit::Identity
             } else {
                 AttentionInit::Kaiming
+            };
+            match layered.attention_init {
+                Some(new) if new != old => bail!(
+                    "--attention-init {new} and --zero-init-attention {zero} disagree: give one"
+                ),
+                _ => layered.attention_init = Some(old),
             }
-        });
-        match (self.o.attention_init, old) {
-            (Some(new), Some(old)) if new != old => bail!(
-                "--attention-init {new} and --zero-init-attention {} disagree: give one",
-                old == AttentionInit::Identity
-            ),
-            (new, old) => Ok(new.or(old).unwrap_or_default()),
         }
+        let fallback = defaults(&layered);
+        Ok(Self {
+            o: merge(layered.clone(), fallback),
+            given: layered,
+        })
     }
-    fn attention(&self) -> AttentionArg {
-        self.o.attention.unwrap_or(AttentionArg::Softmax)
-    }
-    fn head(&self) -> HeadArg {
-        self.o.head.unwrap_or(HeadArg::Cifar)
-    }
-    fn width(&self) -> f64 {
-        self.o
-            .width
-            .unwrap_or(if self.pretrained() { 1.0 } else { 0.25 })
-    }
-    fn size(&self) -> usize {
-        self.o.size.unwrap_or(32)
-    }
-    fn epochs(&self) -> usize {
-        self.o.epochs.unwrap_or(6)
-    }
-    fn batch_size(&self) -> usize {
-        self.o.batch_size.unwrap_or(64)
+    fn data(&self) -> DataKind {
+        need(&self.o.data)
     }
     fn seed(&self) -> u64 {
-        self.o.seed.unwrap_or(0)
+        need(&self.o.seed)
+    }
+    fn batch_size(&self) -> usize {
+        need(&self.o.batch_size)
     }
     fn optimizer(&self) -> OptimizerConfig {
-        match self.o.optimizer.unwrap_or(OptimizerArg::Sgd) {
-            OptimizerArg::Sgd => OptimizerConfig::Sgd {
-                momentum: self.o.momentum.unwrap_or(0.9),
-                nesterov: self.o.nesterov.unwrap_or(false),
-                weight_decay: self.o.weight_decay.unwrap_or(5e-4),
+        match (
+            need(&self.o.optimizer).default_config(),
+            self.o.weight_decay,
+        ) {
+            (OptimizerConfig::Sgd { .. }, wd) => OptimizerConfig::Sgd {
+                momentum: need(&self.o.momentum),
+                nesterov: need(&self.o.nesterov),
+                weight_decay: need(&wd),
             },
-            OptimizerArg::Adamw => OptimizerConfig::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: self.o.weight_decay.unwrap_or(0.01),
+            (
+                OptimizerConfig::AdamW {
+                    beta1, beta2, eps, ..
+                },
+                wd,
+            ) => OptimizerConfig::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay: need(&wd),
             },
         }
     }
     fn schedule(&self) -> Schedule {
-        let gamma = self.o.gamma.unwrap_or(0.1);
-        match self.o.schedule.unwrap_or(ScheduleArg::Cosine) {
+        let gamma = need(&self.o.gamma);
+        match need(&self.o.schedule) {
             ScheduleArg::Constant => Schedule::Constant,
             ScheduleArg::Step => Schedule::Step {
-                step_epochs: self.o.step_epochs.unwrap_or(30),
+                step_epochs: need(&self.o.step_epochs),
                 gamma,
             },
             ScheduleArg::Multistep => Schedule::MultiStep {
-                milestones: self
-                    .o
-                    .milestones
-                    .clone()
-                    .unwrap_or_else(|| vec![60, 120, 160]),
+                milestones: need(&self.o.milestones),
                 gamma,
             },
             ScheduleArg::Cosine => Schedule::Cosine { min_lr: 0.0 },
@@ -357,45 +348,25 @@ impl Resolved {
     }
     fn train_config(&self) -> Result<TrainConfig> {
         let config = TrainConfig {
-            epochs: self.epochs(),
-            lr: self.o.lr.unwrap_or(0.05),
+            epochs: need(&self.o.epochs),
+            lr: need(&self.o.lr),
             optimizer: self.optimizer(),
             schedule: self.schedule(),
-            warmup_epochs: self.o.warmup_epochs.unwrap_or(0.0),
-            label_smoothing: self.o.label_smoothing.unwrap_or(0.0),
+            warmup_epochs: need(&self.o.warmup_epochs),
+            label_smoothing: need(&self.o.label_smoothing),
             grad_clip: self.o.grad_clip,
-            pretrained_lr_scale: self.o.pretrained_lr_scale.unwrap_or(if self.pretrained() {
-                0.1
-            } else {
-                1.0
-            }),
-            freeze_backbone: self.o.freeze_backbone.unwrap_or(false),
-            no_decay_bias_norm: true,
+            pretrained_lr_scale: need(&self.o.pretrained_lr_scale),
+            freeze_backbone: need(&self.o.freeze_backbone),
+            no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
             seed: self.seed(),
         };
         if config.epochs == 0 {
             bail!("--epochs must be at least 1");
         }
-        if !(config.lr.is_finite() && config.lr > 0.0) {
-            bail!("--lr {} must be a positive number", config.lr);
-        }
-        if !(0.0..1.0).contains(&config.label_smoothing) {
-            bail!(
-                "--label-smoothing {} is not in [0, 1)",
-                config.label_smoothing
-            );
-        }
         Ok(config)
     }
-    fn mix(&self) -> Result<Option<Mix>> {
-        for (flag, v) in [("--mixup", self.o.mixup), ("--cutmix", self.o.cutmix)] {
-            if let Some(a) = v {
-                if !(a.is_finite() && a > 0.0) {
-                    bail!("{flag} {a}: the Beta alpha must be positive");
-                }
-            }
-        }
-        Ok(match (self.o.mixup, self.o.cutmix) {
+    fn mix(&self) -> Option<Mix> {
+        match (self.o.mixup, self.o.cutmix) {
             (None, None) => None,
             (Some(alpha), None) => Some(Mix::MixUp { alpha }),
             (None, Some(alpha)) => Some(Mix::CutMix { alpha }),
@@ -404,16 +375,16 @@ impl Resolved {
                 cutmix_alpha,
                 prob_cutmix: 0.5,
             }),
-        })
+        }
     }
     fn run_name(&self) -> String {
         self.o.name.clone().unwrap_or_else(|| {
-            let bn = if self.bn() { "_bn" } else { "" };
+            let bn = if need(&self.o.bn) { "_bn" } else { "" };
             format!(
                 "{}-vgg{}{bn}-{}-{}",
                 self.data().name(),
-                self.arch().depth(),
-                self.attention().kind().map_or("none", |k| k.name()),
+                need(&self.o.arch).depth(),
+                need(&self.o.attention).kind().map_or("none", |k| k.name()),
                 crate::timestamp()
             )
         })
@@ -475,12 +446,12 @@ pub fn run(args: Args) -> Result<()> {
             (merge(merge(args.options.clone(), file), preset), None)
         }
     };
-    let r = Resolved::new(options);
+    let r = Resolved::new(options)?;
     set_threads(r.o.threads)?;
-    let device = parse_device(r.o.device.as_deref().unwrap_or("cpu"))?;
+    let device = parse_device(&need(&r.o.device))?;
 
     // Data first: a missing data set fails before anything is written.
-    let size = r.size();
+    let size = need(&r.o.size);
     if size < 32 {
         bail!("--size {size}: VGG's five 2x2 pools need inputs of at least 32x32");
     }
@@ -488,9 +459,9 @@ pub fn run(args: Args) -> Result<()> {
         r.data(),
         r.o.data_dir.as_deref(),
         r.o.val_dir.as_deref(),
-        r.o.val_fraction.unwrap_or(0.2),
+        need(&r.o.val_fraction),
         r.seed(),
-        r.o.skip_bad.unwrap_or(false),
+        need(&r.o.skip_bad),
     )?;
     let classes = data.train.classes().to_vec();
     let threads = r.o.threads.unwrap_or(0);
@@ -520,7 +491,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut trainer = match &resume {
         Some(dir) => {
             let mut t = Trainer::resume(dir, &device)?;
-            t.info.train.epochs = r.epochs();
+            t.info.train.epochs = need(&r.o.epochs);
             // The options file is what the next --resume reads: keep it current.
             write_options(dir, &r.o)?;
             eprintln!(
@@ -540,18 +511,14 @@ pub fn run(args: Args) -> Result<()> {
                 input_size: size,
                 classes: classes.clone(),
             };
-            let run_dir =
-                r.o.runs_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("runs"))
-                    .join(r.run_name());
+            let run_dir = need(&r.o.runs_dir).join(r.run_name());
             let t = Trainer::new(&run_dir, info, initial, &device)?;
             write_options(&run_dir, &r.o)?;
             t
         }
     };
     let norm = trainer.info.normalization;
-    let train_pipeline = r.data().train_pipeline(size, norm).with_mix(r.mix()?);
+    let train_pipeline = r.data().train_pipeline(size, norm).with_mix(r.mix());
     let train_loader = Loader::new(
         Arc::clone(&data.train),
         train_pipeline,
@@ -606,15 +573,15 @@ fn model_and_weights(
 )> {
     let Some(path) = &r.o.weights else {
         let args = crate::model_args::ModelArgs {
-            arch: r.arch(),
-            bn: r.bn(),
-            attention: r.attention(),
-            reduction: 8,
-            attention_init: r.attention_init()?,
-            head: r.head(),
+            arch: need(&r.o.arch),
+            bn: need(&r.o.bn),
+            attention: need(&r.o.attention),
+            reduction: la_attention::DEFAULT_REDUCTION,
+            attention_init: need(&r.o.attention_init),
+            head: need(&r.o.head),
             hidden: r.o.hidden,
             classes,
-            width: r.width(),
+            width: need(&r.o.width),
         };
         let normalization = r.data().normalization();
         return Ok((args.config()?, Default::default(), normalization));
@@ -624,17 +591,21 @@ fn model_and_weights(
     // The file decides the architecture; a flag that says otherwise is a mistake to report.
     let file_arch = config.arch_name();
     let conflicts = [
-        r.o.arch
+        r.given
+            .arch
             .map(|a| format!("vgg{}", a.depth()))
             .filter(|a| !file_arch.starts_with(&format!("{a}_")) && file_arch != *a)
             .map(|a| format!("--arch {a}")),
-        r.o.bn
+        r.given
+            .bn
             .filter(|&bn| bn != config.batch_norm)
             .map(|bn| format!("--bn {bn}")),
-        r.o.width
+        r.given
+            .width
             .filter(|&w| ((64.0 * w).round() as usize).max(1) != config.blocks[0][0])
             .map(|w| format!("--width {w}")),
-        r.o.head
+        r.given
+            .head
             .filter(|h| (*h == HeadArg::Imagenet) != (config.head.pool == 7))
             .map(|h| {
                 format!(
@@ -655,11 +626,11 @@ fn model_and_weights(
         );
     }
     // The attention flag may swap the file's modules for fresh ones; without it they stay.
-    let zero_init_out = r.attention_init()?.zero_init_out();
-    let wanted = match r.o.attention {
+    let zero_init_out = need(&r.o.attention_init).zero_init_out();
+    let wanted = match r.given.attention {
         Some(arg) => arg.kind().map(|kind| la_attention::AttentionConfig {
             kind,
-            reduction: 8,
+            reduction: la_attention::DEFAULT_REDUCTION,
             zero_init_out,
         }),
         None => config.attention_config(),
