@@ -63,3 +63,15 @@ pub fn tempdir(label: &str) -> tempfile::TempDir {
         .tempdir()
         .expect("a temporary directory")
 }
+
+/// An error and its causes, as `la-cli` prints them (`{:#}` of anyhow): "outer: inner: ...".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}

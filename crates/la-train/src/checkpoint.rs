@@ -149,7 +149,10 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
     }
     info.model
         .check_tensors(&model)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|source| Error::CheckpointModel {
+            path: path.clone(),
+            source,
+        })?;
     Ok(Checkpoint {
         info,
         state,
@@ -161,14 +164,16 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
 
 /// Creates `dir` (and parents) and checks that it can be written, before any work is done.
 pub fn prepare_run_dir(dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+    std::fs::create_dir_all(dir).map_err(|source| Error::File {
         path: dir.to_path_buf(),
-        reason: format!("cannot create the run directory: {e}"),
+        what: "cannot create the run directory",
+        source,
     })?;
     let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"ok").map_err(|e| Error::Io {
+    std::fs::write(&probe, b"ok").map_err(|source| Error::File {
         path: dir.to_path_buf(),
-        reason: format!("the run directory is not writable: {e}"),
+        what: "the run directory is not writable",
+        source,
     })?;
     let _ = std::fs::remove_file(probe);
     Ok(dir.to_path_buf())

@@ -37,6 +37,20 @@ pub enum Error {
     },
     #[error("{}: {reason}", path.display())]
     Io { path: PathBuf, reason: String },
+    #[error("{}: {what}", path.display())]
+    File {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint whose model tensors do not fit its config.
+    #[error("{}: the model does not fit its config", path.display())]
+    CheckpointModel {
+        path: PathBuf,
+        #[source]
+        source: la_vgg::Error,
+    },
     #[error(transparent)]
     Write(#[from] la_core::fs::WriteError),
     #[error(transparent)]

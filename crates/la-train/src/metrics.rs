@@ -7,10 +7,11 @@ use std::path::Path;
 use crate::record::EpochRecord;
 use crate::{Error, Result};
 
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::File {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        what: "cannot write",
+        source,
     }
 }
 

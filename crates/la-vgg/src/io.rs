@@ -52,7 +52,10 @@ pub fn not_safetensors(bytes: &[u8], error: impl std::fmt::Display) -> String {
 /// Reads a weights file: ours (config in the metadata) or a PyTorch state dict in the
 /// torchvision, timm or article layout. Errors name the file and what is wrong with it.
 pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
-    let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| file_error(path, not_safetensors(&bytes, e)))?;
     let map = safetensors::SafeTensors::read_metadata(&bytes)
@@ -65,11 +68,15 @@ pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
             .map_err(|e| file_error(path, format!("tensor {name}: {e}")))?;
         tensors.insert(name, t);
     }
-    let in_file = |e: Error| match e {
-        Error::File { .. } => e,
-        other => file_error(path, other),
+    let in_file = |e: Error| Error::InFile {
+        path: path.to_path_buf(),
+        source: Box::new(e),
     };
-    let config = ModelMetadata::config_in(&map).map_err(|e| file_error(path, e))?;
+    let metadata_error = |source| Error::Metadata {
+        path: path.to_path_buf(),
+        source,
+    };
+    let config = ModelMetadata::config_in(&map).map_err(metadata_error)?;
     let (config, tensors) = match config {
         Some(config) => {
             let tensors = to_f32(tensors).map_err(in_file)?;
@@ -81,7 +88,7 @@ pub fn load_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
             (imported.config, imported.tensors)
         }
     };
-    let metadata = ModelMetadata::from_map(map, config).map_err(|e| file_error(path, e))?;
+    let metadata = ModelMetadata::from_map(map, config).map_err(metadata_error)?;
     Ok(WeightsFile { metadata, tensors })
 }
 

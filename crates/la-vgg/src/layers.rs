@@ -96,7 +96,8 @@ impl LayerSpec {
         }
     }
 
-    /// Multiply-accumulates for an input of `shape` (see [`crate::summary`] for what counts).
+    /// Multiply-accumulates for an input of `shape`: convs, Linear layers and the attention's
+    /// projections and token mixing; not ReLU, BatchNorm or pooling.
     pub fn macs(&self, shape: &[usize]) -> u64 {
         match (&self.kind, shape) {
             (LayerKind::Conv { inputs, outputs }, [_, h, w]) => {

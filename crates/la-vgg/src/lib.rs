@@ -44,6 +44,25 @@ pub enum Error {
     Import { tensor: String, reason: String },
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    #[error("{}: cannot read", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// What is wrong inside a file: its metadata, a tensor, the layout.
+    #[error("{}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("{}", path.display())]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: metadata::MetadataError,
+    },
     #[error("bad input: {0}")]
     Input(String),
     #[error(transparent)]

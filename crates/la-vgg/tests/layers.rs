@@ -123,7 +123,10 @@ fn metadata_is_typed_and_keeps_unknown_keys() {
     let mut wrong = metadata.clone();
     wrong.classes = Some(vec!["a".into()]);
     save_weights(&path, &wrong, &tensors).unwrap();
-    let err = load_weights(&path, &Device::Cpu).unwrap_err().to_string();
+    let err = load_weights(&path, &Device::Cpu).unwrap_err();
+    // The cause is kept as the error's source, not flattened into its text.
+    assert!(std::error::Error::source(&err).is_some());
+    let err = la_testing::error_chain(&err);
     assert!(
         err.contains("w.safetensors") && err.contains("`classes`"),
         "{err}"
