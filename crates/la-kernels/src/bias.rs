@@ -1,9 +1,10 @@
 //! A bias added along one axis, with a cheap gradient.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::cpu::{data as contiguous_data, sum_lanes, with_float};
+use crate::kernel::{apply, Grad, Input, Kernel};
 
 /// `x + bias`, with `bias` [size of `axis`] broadcast along the other dims of `x`: a Linear
 /// layer's bias on tokens (`axis` last) or on a channel-first map (`axis` 1).
@@ -24,8 +25,11 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> candle_core::Result<T
     if !crate::fast_path(&[x, bias])? {
         return add_bias_generic(x, bias, axis);
     }
-    x.contiguous()?
-        .apply_op2(&bias.contiguous()?, AddBias { axis })
+    apply(
+        "add-bias",
+        [&x.contiguous()?, &bias.contiguous()?],
+        AddBias { axis },
+    )
 }
 
 /// [`add_bias`] as Candle's `broadcast_add`, on any device and dtype.
@@ -100,18 +104,11 @@ fn bias_grad<T: WithDType>(grad: &[T], len: usize, inner: usize) -> Vec<T> {
         })
 }
 
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "add-bias"
-    }
-
-    fn cpu_fwd(
+impl Kernel<2> for AddBias {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(s1, l1), (s2, l2)]: [Input<CpuStorage>; 2],
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, len, inner) = self.split(l1.dims());
         let out = with_float!("add_bias", s1.dtype(), T => T::to_cpu_storage_owned(
             add_bias_forward::<T>(contiguous_data(s1, l1)?, contiguous_data(s2, l2)?, len, inner),
@@ -119,21 +116,15 @@ impl CustomOp2 for AddBias {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _bias: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, len, inner) = self.split(x.dims());
-        let grad = grad.contiguous()?;
+    fn backward(&self, g: Grad<2>) -> Result<[Option<Tensor>; 2]> {
+        let (_, len, inner) = self.split(g.inputs[0].dims());
+        let grad = g.grad.contiguous()?;
         fn sums<T: WithDType>(grad: &Tensor, len: usize, inner: usize) -> Result<Tensor> {
             let sums =
                 crate::cpu::with_slices::<T, _, 1>([grad], |[g]| Ok(bias_grad(g, len, inner)))?;
             Tensor::from_vec(sums, len, grad.device())
         }
         let grad_bias = with_float!("add_bias", grad.dtype(), T => sums::<T>(&grad, len, inner)?);
-        Ok((Some(grad), Some(grad_bias)))
+        Ok([Some(grad), Some(grad_bias)])
     }
 }

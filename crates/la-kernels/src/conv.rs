@@ -37,11 +37,12 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::cpu::{data, with_float, with_slices};
 use crate::gemm::{matmul, Mat};
+use crate::kernel::{apply, Grad, Input, Kernel};
 
 mod layout;
 mod scratch;
@@ -80,11 +81,8 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -
         None => Tensor::zeros(weight.dim(0)?, x.dtype(), x.device())?,
     };
     // The op reads plain slices; `contiguous` is a no-op (and differentiable) otherwise.
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        Conv3x3Op { relu },
-    )
+    let inputs = [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?];
+    apply("conv3x3-gemm", inputs, Conv3x3Op { relu })
 }
 
 /// [`conv3x3`] as Candle's `conv2d` + `broadcast_add` (+ `relu`), on any device and dtype.
@@ -111,19 +109,10 @@ struct Conv3x3Op {
     relu: bool,
 }
 
-impl CustomOp3 for Conv3x3Op {
-    fn name(&self) -> &'static str {
-        "conv3x3-gemm"
-    }
-
-    fn cpu_fwd(
+impl Kernel<3> for Conv3x3Op {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), l3.dims())?;
         let out = with_float!("conv3x3", s1.dtype(), T => T::to_cpu_storage_owned(
@@ -132,14 +121,8 @@ impl CustomOp3 for Conv3x3Op {
         Ok((out, Shape::from((g.batch, g.c_out, g.h, g.w))))
     }
 
-    fn bwd(
-        &self,
-        input: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        output: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let ([input, weight, bias], output, grad_out) = (g.inputs, g.output, g.grad);
         let g = Geometry::new(input.dims(), weight.dims(), bias.dims())?;
         let grad_out = grad_out.contiguous()?;
         // An input that wants no gradient (the images into the first conv) skips its GEMM.
@@ -173,7 +156,7 @@ impl CustomOp3 for Conv3x3Op {
         let args = [input, weight, &grad_out, &output];
         let [gi, gw, gb] = with_float!("conv3x3", input.dtype(), T => run::<T>(g, (need_input, relu), args, bias)?);
         let wanted = |t: Tensor, arg: &Tensor| arg.track_op().then_some(t);
-        Ok((wanted(gi, input), wanted(gw, weight), wanted(gb, bias)))
+        Ok([wanted(gi, input), wanted(gw, weight), wanted(gb, bias)])
     }
 }
 

@@ -9,7 +9,8 @@
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
 //! - Plumbing: [`form`] (which form runs), [`cpu`] (CPU slices, float trait, lane sums),
-//!   `gemm` (strided views into the gemm crate), `simd` (AVX-512/AVX2 dispatch),
+//!   `gemm` (strided views into the gemm crate), `simd` (AVX-512/AVX2 dispatch), `kernel`
+//!   (the one bridge to Candle's custom-op traits),
 //!   `precomputed` (generic ops whose backward is a closure of tensor ops).
 //! - [`parity`]: each op's generic form against its fast CPU form, for tests and selftests.
 
@@ -20,6 +21,7 @@ pub mod cpu;
 pub mod efficient;
 pub mod form;
 mod gemm;
+mod kernel;
 pub mod linear;
 pub mod norm;
 pub mod parity;

@@ -102,8 +102,11 @@ pub fn linear_attention_packed(
         let v = qkv.narrow(1, 2 * d, rows - 2 * d)?;
         return linear_attention_reference(&q, &k, &v, phi, eps);
     }
-    qkv.contiguous()?
-        .apply_op1(packed::FusedLinearAttention { phi, eps, d })
+    crate::kernel::apply(
+        "fused-linear-attention",
+        [&qkv.contiguous()?],
+        packed::FusedLinearAttention { phi, eps, d },
+    )
 }
 
 /// [`linear_attention`] as a composition of Candle ops (any device and dtype): its generic

@@ -12,7 +12,8 @@
 use std::sync::{Arc, Mutex};
 
 use crate::cpu::{data, with_float, with_slices};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
+use crate::kernel::{apply, Grad, Input, Kernel};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
@@ -34,7 +35,7 @@ pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
             eps: bn.eps(),
             stats: stats.clone(),
         };
-        let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+        let y = apply("batch-norm-relu", [&x.contiguous()?, weight, bias], op)?;
         let (mean, var) = stats
             .lock()
             .expect("poisoned stats lock")
@@ -289,20 +290,9 @@ fn backward<T: WithDType>(
     (dx, to_t(dweight), to_t(dbias))
 }
 
-impl CustomOp3 for BatchNormRelu {
-    fn name(&self) -> &'static str {
-        "batch-norm-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl Kernel<3> for BatchNormRelu {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (_, l2), (_, l3)] = inputs;
         let (b, c, h, w) = l1.shape().dims4()?;
         if l2.shape().dims() != [c] || l3.shape().dims() != [c] {
             candle_core::bail!("batch norm: {c} channels, parameters {:?}", l2.shape());
@@ -310,9 +300,7 @@ impl CustomOp3 for BatchNormRelu {
         let d = Dims { b, c, hw: h * w };
         fn run<T: WithDType>(
             op: &BatchNormRelu,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
+            [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
             d: Dims,
         ) -> Result<Vec<T>> {
             let x = data::<T>(s1, l1)?;
@@ -321,21 +309,14 @@ impl CustomOp3 for BatchNormRelu {
             *op.stats.lock().expect("poisoned stats lock") = Some((mean, var));
             Ok(y)
         }
-        let args = ((s1, l1), (s2, l2), (s3, l3));
         let out = with_float!("batch norm", s1.dtype(), T => T::to_cpu_storage_owned(
-            run::<T>(self, args.0, args.1, args.2, d)?,
+            run::<T>(self, inputs, d)?,
         ));
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let ([x, weight, bias], y, grad) = (g.inputs, g.output, g.grad);
         let (b, c, h, w) = x.dims4()?;
         let d = Dims { b, c, hw: h * w };
         let (mean, var) = self
@@ -364,6 +345,6 @@ impl CustomOp3 for BatchNormRelu {
         let stats = (mean.as_slice(), var.as_slice(), self.eps);
         let [dx, dw, db] =
             with_float!("batch norm", x.dtype(), T => run::<T>(args, bias, d, stats)?);
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok([Some(dx), Some(dw), Some(db)])
     }
 }

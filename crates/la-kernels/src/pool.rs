@@ -2,7 +2,8 @@
 //! and adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`), which Candle lacks.
 
 use crate::cpu::{data, with_float, with_slices};
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, WithDType};
+use crate::kernel::{apply, Grad, Input, Kernel};
+use candle_core::{CpuStorage, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Pools [b, c, h, w] to [b, c, out, out] with PyTorch's bins: output cell i averages rows
@@ -53,7 +54,7 @@ pub fn max_pool_2x2(x: &Tensor) -> candle_core::Result<Tensor> {
     if !crate::fast_path(&[x])? {
         return max_pool_2x2_generic(x);
     }
-    x.contiguous()?.apply_op1(MaxPool2x2)
+    apply("max-pool-2x2", [&x.contiguous()?], MaxPool2x2)
 }
 
 /// [`max_pool_2x2`] from Candle ops, on any device and dtype: Candle's `max_pool2d` for the
@@ -191,12 +192,11 @@ fn pool_backward<T: WithDType>(x: &[T], grad: &[T], planes: usize, h: usize, w: 
     grad_in
 }
 
-impl candle_core::CustomOp1 for MaxPool2x2 {
-    fn name(&self) -> &'static str {
-        "max-pool-2x2"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl Kernel<1> for MaxPool2x2 {
+    fn cpu_forward(
+        &self,
+        [(storage, layout)]: [Input<CpuStorage>; 1],
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
         let shape = Shape::from((b, c, h / 2, w / 2));
         let storage = with_float!("max-pool-2x2", storage.dtype(), T => T::to_cpu_storage_owned(
@@ -205,8 +205,8 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
         Ok((storage, shape))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad_res = grad_res.contiguous()?;
+    fn backward(&self, g: Grad<1>) -> Result<[Option<Tensor>; 1]> {
+        let (arg, grad_res) = (g.inputs[0], g.grad.contiguous()?);
         fn run<T: WithDType>(arg: &Tensor, grad: &Tensor) -> Result<Tensor> {
             let (b, c, h, w) = arg.dims4()?;
             let grad =
@@ -214,6 +214,6 @@ impl candle_core::CustomOp1 for MaxPool2x2 {
             Tensor::from_vec(grad, arg.shape(), arg.device())
         }
         let grad = with_float!("max-pool-2x2", arg.dtype(), T => run::<T>(arg, &grad_res)?);
-        Ok(Some(grad))
+        Ok([Some(grad)])
     }
 }

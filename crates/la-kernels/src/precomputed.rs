@@ -15,7 +15,9 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Storage, Tensor};
+
+use crate::kernel::{apply, Grad, Input, Kernel};
 
 type Backward1 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 type Backward3 =
@@ -33,11 +35,10 @@ pub(crate) fn unary(
         return Ok(output);
     }
     let op = Unary {
-        name,
         output: Output::new(output)?,
         backward: Arc::new(backward),
     };
-    x.apply_op1(op)
+    apply(name, [x], op)
 }
 
 /// As [`unary`] for three inputs; `backward` returns the gradient of each input.
@@ -54,11 +55,10 @@ pub(crate) fn ternary(
         return Ok(output);
     }
     let op = Ternary {
-        name,
         output: Output::new(output)?,
         backward: Arc::new(backward),
     };
-    inputs[0].apply_op3(inputs[1], inputs[2], op)
+    apply(name, inputs, op)
 }
 
 /// A computed result, laid out so that a clone of its storage is the result itself.
@@ -90,83 +90,53 @@ impl Output {
 }
 
 struct Unary {
-    name: &'static str,
     output: Output,
     backward: Arc<Backward1>,
 }
 
-impl CustomOp1 for Unary {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+impl Kernel<1> for Unary {
+    fn cpu_forward(&self, _: [Input<CpuStorage>; 1]) -> Result<(CpuStorage, Shape)> {
         self.output.cpu()
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda_forward(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        _: [Input<candle_core::CudaStorage>; 1],
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.output.cuda()
     }
 
-    fn bwd(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.backward)(&x.detach(), &out.detach(), &grad.detach()).map(Some)
+    fn backward(&self, g: Grad<1>) -> Result<[Option<Tensor>; 1]> {
+        let x = g.inputs[0].detach();
+        Ok([Some((self.backward)(
+            &x,
+            &g.output.detach(),
+            &g.grad.detach(),
+        )?)])
     }
 }
 
 struct Ternary {
-    name: &'static str,
     output: Output,
     backward: Arc<Backward3>,
 }
 
-impl CustomOp3 for Ternary {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl Kernel<3> for Ternary {
+    fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         self.output.cpu()
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda_forward(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        _: [Input<candle_core::CudaStorage>; 3],
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.output.cuda()
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb, gc] = (self.backward)(
-            [&a.detach(), &b.detach(), &c.detach()],
-            &out.detach(),
-            &grad.detach(),
-        )?;
-        Ok((ga, gb, gc))
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let [a, b, c] = g.inputs.map(Tensor::detach);
+        (self.backward)([&a, &b, &c], &g.output.detach(), &g.grad.detach())
     }
 }

@@ -12,12 +12,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::cpu::{data as slice, dot, sum_lanes, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
+use crate::kernel::{apply, Grad, Input, Kernel};
 use crate::simd::with_simd;
 
 mod chunked;
@@ -45,8 +46,8 @@ pub fn softmax_attention(
         scale,
         log_sum_exp: Arc::new(Mutex::new(None)),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let inputs = [&q.contiguous()?, &k.contiguous()?, &v.contiguous()?];
+    apply("tiled-softmax-attention", inputs, op)
 }
 
 /// The same function from plain Candle ops: materialises the [b, n, n] attention matrix.
@@ -99,20 +100,11 @@ struct Dims {
     c: usize,
 }
 
-impl CustomOp3 for TiledSoftmaxAttention {
-    fn name(&self) -> &'static str {
-        "tiled-softmax-attention"
-    }
-
-    fn cpu_fwd(
+impl Kernel<3> for TiledSoftmaxAttention {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, n, d) = l1.shape().dims3()?;
         let c = l3.shape().dims3()?.2;
         let dims = Dims { b, n, d, c };
@@ -125,14 +117,8 @@ impl CustomOp3 for TiledSoftmaxAttention {
         Ok((storage, Shape::from((b, n, c))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad_out: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let ([q, k, v], out, grad_out) = (g.inputs, g.output, g.grad);
         let (b, n, d) = q.dims3()?;
         let c = v.dim(2)?;
         let dims = Dims { b, n, d, c };
@@ -167,7 +153,7 @@ impl CustomOp3 for TiledSoftmaxAttention {
             let lse: Vec<T> = lse.iter().map(|&x| x as T).collect();
             run::<T>(args, &lse, dims, self.scale as T)?
         });
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok([Some(dq), Some(dk), Some(dv)])
     }
 }
 

@@ -1,11 +1,12 @@
 //! `phi_k x^T`, linear attention's context before the value projection, with its backward.
 
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{assemble, chunks, cpu_data, CHUNK, GEMM_MIN_D};
 use crate::cpu::{dot, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
+use crate::kernel::{apply, Grad, Input, Kernel};
 use crate::simd::with_simd;
 
 /// `phi_k x^T` [b, d, c] for phi_k [b, d, n] and x [b, c, n]: the context of linear attention
@@ -25,9 +26,11 @@ pub fn token_context(phi_k: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> 
     if !crate::fast_path(&[phi_k, x])? {
         return token_context_generic(phi_k, x);
     }
-    phi_k
-        .contiguous()?
-        .apply_op2(&x.contiguous()?, TokenContext)
+    apply(
+        "token-context",
+        [&phi_k.contiguous()?, &x.contiguous()?],
+        TokenContext,
+    )
 }
 
 /// [`token_context`] as Candle's matmul, on any device and dtype.
@@ -148,18 +151,11 @@ fn token_context_backward<T: Real>(
     (dk, dx)
 }
 
-impl candle_core::CustomOp2 for TokenContext {
-    fn name(&self) -> &'static str {
-        "token-context"
-    }
-
-    fn cpu_fwd(
+impl Kernel<2> for TokenContext {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(s1, l1), (s2, l2)]: [Input<CpuStorage>; 2],
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
         let out = with_float!("token context", s1.dtype(), T => T::to_cpu_storage_owned(
@@ -168,20 +164,15 @@ impl candle_core::CustomOp2 for TokenContext {
         Ok((out, Shape::from((b, d, c))))
     }
 
-    fn bwd(
-        &self,
-        phi_k: &Tensor,
-        x: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<2>) -> Result<[Option<Tensor>; 2]> {
+        let [phi_k, x] = g.inputs;
         let (_, d, n) = phi_k.dims3()?;
         let c = x.dim(1)?;
-        let grad = grad.contiguous()?;
+        let grad = g.grad.contiguous()?;
         fn run<T: Real + candle_core::WithDType>(
             [k, x, grad]: [&Tensor; 3],
             (d, c, n): (usize, usize, usize),
-        ) -> candle_core::Result<[Tensor; 2]> {
+        ) -> Result<[Tensor; 2]> {
             let (dk, dx) = crate::cpu::with_slices::<T, _, 3>([k, x, grad], |[k, x, g]| {
                 Ok(token_context_backward(k, x, g, d, c, n))
             })?;
@@ -192,6 +183,6 @@ impl candle_core::CustomOp2 for TokenContext {
         }
         let args = [phi_k, x, &grad];
         let [dk, dx] = with_float!("token context", phi_k.dtype(), T => run::<T>(args, (d, c, n))?);
-        Ok((Some(dk), Some(dx)))
+        Ok([Some(dk), Some(dx)])
     }
 }

@@ -3,12 +3,13 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK, GEMM_MIN_D};
 use crate::cpu::{with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
+use crate::kernel::{apply, Grad, Input, Kernel};
 use crate::simd::with_simd;
 
 /// The last step of linear attention with the value and output projections folded in:
@@ -39,11 +40,8 @@ pub fn folded_output(
     if !crate::fast_path(&[q, m, s])? {
         return folded_output_generic(q, m, s, phi, eps);
     }
-    q.contiguous()?.apply_op3(
-        &m.contiguous()?,
-        &s.contiguous()?,
-        FoldedOutput { phi, eps },
-    )
+    let inputs = [&q.contiguous()?, &m.contiguous()?, &s.contiguous()?];
+    apply("linear-attention-output", inputs, FoldedOutput { phi, eps })
 }
 
 /// [`folded_output`] as a composition of Candle ops, on any device and dtype:
@@ -313,20 +311,11 @@ fn folded_backward<T: Real>(
     (dq, dm, ds)
 }
 
-impl CustomOp3 for FoldedOutput {
-    fn name(&self) -> &'static str {
-        "linear-attention-output"
-    }
-
-    fn cpu_fwd(
+impl Kernel<3> for FoldedOutput {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
         let dims = LinDims { d, c, n };
@@ -337,14 +326,8 @@ impl CustomOp3 for FoldedOutput {
         Ok((out, Shape::from((b, c, n))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        m: &Tensor,
-        s: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let ([q, m, s], out, grad) = (g.inputs, g.output, g.grad);
         let (_, d, n) = q.dims3()?;
         let dims = LinDims { d, c: m.dim(1)?, n };
         let grad = grad.contiguous()?;
@@ -368,7 +351,7 @@ impl CustomOp3 for FoldedOutput {
         let [dq, dm, ds] = with_float!("linear attention output", q.dtype(), T => {
             run::<T>(self, args, dims, self.eps as T)?
         });
-        Ok((Some(dq), Some(dm), Some(ds)))
+        Ok([Some(dq), Some(dm), Some(ds)])
     }
 }
 
@@ -409,8 +392,12 @@ pub fn folded_output_residual(
             m.shape()
         );
     }
-    q.contiguous()?
-        .apply_op3(&packed, &x.contiguous()?, FoldedResidual { phi, eps })
+    let inputs = [&q.contiguous()?, &packed, &x.contiguous()?];
+    apply(
+        "linear-attention-output-residual",
+        inputs,
+        FoldedResidual { phi, eps },
+    )
 }
 
 /// The op on (q, P, x) of [`folded_output_residual`].
@@ -442,20 +429,11 @@ fn unpack<T>(p: &[T], i: usize, dims: LinDims) -> Small<'_, T> {
     }
 }
 
-impl CustomOp3 for FoldedResidual {
-    fn name(&self) -> &'static str {
-        "linear-attention-output-residual"
-    }
-
-    fn cpu_fwd(
+impl Kernel<3> for FoldedResidual {
+    fn cpu_forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = Self::dims(l1.shape(), l3.shape())?;
         fn run<T: Real + candle_core::WithDType>(
             q: &[T],
@@ -492,14 +470,8 @@ impl CustomOp3 for FoldedResidual {
         Ok((out, l3.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        p: &Tensor,
-        x: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+        let ([q, p, x], out, grad) = (g.inputs, g.output, g.grad);
         let dims = Self::dims(q.shape(), x.shape())?;
         let grad = grad.contiguous()?;
         fn run<T: Real + candle_core::WithDType>(
@@ -521,7 +493,7 @@ impl CustomOp3 for FoldedResidual {
         let [dq, dp] = with_float!("linear attention output", q.dtype(), T => {
             run::<T>(self, args, dims, self.eps as T)?
         });
-        Ok((Some(dq), Some(dp), Some(grad)))
+        Ok([Some(dq), Some(dp), Some(grad)])
     }
 }
 

@@ -1,11 +1,12 @@
 //! [`super::linear_attention_packed`]'s fused op: q, k and v stacked in one tensor.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{add_into, assemble, chunks, cpu_data, FeatureMap, LinDims, CHUNK};
 use crate::cpu::{dot, sum_lanes, with_float, Real};
 use crate::gemm::{matmul_scaled as matmul, view};
+use crate::kernel::{Grad, Input, Kernel};
 use crate::simd::with_simd;
 
 /// The fused CPU op on (q, k, v). Why: at 224x224 (N = 50,176 tokens) the composition of
@@ -253,16 +254,11 @@ impl FusedLinearAttention {
     }
 }
 
-impl CustomOp1 for FusedLinearAttention {
-    fn name(&self) -> &'static str {
-        "fused-linear-attention"
-    }
-
-    fn cpu_fwd(
+impl Kernel<1> for FusedLinearAttention {
+    fn cpu_forward(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        [(storage, layout)]: [Input<CpuStorage>; 1],
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, dims) = self.dims(layout.shape())?;
         let out = with_float!("linear attention", storage.dtype(), T => T::to_cpu_storage_owned(
             fused_forward::<T>(cpu_data(storage, layout)?, dims, self.phi, self.eps as T),
@@ -270,20 +266,16 @@ impl CustomOp1 for FusedLinearAttention {
         Ok((out, Shape::from((b, dims.c, dims.n))))
     }
 
-    fn bwd(
-        &self,
-        qkv: &Tensor,
-        mixed: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn backward(&self, g: Grad<1>) -> Result<[Option<Tensor>; 1]> {
+        let (qkv, mixed) = (g.inputs[0], g.output);
         let (_, dims) = self.dims(qkv.shape())?;
-        let grad = grad.contiguous()?;
+        let grad = g.grad.contiguous()?;
         fn run<T: Real + candle_core::WithDType>(
             op: &FusedLinearAttention,
             [qkv, mixed, grad]: [&Tensor; 3],
             dims: LinDims,
             eps: T,
-        ) -> candle_core::Result<Tensor> {
+        ) -> Result<Tensor> {
             let dqkv =
                 crate::cpu::with_slices::<T, _, 3>([qkv, mixed, grad], |[qkv, mixed, grad]| {
                     Ok(fused_backward(qkv, mixed, grad, dims, op.phi, eps))
@@ -294,6 +286,6 @@ impl CustomOp1 for FusedLinearAttention {
         let dqkv = with_float!("linear attention", qkv.dtype(), T => {
             run::<T>(self, args, dims, self.eps as T)?
         });
-        Ok(Some(dqkv))
+        Ok([Some(dqkv)])
     }
 }
