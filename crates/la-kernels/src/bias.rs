@@ -105,10 +105,8 @@ fn bias_grad<T: WithDType>(grad: &[T], len: usize, inner: usize) -> Vec<T> {
 }
 
 impl Kernel<2> for AddBias {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2)]: [Input<CpuStorage>; 2],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 2]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2)] = inputs;
         let (_, len, inner) = self.split(l1.dims());
         let out = with_float!("add_bias", s1.dtype(), T => T::to_cpu_storage_owned(
             add_bias_forward::<T>(contiguous_data(s1, l1)?, contiguous_data(s2, l2)?, len, inner),

@@ -110,10 +110,8 @@ struct Conv3x3Op {
 }
 
 impl Kernel<3> for Conv3x3Op {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
         let g = Geometry::new(l1.dims(), l2.dims(), l3.dims())?;
         let out = with_float!("conv3x3", s1.dtype(), T => T::to_cpu_storage_owned(
             forward::<T>(g, self.relu, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?),

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -119,12 +119,7 @@ pub fn linear_attention_reference(
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
-    let work = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let (q, k, v) = (q.to_dtype(work)?, k.to_dtype(work)?, v.to_dtype(work)?);
+    let [q, k, v] = crate::activation::in_working_precision([q, k, v])?;
     let (q, k) = (phi.apply(&q)?, phi.apply(&k)?);
     let context = k.matmul(&v.t()?)?; // [b, d, c] = sum_j phi(k_j) v_j^T
     let numerator = context.t()?.matmul(&q)?; // [b, c, n]

@@ -193,10 +193,8 @@ fn pool_backward<T: WithDType>(x: &[T], grad: &[T], planes: usize, h: usize, w: 
 }
 
 impl Kernel<1> for MaxPool2x2 {
-    fn cpu_forward(
-        &self,
-        [(storage, layout)]: [Input<CpuStorage>; 1],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 1]) -> Result<(CpuStorage, Shape)> {
+        let [(storage, layout)] = inputs;
         let (b, c, h, w) = layout.shape().dims4()?;
         let shape = Shape::from((b, c, h / 2, w / 2));
         let storage = with_float!("max-pool-2x2", storage.dtype(), T => T::to_cpu_storage_owned(

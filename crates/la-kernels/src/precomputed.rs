@@ -17,11 +17,10 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result, Shape, Storage, Tensor};
 
-use crate::kernel::{apply, Grad, Input, Kernel};
+use crate::kernel::{apply, Applied, Grad, Input, Kernel, Op};
 
-type Backward1 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
-type Backward3 =
-    dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync;
+type Backward<const N: usize> =
+    dyn Fn([&Tensor; N], &Tensor, &Tensor) -> Result<[Option<Tensor>; N]> + Send + Sync;
 
 /// `output` (computed from `x` without a graph) as a tensor whose gradient with respect to
 /// `x` is `backward(x, output, grad_output)`.
@@ -31,14 +30,9 @@ pub(crate) fn unary(
     output: Tensor,
     backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(output);
-    }
-    let op = Unary {
-        output: Output::new(output)?,
-        backward: Arc::new(backward),
-    };
-    apply(name, [x], op)
+    precomputed(name, [x], output, move |[x], out, grad| {
+        Ok([Some(backward(x, out, grad)?)])
+    })
 }
 
 /// As [`unary`] for three inputs; `backward` returns the gradient of each input.
@@ -51,10 +45,25 @@ pub(crate) fn ternary(
         + Sync
         + 'static,
 ) -> Result<Tensor> {
+    precomputed(name, inputs, output, backward)
+}
+
+fn precomputed<const N: usize>(
+    name: &'static str,
+    inputs: [&Tensor; N],
+    output: Tensor,
+    backward: impl Fn([&Tensor; N], &Tensor, &Tensor) -> Result<[Option<Tensor>; N]>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor>
+where
+    Op<Precomputed<N>>: Applied<N>,
+{
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(output);
     }
-    let op = Ternary {
+    let op = Precomputed {
         output: Output::new(output)?,
         backward: Arc::new(backward),
     };
@@ -89,54 +98,30 @@ impl Output {
     }
 }
 
-struct Unary {
+struct Precomputed<const N: usize> {
     output: Output,
-    backward: Arc<Backward1>,
+    backward: Arc<Backward<N>>,
 }
 
-impl Kernel<1> for Unary {
-    fn cpu_forward(&self, _: [Input<CpuStorage>; 1]) -> Result<(CpuStorage, Shape)> {
+impl<const N: usize> Kernel<N> for Precomputed<N> {
+    fn cpu_forward(&self, _: [Input<CpuStorage>; N]) -> Result<(CpuStorage, Shape)> {
         self.output.cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_forward(
         &self,
-        _: [Input<candle_core::CudaStorage>; 1],
+        _: [Input<candle_core::CudaStorage>; N],
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.output.cuda()
     }
 
-    fn backward(&self, g: Grad<1>) -> Result<[Option<Tensor>; 1]> {
-        let x = g.inputs[0].detach();
-        Ok([Some((self.backward)(
-            &x,
+    fn backward(&self, g: Grad<N>) -> Result<[Option<Tensor>; N]> {
+        let inputs = g.inputs.map(Tensor::detach);
+        (self.backward)(
+            std::array::from_fn(|i| &inputs[i]),
             &g.output.detach(),
             &g.grad.detach(),
-        )?)])
-    }
-}
-
-struct Ternary {
-    output: Output,
-    backward: Arc<Backward3>,
-}
-
-impl Kernel<3> for Ternary {
-    fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_forward(
-        &self,
-        _: [Input<candle_core::CudaStorage>; 3],
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda()
-    }
-
-    fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
-        let [a, b, c] = g.inputs.map(Tensor::detach);
-        (self.backward)([&a, &b, &c], &g.output.detach(), &g.grad.detach())
+        )
     }
 }

@@ -101,10 +101,8 @@ struct Dims {
 }
 
 impl Kernel<3> for TiledSoftmaxAttention {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
         let (b, n, d) = l1.shape().dims3()?;
         let c = l3.shape().dims3()?.2;
         let dims = Dims { b, n, d, c };
@@ -276,6 +274,64 @@ fn softmax_grad_tile<T: Real>(
     }
 }
 
+/// One image's inputs to the backward pass, row-major: q, k [n, d], v, dO [n, c], and
+/// per query the log-sum-exp and delta.
+struct Image<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    grad_out: &'a [T],
+    lse: &'a [T],
+    delta: &'a [T],
+    dims: (usize, usize),
+    scale: T,
+}
+
+impl<T: Real> Image<'_, T> {
+    fn key_rows(&self, j0: usize, tk: usize) -> &[T] {
+        let d = self.dims.0;
+        &self.k[j0 * d..(j0 + tk) * d]
+    }
+
+    /// P and dS of query rows `i0..i0 + tq` against key rows `j0..j0 + tk`.
+    fn tile_grads(
+        &self,
+        (i0, tq): (usize, usize),
+        (j0, tk): (usize, usize),
+        p: &mut [T],
+        ds: &mut [T],
+    ) {
+        let (d, c) = self.dims;
+        tile_grads(
+            &self.q[i0 * d..(i0 + tq) * d],
+            self.key_rows(j0, tk),
+            &self.v[j0 * c..(j0 + tk) * c],
+            &self.grad_out[i0 * c..(i0 + tq) * c],
+            &self.lse[i0..i0 + tq],
+            &self.delta[i0..i0 + tq],
+            self.dims,
+            self.scale,
+            p,
+            ds,
+        );
+    }
+
+    /// Adds the tile's part of dK and dV (of its key rows) from P and dS.
+    fn add_key_grads(
+        &self,
+        (i0, tq): (usize, usize),
+        p: &[T],
+        ds: &[T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) {
+        let (d, c) = self.dims;
+        let q_rows = &self.q[i0 * d..(i0 + tq) * d];
+        let go_rows = &self.grad_out[i0 * c..(i0 + tq) * c];
+        add_key_grads(p, ds, q_rows, go_rows, self.dims, dk, dv);
+    }
+}
+
 /// One (query tile, key tile) pair of the backward: P = exp(scale Q K^T - lse) into `p` and
 /// dS = P (dO V^T - delta) scale into `ds`, both [tq, tk] (tq = `lse.len()`).
 #[allow(clippy::too_many_arguments)]
@@ -389,15 +445,15 @@ fn backward<T: Real>(
     let mut dq = vec![T::zero(); b * n * d];
     let mut dk = vec![T::zero(); b * n * d];
     let mut dv = vec![T::zero(); b * n * c];
-    let slices = |bi: usize| {
-        (
-            &q[bi * n * d..(bi + 1) * n * d],
-            &k[bi * n * d..(bi + 1) * n * d],
-            &v[bi * n * c..(bi + 1) * n * c],
-            &grad_out[bi * n * c..(bi + 1) * n * c],
-            &lse[bi * n..(bi + 1) * n],
-            &delta[bi * n..(bi + 1) * n],
-        )
+    let slices = |bi: usize| Image {
+        q: &q[bi * n * d..(bi + 1) * n * d],
+        k: &k[bi * n * d..(bi + 1) * n * d],
+        v: &v[bi * n * c..(bi + 1) * n * c],
+        grad_out: &grad_out[bi * n * c..(bi + 1) * n * c],
+        lse: &lse[bi * n..(bi + 1) * n],
+        delta: &delta[bi * n..(bi + 1) * n],
+        dims: (d, c),
+        scale,
     };
 
     if b >= rayon::current_num_threads() {
@@ -410,7 +466,7 @@ fn backward<T: Real>(
             .zip(dv.par_chunks_mut(n * c))
             .enumerate()
             .for_each(|(bi, ((dq_b, dk_b), dv_b))| {
-                let (q_b, k_b, v_b, go_b, lse_b, delta_b) = slices(bi);
+                let image = slices(bi);
                 // 64-128 KB each: on the heap rather than a rayon worker's stack.
                 #[allow(clippy::useless_vec)]
                 let (mut p, mut ds) = (
@@ -419,31 +475,16 @@ fn backward<T: Real>(
                 );
                 for j0 in (0..n).step_by(TILE_K) {
                     let tk = TILE_K.min(n - j0);
-                    let k_rows = &k_b[j0 * d..(j0 + tk) * d];
-                    let v_rows = &v_b[j0 * c..(j0 + tk) * c];
                     let dk_t = &mut dk_b[j0 * d..(j0 + tk) * d];
                     let dv_t = &mut dv_b[j0 * c..(j0 + tk) * c];
                     for i0 in (0..n).step_by(TILE_Q) {
                         let tq = TILE_Q.min(n - i0);
                         let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
-                        let q_rows = &q_b[i0 * d..(i0 + tq) * d];
-                        let go_rows = &go_b[i0 * c..(i0 + tq) * c];
                         let dq_t = &mut dq_b[i0 * d..(i0 + tq) * d];
-                        tile_grads(
-                            q_rows,
-                            k_rows,
-                            v_rows,
-                            go_rows,
-                            &lse_b[i0..i0 + tq],
-                            &delta_b[i0..i0 + tq],
-                            (d, c),
-                            scale,
-                            p,
-                            ds,
-                        );
+                        image.tile_grads((i0, tq), (j0, tk), p, ds);
                         let (p, ds) = (&*p, &*ds);
-                        add_key_grads(p, ds, q_rows, go_rows, (d, c), dk_t, dv_t);
-                        add_query_grad(ds, k_rows, d, dq_t);
+                        image.add_key_grads((i0, tq), p, ds, dk_t, dv_t);
+                        add_query_grad(ds, image.key_rows(j0, tk), d, dq_t);
                     }
                 }
             });
@@ -452,7 +493,7 @@ fn backward<T: Real>(
 
     // Pass 1: dQ, one query tile per task.
     dq.par_chunks_mut(n * d).enumerate().for_each(|(bi, dq_b)| {
-        let (q_b, k_b, v_b, go_b, lse_b, delta_b) = slices(bi);
+        let image = slices(bi);
         dq_b.par_chunks_mut(TILE_Q * d)
             .enumerate()
             .for_each(|(ti, dq_t)| {
@@ -463,21 +504,8 @@ fn backward<T: Real>(
                 for j0 in (0..n).step_by(TILE_K) {
                     let tk = TILE_K.min(n - j0);
                     let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
-                    let k_rows = &k_b[j0 * d..(j0 + tk) * d];
-                    let v_rows = &v_b[j0 * c..(j0 + tk) * c];
-                    tile_grads(
-                        &q_b[i0 * d..(i0 + tq) * d],
-                        k_rows,
-                        v_rows,
-                        &go_b[i0 * c..(i0 + tq) * c],
-                        &lse_b[i0..i0 + tq],
-                        &delta_b[i0..i0 + tq],
-                        (d, c),
-                        scale,
-                        p,
-                        ds,
-                    );
-                    add_query_grad(ds, k_rows, d, dq_t);
+                    image.tile_grads((i0, tq), (j0, tk), p, ds);
+                    add_query_grad(ds, image.key_rows(j0, tk), d, dq_t);
                 }
             });
     });
@@ -487,35 +515,20 @@ fn backward<T: Real>(
         .zip(dv.par_chunks_mut(n * c))
         .enumerate()
         .for_each(|(bi, (dk_b, dv_b))| {
-            let (q_b, k_b, v_b, go_b, lse_b, delta_b) = slices(bi);
+            let image = slices(bi);
             dk_b.par_chunks_mut(TILE_K * d)
                 .zip(dv_b.par_chunks_mut(TILE_K * c))
                 .enumerate()
                 .for_each(|(tj, (dk_t, dv_t))| {
                     let j0 = tj * TILE_K;
                     let tk = dk_t.len() / d;
-                    let k_rows = &k_b[j0 * d..(j0 + tk) * d];
-                    let v_rows = &v_b[j0 * c..(j0 + tk) * c];
                     let mut p = vec![T::zero(); TILE_Q * tk];
                     let mut ds = vec![T::zero(); TILE_Q * tk];
                     for i0 in (0..n).step_by(TILE_Q) {
                         let tq = TILE_Q.min(n - i0);
                         let (p, ds) = (&mut p[..tq * tk], &mut ds[..tq * tk]);
-                        let q_rows = &q_b[i0 * d..(i0 + tq) * d];
-                        let go_rows = &go_b[i0 * c..(i0 + tq) * c];
-                        tile_grads(
-                            q_rows,
-                            k_rows,
-                            v_rows,
-                            go_rows,
-                            &lse_b[i0..i0 + tq],
-                            &delta_b[i0..i0 + tq],
-                            (d, c),
-                            scale,
-                            p,
-                            ds,
-                        );
-                        add_key_grads(p, ds, q_rows, go_rows, (d, c), dk_t, dv_t);
+                        image.tile_grads((i0, tq), (j0, tk), p, ds);
+                        image.add_key_grads((i0, tq), p, ds, dk_t, dv_t);
                     }
                 });
         });

@@ -152,10 +152,8 @@ fn token_context_backward<T: Real>(
 }
 
 impl Kernel<2> for TokenContext {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2)]: [Input<CpuStorage>; 2],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 2]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2)] = inputs;
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
         let out = with_float!("token context", s1.dtype(), T => T::to_cpu_storage_owned(

@@ -312,10 +312,8 @@ fn folded_backward<T: Real>(
 }
 
 impl Kernel<3> for FoldedOutput {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
         let (b, d, n) = l1.shape().dims3()?;
         let c = l2.shape().dims3()?.1;
         let dims = LinDims { d, c, n };
@@ -430,10 +428,8 @@ fn unpack<T>(p: &[T], i: usize, dims: LinDims) -> Small<'_, T> {
 }
 
 impl Kernel<3> for FoldedResidual {
-    fn cpu_forward(
-        &self,
-        [(s1, l1), (s2, l2), (s3, l3)]: [Input<CpuStorage>; 3],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+        let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
         let dims = Self::dims(l1.shape(), l3.shape())?;
         fn run<T: Real + candle_core::WithDType>(
             q: &[T],

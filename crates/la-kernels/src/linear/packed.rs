@@ -255,10 +255,8 @@ impl FusedLinearAttention {
 }
 
 impl Kernel<1> for FusedLinearAttention {
-    fn cpu_forward(
-        &self,
-        [(storage, layout)]: [Input<CpuStorage>; 1],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward(&self, inputs: [Input<CpuStorage>; 1]) -> Result<(CpuStorage, Shape)> {
+        let [(storage, layout)] = inputs;
         let (b, dims) = self.dims(layout.shape())?;
         let out = with_float!("linear attention", storage.dtype(), T => T::to_cpu_storage_owned(
             fused_forward::<T>(cpu_data(storage, layout)?, dims, self.phi, self.eps as T),
