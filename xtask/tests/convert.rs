@@ -72,14 +72,7 @@ fn the_golden_torchvision_file_converts_with_fresh_softmax_attention() {
     assert_eq!(w.metadata.other["source_sha256"], sha256_hex(&bytes));
     // Fresh attention is Kaiming-normal (fan in), not zero; the convs are the file's.
     let q = &w.tensors["blocks.2.attention.query.weight"];
-    let std = q
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
+    let std = la_testing::rms(q) as f32;
     let expected = (2.0f32 / 32.0).sqrt();
     assert!(
         (std / expected - 1.0).abs() < 0.35,
@@ -339,14 +332,7 @@ fn classes_head_and_zero_init_options() {
     let fresh: Vec<String> = serde_json::from_str(&w.metadata.other["fresh"]).unwrap();
     assert!(fresh.contains(&"head.logits.weight".to_string()));
     assert!(!fresh.iter().any(|n| n.starts_with("head.fc")));
-    let sum = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let sum = |t: &Tensor| la_testing::abs_sum(t);
     assert_eq!(sum(&w.tensors["blocks.0.attention.out.weight"]), 0.0);
     assert!(sum(&w.tensors["blocks.0.attention.query.weight"]) > 0.0);
     // A zero output projection: the attention model computes exactly the pretrained network.

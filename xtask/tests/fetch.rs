@@ -285,16 +285,7 @@ fn direct_answers_bn_arch_and_options() {
     assert_eq!(a.kind, la_attention::AttentionKind::Linear);
     assert!(a.zero_init_out);
     let out_w = &w.tensors["blocks.3.attention.out.weight"];
-    assert_eq!(
-        out_w
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(la_testing::abs_sum(out_w), 0.0);
     assert_eq!(
         max_abs_diff(
             &w.tensors["blocks.2.norms.1.running_var"],

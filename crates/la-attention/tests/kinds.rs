@@ -266,14 +266,12 @@ fn gradients_match_finite_differences() {
                 .map(|(n, v)| (n.clone(), v.clone())),
         );
         for (name, var) in targets {
-            let analytic: Vec<f64> = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{kind}: no gradient for {name}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let analytic = la_testing::values(
+                grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{kind}: no gradient for {name}")),
+            );
+            let base = la_testing::values(var.as_tensor());
             let shape = var.as_tensor().shape().clone();
             let step = (base.len() / 7).max(1);
             for idx in (0..base.len()).step_by(step) {
@@ -320,27 +318,13 @@ fn zero_initialised_output_projection_is_the_identity() {
         let module = SpatialAttention::new(16, config, vb).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 16, 6, 6), &dev).unwrap();
         let y = module.forward(&x).unwrap();
-        let diff = (y - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = la_testing::max_abs_diff(&y, &x);
         assert_eq!(diff, 0.0, "{kind}");
         // The other projections are Kaiming-initialised, not zero.
         let wq = varmap.data().lock().unwrap()["query.weight"]
             .as_tensor()
             .clone();
-        let std = wq
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
+        let std = la_testing::rms(&wq) as f32;
         assert!((0.1..1.0).contains(&std), "{kind}: query weight std {std}");
     }
 }

@@ -22,31 +22,10 @@ fn add_bias_matches_broadcast_add_values_and_gradients() {
             .as_tensor()
             .broadcast_add(&b.as_tensor().reshape(bshape).unwrap())
             .unwrap();
-        let diff = |a: &Tensor, r: &Tensor| {
-            (a - r)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let diff = la_testing::max_abs_diff;
         assert_eq!(diff(&ours, &reference), 0.0);
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(ours), grads(reference));
         for v in [&x, &b] {
             let d = diff(
                 g1.get(v.as_tensor()).unwrap(),

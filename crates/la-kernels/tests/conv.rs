@@ -56,14 +56,7 @@ fn randn(dtype: DType, shape: &[usize]) -> Tensor {
         .unwrap()
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use la_testing::values;
 
 /// Largest difference, relative to the reference's largest magnitude (at least 1).
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {

@@ -8,22 +8,7 @@ use la_kernels::linear::{
 };
 
 /// Largest difference relative to the reference's largest magnitude (at least 1).
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let values = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (a, b) = (values(a), values(b));
-    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
+use la_testing::max_rel_diff as rel_diff;
 
 fn check(b: usize, d: usize, c: usize, n: usize, phi: FeatureMap, dtype: DType, tol: f64) {
     let dev = Device::Cpu;
@@ -338,13 +323,5 @@ fn project_context_of_an_empty_map_is_zero() {
         (q.dims(), a.dims(), s.dims()),
         (&[2, 4, 0][..], &[2, 4, 6][..], &[2, 4][..])
     );
-    assert_eq!(
-        a.abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(la_testing::abs_sum(&a), 0.0);
 }

@@ -22,22 +22,7 @@ fn batch_norm(c: usize, dtype: DType, init: &[Tensor; 4]) -> (BatchNorm, VarMap)
     (bn, varmap)
 }
 
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let v = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (a, b) = (v(a), v(b));
-    let scale = b.iter().fold(1f64, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
+use la_testing::max_rel_diff;
 
 #[test]
 fn fused_training_batch_norm_matches_candle_nn() {

@@ -65,13 +65,7 @@ fn max_pool_checks() {
     assert_eq!(diff, 0.0);
     // PyTorch's gradient: each output's gradient lands, whole, on its window's maximum.
     let g = (ours * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
-    let grad: Vec<f64> = g
-        .get(x.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let grad = la_testing::values(g.get(x.as_tensor()).unwrap());
     assert_eq!(grad.iter().sum::<f64>(), 2.0 * 3.0 * 9.0);
     assert!(grad.iter().all(|&v| v == 0.0 || v == 1.0));
     // A random output gradient, against a loop: each value lands on its window's maximum.
@@ -84,13 +78,7 @@ fn max_pool_checks() {
         .unwrap()
         .backward()
         .unwrap();
-    let grad: Vec<f64> = g
-        .get(x.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let grad = la_testing::values(g.get(x.as_tensor()).unwrap());
     let xs: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     let ps: Vec<f64> = probe.flatten_all().unwrap().to_vec1().unwrap();
     let mut expected = vec![0f64; xs.len()];

@@ -31,28 +31,43 @@ pub fn golden(name: &str) -> HashMap<String, Tensor> {
     read_tensors(&golden_path(name))
 }
 
-/// max |a - b| over all elements, in f64 whatever the dtypes; the shapes must agree.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "max_abs_diff of different shapes");
-    if a.elem_count() == 0 {
-        return 0.0;
-    }
-    let to64 = |t: &Tensor| {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    };
-    (to64(a) - to64(b))
+/// Every element of `t`, in f64, on the CPU.
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
         .unwrap()
-        .abs()
+        .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .max(0)
+        .to_vec1()
         .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+}
+
+/// max |a - b| over all elements, in f64 whatever the dtypes; the shapes must agree.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "max_abs_diff of different shapes");
+    values(a)
+        .iter()
+        .zip(values(b))
+        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// max |a - b| relative to the largest |b| (at least 1), for comparing a kernel with its
+/// reference across scales.
+pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = values(b).iter().fold(1f64, |m, v| m.max(v.abs()));
+    max_abs_diff(a, b) / scale
+}
+
+/// sum |t| in f64: zero exactly when every element is.
+pub fn abs_sum(t: &Tensor) -> f64 {
+    values(t).iter().map(|v| v.abs()).sum()
+}
+
+/// sqrt(mean(t^2)) in f64.
+pub fn rms(t: &Tensor) -> f64 {
+    let v = values(t);
+    (v.iter().map(|x| x * x).sum::<f64>() / v.len().max(1) as f64).sqrt()
 }
 
 /// A new empty directory `la-<label>-XXXX` under the system's temporary directory, removed
@@ -74,4 +89,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     text
+}
+
+/// The current value of every variable of `varmap`, by name.
+pub fn var_tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect()
 }

@@ -138,14 +138,7 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     let w0 = fresh.data().lock().unwrap()["blocks.0.convs.0.weight"]
         .as_tensor()
         .clone();
-    let moved = (w0 - &a["blocks.0.convs.0.weight"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = la_testing::abs_sum(&(w0 - &a["blocks.0.convs.0.weight"]).unwrap());
     assert!(moved > 1e-3);
 
     for file in [

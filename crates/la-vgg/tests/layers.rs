@@ -96,13 +96,7 @@ fn metadata_is_typed_and_keeps_unknown_keys() {
     let config = tiny(None);
     let (_, varmap) =
         la_vgg::trainable(config.clone(), HashMap::new(), 1, DType::F32, &Device::Cpu).unwrap();
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors: HashMap<String, Tensor> = la_testing::var_tensors(&varmap);
     let metadata = ModelMetadata {
         normalization: Some(Normalize::CIFAR10),
         classes: Some(vec!["a".into(), "b".into(), "c".into(), "d".into()]),

@@ -166,13 +166,7 @@ fn every_kind_and_batch_norm_build_train_and_evaluate() {
                 let mean = varmap.data().lock().unwrap()["blocks.0.norms.0.running_mean"]
                     .as_tensor()
                     .clone();
-                let moved = mean
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let moved = la_testing::abs_sum(&mean);
                 assert!(moved > 0.0, "running mean did not move");
             }
         }
@@ -208,14 +202,7 @@ fn batch_norm_models_round_trip_through_the_torchvision_layout() {
     assert!(imported.config.batch_norm);
     assert_eq!(imported.config.attention, config.attention);
     for (name, t) in &ours {
-        let diff = (t - &imported.tensors[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = la_testing::max_abs_diff(t, &imported.tensors[name]);
         assert_eq!(diff, 0.0, "{name}");
     }
 }
@@ -532,14 +519,8 @@ fn whole_model_gradients_match_finite_differences() {
         targets.push((name.into(), varmap.data().lock().unwrap()[name].clone()));
     }
     for (name, var) in targets {
-        let analytic: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let analytic = la_testing::values(grads.get(var.as_tensor()).unwrap());
+        let base = la_testing::values(var.as_tensor());
         let shape = var.as_tensor().shape().clone();
         for idx in (0..base.len()).step_by((base.len() / 6).max(1)) {
             let eval = |delta: f64| {
@@ -576,13 +557,7 @@ fn the_reduction_is_inferred_from_all_modules_together() {
     assert_eq!(config.blocks[0], vec![4, 4]);
     let (_, varmap) =
         la_vgg::trainable(config.clone(), HashMap::new(), 0, DType::F32, &dev).unwrap();
-    let ours: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let ours: HashMap<String, Tensor> = la_testing::var_tensors(&varmap);
     let imported = import_state_dict(export_article_layout(&config, &ours).unwrap()).unwrap();
     assert_eq!(imported.config.attention_config().unwrap().reduction, 8);
     assert_eq!(imported.config, config);

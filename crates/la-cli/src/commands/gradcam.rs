@@ -6,17 +6,16 @@ use anyhow::{bail, Result};
 
 use crate::device::parse_device;
 use crate::heatmap::overlay;
-use crate::model_file::load_model;
+use crate::model_file::{load_model, LoadedModel};
+use candle_core::Tensor;
 
 #[derive(clap::Args)]
 #[command(
     after_help = "Example:\n  la-cli gradcam --weights runs/x/best.safetensors --image shirt.png --out cam.png"
 )]
 pub struct GradcamArgs {
-    #[arg(long)]
-    weights: PathBuf,
-    #[arg(long)]
-    image: PathBuf,
+    #[command(flatten)]
+    input: ModelAndImage,
     /// Block (1-based) whose output is explained [default: the last].
     #[arg(long)]
     block: Option<usize>,
@@ -28,10 +27,29 @@ pub struct GradcamArgs {
     /// Weight of the heat map in the blend.
     #[arg(long, default_value_t = 0.5)]
     alpha: f32,
+}
+
+/// The model and the image both pictures start from.
+#[derive(clap::Args)]
+struct ModelAndImage {
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    image: PathBuf,
+    /// Input side [default: the weights file's, else 224].
     #[arg(long)]
     size: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+impl ModelAndImage {
+    fn load(&self) -> Result<(LoadedModel, Tensor, la_data::Image)> {
+        let device = parse_device(&self.device)?;
+        let loaded = load_model(&self.weights, self.size, &device)?;
+        let (x, picture) = loaded.prepare(&self.image)?;
+        Ok((loaded, x, picture))
+    }
 }
 
 fn block_index(block: Option<usize>, blocks: usize) -> Result<usize> {
@@ -47,10 +65,8 @@ fn rows(t: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 pub fn run_gradcam(args: GradcamArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let loaded = load_model(&args.weights, args.size, &device)?;
+    let (loaded, x, picture) = args.input.load()?;
     let block = block_index(args.block, loaded.model.config().blocks.len())?;
-    let (x, picture) = loaded.prepare(&args.image)?;
     let cam = loaded.model.grad_cam(&x, block, args.class)?;
     overlay(&picture, &rows(&cam.map)?, args.alpha, None, &args.out)?;
     let probs: Vec<f32> = candle_nn::ops::softmax(&cam.logits, 1)?
@@ -74,10 +90,8 @@ pub fn run_gradcam(args: GradcamArgs) -> Result<()> {
     after_help = "Example:\n  la-cli attention-map --weights runs/x/best.safetensors --image shirt.png --block 1 --query 16,16"
 )]
 pub struct AttentionMapArgs {
-    #[arg(long)]
-    weights: PathBuf,
-    #[arg(long)]
-    image: PathBuf,
+    #[command(flatten)]
+    input: ModelAndImage,
     /// Block (1-based) whose softmax attention is drawn [default: the first with attention].
     #[arg(long)]
     block: Option<usize>,
@@ -88,27 +102,21 @@ pub struct AttentionMapArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0.6)]
     alpha: f32,
-    #[arg(long)]
-    size: Option<usize>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 pub fn run_attention_map(args: AttentionMapArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let loaded = load_model(&args.weights, args.size, &device)?;
+    let (loaded, x, picture) = args.input.load()?;
     let config = loaded.model.config();
     let block = match args.block {
         Some(b) => block_index(Some(b), config.blocks.len())?,
         None => match &config.attention {
             Some(sites) => sites.blocks[0],
-            None => bail!("{} has no attention modules", args.weights.display()),
+            None => bail!("{} has no attention modules", args.input.weights.display()),
         },
     };
     let Some(module) = loaded.model.attention(block) else {
         bail!("block {} has no attention module", block + 1);
     };
-    let (x, picture) = loaded.prepare(&args.image)?;
     let taps = loaded.model.forward_intermediates(&x, &[block], false)?;
     let input = &taps.blocks[0].attention_input;
     let (_, _, h, w) = input.dims4()?;
