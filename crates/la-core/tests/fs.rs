@@ -13,28 +13,37 @@ fn entries(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-#[test]
-fn a_write_replaces_the_file_and_leaves_nothing_else() {
+/// `out.txt` in a new directory.
+fn target() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.txt");
-    write_atomically(&path, b"first").unwrap();
-    write_atomically(&path, b"second").unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), b"second");
+    (dir, path)
+}
+
+/// The directory holds `out.txt` with `content`, and nothing else.
+fn holds_only(dir: &tempfile::TempDir, content: &[u8]) {
+    assert_eq!(std::fs::read(dir.path().join("out.txt")).unwrap(), content);
     assert_eq!(entries(dir.path()), ["out.txt"]);
 }
 
 #[test]
+fn a_write_replaces_the_file_and_leaves_nothing_else() {
+    let (dir, path) = target();
+    write_atomically(&path, b"first").unwrap();
+    write_atomically(&path, b"second").unwrap();
+    holds_only(&dir, b"second");
+}
+
+#[test]
 fn an_abandoned_write_keeps_the_old_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("out.txt");
+    let (dir, path) = target();
     write_atomically(&path, b"old").unwrap();
     {
         let mut file = AtomicFile::create(&path).unwrap();
         file.write_all(b"half of the new cont").unwrap();
         // Dropped without commit, as when a writer fails midway.
     }
-    assert_eq!(std::fs::read(&path).unwrap(), b"old");
-    assert_eq!(entries(dir.path()), ["out.txt"]);
+    holds_only(&dir, b"old");
 }
 
 #[test]

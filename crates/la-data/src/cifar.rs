@@ -11,8 +11,9 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{check_index, Dataset, Split};
-use crate::{Error, Image, Result, Sample};
+use crate::dataset::Split;
+use crate::in_memory::{InMemory, Planes};
+use crate::{Error, Result};
 
 pub const SIDE: usize = 32;
 const PIXELS: usize = SIDE * SIDE * 3;
@@ -235,33 +236,32 @@ const CIFAR100_FINE: [&str; 100] = [
     "worm",
 ];
 
-/// CIFAR images (32x32) and labels, held in memory in the file's planar layout.
+/// What a CIFAR data set is: its variant and where it came from.
 #[derive(Clone, Debug)]
-pub struct CifarDataset {
-    pixels: Vec<u8>,
-    labels: Vec<u8>,
-    classes: Vec<String>,
-    kind: CifarKind,
-    source: PathBuf,
+pub struct CifarInfo {
+    pub kind: CifarKind,
+    pub source: PathBuf,
 }
+
+/// CIFAR images (32x32) and labels, held in memory in the file's planar layout.
+pub type CifarDataset = InMemory<CifarInfo>;
 
 impl CifarDataset {
     /// Parses the records of one batch file (`name` is only used in error messages);
     /// classes are the official names.
     pub fn parse(bytes: &[u8], kind: CifarKind, name: &Path) -> Result<Self> {
-        let mut ds = CifarDataset {
-            pixels: Vec::new(),
-            labels: Vec::new(),
-            classes: kind.default_classes(),
+        let info = CifarInfo {
             kind,
             source: name.to_path_buf(),
         };
+        let mut ds = InMemory::new((SIDE, SIDE), Planes::Rgb, kind.default_classes(), info);
         ds.append(bytes, name)?;
         Ok(ds)
     }
 
     fn append(&mut self, bytes: &[u8], name: &Path) -> Result<()> {
-        let rec = self.kind.record_len();
+        let kind = self.info.kind;
+        let rec = kind.record_len();
         if bytes.is_empty() {
             return Err(Error::format(name, "empty file, no CIFAR records"));
         }
@@ -272,40 +272,38 @@ impl CifarDataset {
                     "{} bytes is not a whole number of {rec}-byte {:?} records \
                      (truncated, or the wrong CIFAR variant)",
                     bytes.len(),
-                    self.kind
+                    kind
                 ),
             ));
         }
         let n = bytes.len() / rec;
-        self.pixels.reserve(n * PIXELS);
-        self.labels.reserve(n);
+        self.reserve(n);
         for (i, r) in bytes.chunks_exact(rec).enumerate() {
-            let label = match self.kind {
+            let label = match kind {
                 CifarKind::Cifar10 => check_label(r[0], 10, "label", name, i)?,
                 CifarKind::Cifar100Fine | CifarKind::Cifar100Coarse => {
                     // Both bytes are checked whichever is used: one bad byte means a bad file.
                     let coarse = check_label(r[0], 20, "coarse label", name, i)?;
                     let fine = check_label(r[1], 100, "fine label", name, i)?;
-                    if self.kind == CifarKind::Cifar100Fine {
+                    if kind == CifarKind::Cifar100Fine {
                         fine
                     } else {
                         coarse
                     }
                 }
             };
-            self.labels.push(label);
-            self.pixels.extend_from_slice(&r[rec - PIXELS..]);
+            self.extend(&r[rec - PIXELS..], &[label]);
         }
         Ok(())
     }
 
     pub fn kind(&self) -> CifarKind {
-        self.kind
+        self.info.kind
     }
 
     /// The folder or archive the data came from.
     pub fn source(&self) -> &Path {
-        &self.source
+        &self.info.source
     }
 }
 
@@ -317,31 +315,6 @@ fn check_label(v: u8, n: usize, what: &str, name: &Path, record: usize) -> Resul
             name,
             format!("record {record}: {what} {v} is out of range (must be below {n})"),
         ))
-    }
-}
-
-impl Dataset for CifarDataset {
-    fn len(&self) -> usize {
-        self.labels.len()
-    }
-    fn get(&self, index: usize) -> Result<Sample> {
-        check_index(index, self.labels.len())?;
-        let chw = &self.pixels[index * PIXELS..(index + 1) * PIXELS];
-        let image = Image::from_chw(chw, SIDE, SIDE).expect("record length is fixed");
-        Ok(Sample {
-            image,
-            label: self.labels[index] as usize,
-        })
-    }
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-    fn label(&self, index: usize) -> Result<usize> {
-        check_index(index, self.labels.len())?;
-        Ok(self.labels[index] as usize)
-    }
-    fn image_size(&self) -> Option<(usize, usize)> {
-        Some((SIDE, SIDE))
     }
 }
 
@@ -470,13 +443,11 @@ pub fn cifar(path: &Path, which: CifarKind, split: Split) -> Result<CifarDataset
         Some((name, bytes)) => parse_classes(&String::from_utf8_lossy(&bytes), which, &name)?,
         None => which.default_classes(),
     };
-    let mut ds = CifarDataset {
-        pixels: Vec::new(),
-        labels: Vec::new(),
-        classes,
+    let info = CifarInfo {
         kind: which,
         source,
     };
+    let mut ds = InMemory::new((SIDE, SIDE), Planes::Rgb, classes, info);
     for (name, bytes) in &files {
         ds.append(bytes, name)?;
     }

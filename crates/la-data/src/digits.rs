@@ -5,8 +5,8 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::dataset::{check_index, Dataset};
-use crate::{Error, Image, Result, Sample};
+use crate::in_memory::{InMemory, Planes};
+use crate::{Error, Result};
 
 const CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
 const NAME: &str = "<embedded>/digits.csv.gz";
@@ -14,12 +14,7 @@ pub const SIDE: usize = 8;
 const PIXELS: usize = SIDE * SIDE;
 
 /// The embedded digits, pixels scaled from 0..16 to 0..255.
-#[derive(Clone, Debug)]
-pub struct DigitsDataset {
-    pixels: Vec<u8>,
-    labels: Vec<u8>,
-    classes: Vec<String>,
-}
+pub type DigitsDataset = InMemory<()>;
 
 /// Parses a digits CSV (gzip or plain): rows of 64 values 0..16 then a label 0..9.
 pub fn parse_digits_csv(bytes: &[u8], name: &Path) -> Result<DigitsDataset> {
@@ -67,38 +62,13 @@ pub fn parse_digits_csv(bytes: &[u8], name: &Path) -> Result<DigitsDataset> {
             }
         }
     }
-    Ok(DigitsDataset {
-        pixels,
-        labels,
-        classes: (0..10).map(|c| c.to_string()).collect(),
-    })
+    let classes = (0..10).map(|c| c.to_string()).collect();
+    let mut ds = InMemory::new((SIDE, SIDE), Planes::Gray, classes, ());
+    ds.extend(&pixels, &labels);
+    Ok(ds)
 }
 
 /// The embedded UCI optical digits: 1797 images of 8x8, classes "0".."9".
 pub fn digits() -> Result<DigitsDataset> {
     parse_digits_csv(CSV_GZ, Path::new(NAME))
-}
-
-impl Dataset for DigitsDataset {
-    fn len(&self) -> usize {
-        self.labels.len()
-    }
-    fn get(&self, index: usize) -> Result<Sample> {
-        check_index(index, self.labels.len())?;
-        let gray = &self.pixels[index * PIXELS..(index + 1) * PIXELS];
-        Ok(Sample {
-            image: Image::from_gray(gray, SIDE, SIDE).expect("plane size is fixed"),
-            label: self.labels[index] as usize,
-        })
-    }
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-    fn label(&self, index: usize) -> Result<usize> {
-        check_index(index, self.labels.len())?;
-        Ok(self.labels[index] as usize)
-    }
-    fn image_size(&self) -> Option<(usize, usize)> {
-        Some((SIDE, SIDE))
-    }
 }

@@ -5,8 +5,9 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{check_index, Dataset, Split};
-use crate::{Error, Image, Result, Sample};
+use crate::dataset::Split;
+use crate::in_memory::{InMemory, Planes};
+use crate::{Error, Result};
 
 /// Where the Debian package `dataset-fashion-mnist` installs the files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -29,16 +30,8 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 /// corrupt length must not make us allocate without bound.
 const MAX_DECOMPRESSED: u64 = 1 << 32;
 
-/// Grey images of one size with their labels, held in memory.
-#[derive(Clone, Debug)]
-pub struct IdxDataset {
-    pixels: Vec<u8>,
-    labels: Vec<u8>,
-    height: usize,
-    width: usize,
-    classes: Vec<String>,
-    source: PathBuf,
-}
+/// Grey images of one size with their labels, held in memory; the info is the image file.
+pub type IdxDataset = InMemory<PathBuf>;
 
 /// Decoded IDX image file: count, height, width, then the pixels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,45 +220,15 @@ impl IdxDataset {
                 ),
             ));
         }
-        Ok(IdxDataset {
-            pixels: images.pixels,
-            labels,
-            height: images.height,
-            width: images.width,
-            classes,
-            source: images_name.to_path_buf(),
-        })
+        let size = (images.height, images.width);
+        let mut ds = InMemory::new(size, Planes::Gray, classes, images_name.to_path_buf());
+        ds.extend(&images.pixels, &labels);
+        Ok(ds)
     }
 
     /// The image file the data came from.
     pub fn source(&self) -> &Path {
-        &self.source
-    }
-}
-
-impl Dataset for IdxDataset {
-    fn len(&self) -> usize {
-        self.labels.len()
-    }
-    fn get(&self, index: usize) -> Result<Sample> {
-        check_index(index, self.labels.len())?;
-        let plane = self.height * self.width;
-        let gray = &self.pixels[index * plane..(index + 1) * plane];
-        let image = Image::from_gray(gray, self.height, self.width).expect("plane size is fixed");
-        Ok(Sample {
-            image,
-            label: self.labels[index] as usize,
-        })
-    }
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-    fn label(&self, index: usize) -> Result<usize> {
-        check_index(index, self.labels.len())?;
-        Ok(self.labels[index] as usize)
-    }
-    fn image_size(&self) -> Option<(usize, usize)> {
-        Some((self.height, self.width))
+        &self.info
     }
 }
 

@@ -18,6 +18,7 @@ pub mod digits;
 pub mod fetch;
 pub mod folder;
 pub mod idx;
+pub mod in_memory;
 pub mod info;
 pub mod loader;
 pub mod pipeline;
@@ -27,11 +28,12 @@ pub mod transforms;
 
 use std::path::PathBuf;
 
-pub use cifar::{cifar, CifarDataset, CifarKind};
+pub use cifar::{cifar, CifarDataset, CifarInfo, CifarKind};
 pub use dataset::{split, Dataset, Split, Subset, VecDataset};
 pub use digits::{digits, DigitsDataset};
 pub use folder::{image_folder, ImageFolderDataset, ImageFolderOptions};
 pub use idx::{fashion_mnist, idx, mnist, IdxDataset};
+pub use in_memory::{InMemory, Planes};
 pub use info::{info, DataInfo, ImageSizes};
 pub use la_core::Normalize;
 pub use loader::{bench_pipeline, Batch, Loader, LoaderConfig, Targets};

@@ -25,10 +25,16 @@ fn model(tensors: HashMap<String, Tensor>) -> (Vgg, SourceLayout) {
     )
 }
 
+/// The golden model `name` imported from its PyTorch file, its layout and its recorded
+/// inputs and outputs.
+fn golden_model(name: &str) -> (Vgg, SourceLayout, HashMap<String, Tensor>) {
+    let (vgg, layout) = model(load(&format!("{name}.safetensors")));
+    (vgg, layout, load(&format!("{name}_io.safetensors")))
+}
+
 #[test]
 fn plain_vgg16_from_torchvision_names_matches_pytorch() {
-    let io = load("vgg16_tiny_io.safetensors");
-    let (vgg, layout) = model(load("vgg16_tiny.safetensors"));
+    let (vgg, layout, io) = golden_model("vgg16_tiny");
     assert_eq!(layout, SourceLayout::Torchvision);
     let config = vgg.config();
     assert_eq!(config.arch_name(), "vgg16");
@@ -52,8 +58,7 @@ fn plain_vgg16_from_torchvision_names_matches_pytorch() {
 
 #[test]
 fn vgg16_with_attention_from_seed_names_matches_the_intended_module() {
-    let io = load("vgg16_la_tiny_io.safetensors");
-    let (vgg, layout) = model(load("vgg16_la_tiny.safetensors"));
+    let (vgg, layout, io) = golden_model("vgg16_la_tiny");
     assert_eq!(layout, SourceLayout::Article);
     let config = vgg.config();
     let sites = config.attention.as_ref().unwrap();
