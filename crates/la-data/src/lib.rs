@@ -5,8 +5,10 @@
 //! and augments on worker threads and yields candle tensors, identical for a given
 //! seed whatever the number of threads.
 //!
-//! - [`Dataset`]: the trait every reader implements; [`Subset`] and [`split`] carve them.
-//! - [`transforms`]: per-sample augmentation on `u8` HWC images, and [`Normalize`].
+//! - [`Dataset`]: the trait every reader implements; [`Subset`] and [`split`] carve them;
+//!   [`InMemory`]: the images of one size that the CIFAR, IDX and digits readers hold.
+//! - [`transforms`]: per-sample augmentation on `u8` HWC images; [`Normalize`] (la-core's)
+//!   is applied by [`Image::to_chw`].
 //! - [`Pipeline`]: transforms, then normalisation, then an optional batch-level [`Mix`].
 //! - [`Loader`]: shuffled, prefetched, parallel batches of `[b, 3, h, w]` `f32` tensors.
 //! - [`fetch`]: downloads the CIFAR archives with an MD5 check and a safe extraction.

@@ -2,6 +2,12 @@
 //! AdamW) with parameter groups, learning-rate schedules, cross-entropy with label smoothing
 //! and soft targets, the epoch loop with evaluation, atomic resumable checkpoints, metrics
 //! files and training curves.
+//!
+//! - [`config`]: `TrainConfig`, how to train, and its `Default` (every training default).
+//! - [`trainer`]: the loop; [`checkpoint`]: run directories and resumable checkpoints;
+//!   [`record`]: each epoch's figures, which [`metrics`] and [`plot`] write.
+//! - [`optim`], [`schedule`], [`loss`]: the pieces of a step; [`parity`]: one step in both
+//!   kernel forms, for tests and the selftest.
 
 pub mod checkpoint;
 pub mod config;
