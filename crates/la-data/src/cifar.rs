@@ -460,7 +460,7 @@ fn read_archive_members(archive: &Path, wanted: &[&str]) -> Result<HashMap<Strin
     let file = fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
     let mut found = HashMap::new();
-    let bad = |e: std::io::Error| Error::format(archive, format!("unreadable archive: {e}"));
+    let bad = |e: std::io::Error| Error::unreadable(archive, "unreadable archive")(e);
     for entry in tar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         if !entry.header().entry_type().is_file() {
@@ -477,7 +477,7 @@ fn read_archive_members(archive: &Path, wanted: &[&str]) -> Result<HashMap<Strin
             let mut bytes = Vec::with_capacity((entry.size() as usize).min(1 << 28));
             entry
                 .read_to_end(&mut bytes)
-                .map_err(|e| Error::format(&display, format!("truncated archive member: {e}")))?;
+                .map_err(Error::unreadable(&display, "truncated archive member"))?;
             found.insert(name, (display, bytes));
         }
     }

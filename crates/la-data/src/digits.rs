@@ -22,7 +22,7 @@ pub fn parse_digits_csv(bytes: &[u8], name: &Path) -> Result<DigitsDataset> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         flate2::read::GzDecoder::new(bytes)
             .read_to_string(&mut text)
-            .map_err(|e| Error::format(name, format!("bad gzip or UTF-8: {e}")))?;
+            .map_err(Error::unreadable(name, "bad gzip or UTF-8"))?;
     } else {
         text = String::from_utf8(bytes.to_vec())
             .map_err(|e| Error::format(name, format!("not UTF-8: {e}")))?;

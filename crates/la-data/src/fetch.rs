@@ -230,7 +230,7 @@ pub fn extract_tar_gz(archive: &Path, dir: &Path, expected_top: &str) -> Result<
         .prefix(".extract-")
         .tempdir_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    let bad = |e: io::Error| Error::format(archive, format!("unreadable archive: {e}"));
+    let bad = |e: io::Error| Error::unreadable(archive, "unreadable archive")(e);
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
     for entry in tar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;

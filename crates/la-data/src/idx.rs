@@ -58,7 +58,7 @@ pub fn decode_maybe_gzip(bytes: Vec<u8>, name: &Path) -> Result<Vec<u8>> {
     flate2::read::MultiGzDecoder::new(bytes.as_slice())
         .take(MAX_DECOMPRESSED + 1)
         .read_to_end(&mut out)
-        .map_err(|e| Error::format(name, format!("bad gzip data: {e}")))?;
+        .map_err(Error::unreadable(name, "bad gzip data"))?;
     if out.len() as u64 > MAX_DECOMPRESSED {
         return Err(Error::format(
             name,

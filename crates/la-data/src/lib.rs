@@ -56,6 +56,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file whose bytes could not be read as its format requires (a gzip or tar stream
+    /// that breaks off or is corrupt).
+    #[error("{}: {what}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// An image file that the `image` crate cannot decode.
     #[error("{}: cannot decode image: {source}", path.display())]
     Decode {
@@ -102,6 +111,14 @@ impl Error {
             path: path.into(),
             reason: reason.into(),
         }
+    }
+
+    pub(crate) fn unreadable(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Error::Unreadable { path, what, source }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -109,8 +109,11 @@ pub fn save_checkpoint(
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let path = dir.join(CHECKPOINT);
     let bad = |why: String| Error::Checkpoint(format!("{}: {why}", path.display()));
-    let bytes = std::fs::read(&path)
-        .map_err(|e| bad(format!("cannot read ({e}); is this a run directory?")))?;
+    let bytes = std::fs::read(&path).map_err(|source| Error::File {
+        path: path.clone(),
+        what: "cannot read the checkpoint; is this a run directory?",
+        source,
+    })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid checkpoint ({e})")))?;
     let (_, header) =
@@ -120,10 +123,12 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
         meta.get(key)
             .ok_or_else(|| bad(format!("metadata `{key}` is missing")))
     };
-    let info: RunInfo =
-        serde_json::from_str(field("run")?).map_err(|e| bad(format!("metadata `run`: {e}")))?;
-    let state: TrainState =
-        serde_json::from_str(field("state")?).map_err(|e| bad(format!("metadata `state`: {e}")))?;
+    let entry = |key: &'static str| {
+        let path = path.clone();
+        move |source| Error::CheckpointEntry { path, key, source }
+    };
+    let info: RunInfo = serde_json::from_str(field("run")?).map_err(entry("run"))?;
+    let state: TrainState = serde_json::from_str(field("state")?).map_err(entry("state"))?;
     let optimizer_steps: u64 = field("optimizer_steps")?
         .parse()
         .map_err(|e| bad(format!("metadata `optimizer_steps`: {e}")))?;

@@ -50,6 +50,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint metadata entry that does not parse.
+    #[error("{}: metadata `{key}` is malformed", path.display())]
+    CheckpointEntry {
+        path: PathBuf,
+        key: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     /// A checkpoint whose model tensors do not fit its config.
     #[error("{}: the model does not fit its config", path.display())]
     CheckpointModel {
