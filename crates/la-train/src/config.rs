@@ -18,6 +18,9 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Clip the global gradient norm to this value.
     pub grad_clip: Option<f64>,
+    /// Micro-batches whose gradients are summed (each loss divided by their count) before
+    /// one optimiser step: K batches of B train as one batch of K B.
+    pub grad_accum_steps: usize,
     /// Learning-rate multiplier of the layers loaded from pretrained weights.
     pub pretrained_lr_scale: f64,
     pub freeze_backbone: bool,
@@ -39,6 +42,7 @@ impl Default for TrainConfig {
             warmup_epochs: 0.0,
             label_smoothing: 0.0,
             grad_clip: None,
+            grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
             no_decay_bias_norm: true,

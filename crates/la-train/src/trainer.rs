@@ -234,23 +234,32 @@ impl Trainer {
         observer: &mut dyn Observer,
     ) -> Result<()> {
         let schedule = self.info.train.lr_schedule();
-        let steps_per_epoch = train.len();
-        if steps_per_epoch == 0 {
+        let batches = train.len();
+        if batches == 0 {
             return Err(Error::Data("the training set gives no batch (is it smaller than the batch size with drop_last?)".into()));
         }
+        let accum = self.info.train.grad_accum_steps.max(1);
+        let steps_per_epoch = batches.div_ceil(accum);
         let classes = self.info.model.num_classes;
         while self.state.epoch < self.info.train.epochs {
             let epoch = self.state.epoch;
-            observer.epoch_start(epoch + 1, self.info.train.epochs, steps_per_epoch);
+            observer.epoch_start(epoch + 1, self.info.train.epochs, batches);
             let started = Instant::now();
             let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
             let mut lr = schedule.lr_at(self.state.step, steps_per_epoch);
+            // Gradients of the micro-batches of the current optimiser step.
+            let mut accumulated: Option<candle_core::backprop::GradStore> = None;
             for (i, batch) in train.epoch(epoch).enumerate() {
                 let batch = batch?;
                 let step = self.state.step;
                 lr = schedule.lr_at(step, steps_per_epoch);
-                let mut step_rng =
-                    la_core::rng::labelled(self.info.train.seed, &format!("step.{step}"));
+                // This micro-batch's place in its group; the last group of an epoch may be short.
+                let (micro, group) = (i % accum, accum.min(batches - i / accum * accum));
+                let label = match micro {
+                    0 => format!("step.{step}"),
+                    m => format!("step.{step}.{m}"),
+                };
+                let mut step_rng = la_core::rng::labelled(self.info.train.seed, &label);
                 self.model.set_dropout_seed(step_rng.next_u64());
                 let logits = self.model.forward_t(&batch.images, true)?;
                 let smoothing = self.info.train.label_smoothing;
@@ -262,10 +271,25 @@ impl Trainer {
                 if !loss_value.is_finite() {
                     return Err(self.non_finite(step, "the loss", None));
                 }
-                let mut grads = loss.backward()?;
-                self.clip_and_check(&mut grads, step)?;
-                self.optimizer.step(&grads, lr)?;
-                self.state.step += 1;
+                let grads = if group > 1 {
+                    (&loss / group as f64)?.backward()?
+                } else {
+                    loss.backward()?
+                };
+                let mut grads = match accumulated.take() {
+                    Some(mut sum) => {
+                        sum.extend(grads)?;
+                        sum
+                    }
+                    None => grads,
+                };
+                if micro + 1 == group {
+                    self.clip_and_check(&mut grads, step)?;
+                    self.optimizer.step(&grads, lr)?;
+                    self.state.step += 1;
+                } else {
+                    accumulated = Some(grads);
+                }
 
                 let b = batch.labels.len();
                 loss_sum += loss_value * b as f64;
@@ -277,7 +301,7 @@ impl Trainer {
                 let info = StepInfo {
                     epoch: epoch + 1,
                     batch: i + 1,
-                    batches: steps_per_epoch,
+                    batches,
                     step: self.state.step,
                     loss: loss_value,
                     running_loss: loss_sum / seen as f64,

@@ -48,6 +48,7 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             warmup_epochs: 0.5,
             label_smoothing: 0.1,
             grad_clip: Some(5.0),
+            grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
             no_decay_bias_norm: true,
@@ -239,4 +240,49 @@ fn a_corrupt_checkpoint_is_named_on_resume() {
         .to_string();
     assert!(err.contains("is this a run directory"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// K micro-batches of B with accumulated gradients train as one batch of K B: without
+/// BatchNorm (whose statistics are per batch) and dropout, the weights agree.
+#[test]
+fn gradient_accumulation_equals_a_larger_batch() {
+    let mut model = tiny_model();
+    model.batch_norm = false;
+    model.head.dropout = 0.0;
+    let data: Arc<dyn Dataset> = Arc::new(VecDataset::synthetic(48, 16, 16, 3, 1));
+    let run = |batch_size: usize, accum: usize| {
+        let loader = Loader::new(
+            data.clone(),
+            Pipeline::eval(16, Normalize::IMAGENET),
+            LoaderConfig {
+                batch_size,
+                shuffle: true,
+                drop_last: true,
+                seed: 5,
+                threads: 2,
+                prefetch: 2,
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let mut info = info(2, 0.05);
+        info.model = model.clone();
+        info.train.grad_accum_steps = accum;
+        let tmp = la_testing::tempdir("train-accum");
+        let dir = tmp.path().join("run");
+        let mut t = Trainer::new(&dir, info, HashMap::new(), &Device::Cpu).unwrap();
+        t.fit(&loader, None, &mut Silent).unwrap();
+        (t.state.step, weights(&dir))
+    };
+    let (steps_one, one) = run(8, 1);
+    let (steps_accum, accumulated) = run(4, 2);
+    assert_eq!((steps_one, steps_accum), (12, 12), "optimiser steps");
+    for (name, t) in &one {
+        let diff = la_testing::max_abs_diff(t, &accumulated[name]);
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+    // A third of a group at the end of each epoch (48 / 5 = 9 batches, groups of 4):
+    // the short group still steps.
+    let (steps, _) = run(5, 4);
+    assert_eq!(steps, 2 * 3);
 }

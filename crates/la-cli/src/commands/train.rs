@@ -144,6 +144,10 @@ pub struct Options {
     /// Clip the global gradient norm.
     #[arg(long)]
     pub grad_clip: Option<f64>,
+    /// Sum the gradients of this many batches before each optimiser step (an effective
+    /// batch of --batch-size x this).
+    #[arg(long)]
+    pub grad_accum_steps: Option<usize>,
     /// Learning-rate multiplier for the pretrained layers
     #[arg(long)]
     pub pretrained_lr_scale: Option<f64>,
@@ -355,6 +359,7 @@ impl Resolved {
             warmup_epochs: need(&self.o.warmup_epochs),
             label_smoothing: need(&self.o.label_smoothing),
             grad_clip: self.o.grad_clip,
+            grad_accum_steps: need(&self.o.grad_accum_steps),
             pretrained_lr_scale: need(&self.o.pretrained_lr_scale),
             freeze_backbone: need(&self.o.freeze_backbone),
             no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
@@ -362,6 +367,9 @@ impl Resolved {
         };
         if config.epochs == 0 {
             bail!("--epochs must be at least 1");
+        }
+        if config.grad_accum_steps == 0 {
+            bail!("--grad-accum-steps must be at least 1");
         }
         Ok(config)
     }
