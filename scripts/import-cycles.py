@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Fails when two top-level modules of one crate import each other, directly or through
 others (`crate::a::...` in a, `crate::b::...` in b, or names that lib.rs re-exports).
+A module's own files below it (`train.rs` and `train/defaults.rs`) are one module here: they
+split one concept, and may use each other through `super::`.
 Usage: scripts/import-cycles.py  (from anywhere; reads crates/*/src and xtask/src)."""
 import glob
 import os

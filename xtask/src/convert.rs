@@ -55,11 +55,12 @@ pub struct ModelOptions {
     /// How new attention modules start: `identity` (output projection at zero, so the
     /// pretrained network's predictions are unchanged at first) or `kaiming` (the article's
     /// advice; every module then adds a large random residual).
-    #[arg(long, default_value_t = AttentionInit::Identity, value_name = "INIT")]
+    #[arg(long, default_value_t = AttentionInit::default(), value_name = "INIT")]
     pub attention_init: AttentionInit,
-    /// The same as `--attention-init identity`, the default (kept for existing scripts).
-    #[arg(long, hide = true, conflicts_with = "attention_init", action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
-    pub zero_init_attention: bool,
+    /// The older spelling (kept for existing scripts): `true` is `--attention-init identity`,
+    /// `false` is `kaiming`.
+    #[arg(long, hide = true, conflicts_with = "attention_init", num_args = 0..=1, default_missing_value = "true")]
+    pub zero_init_attention: Option<bool>,
     /// Replace the last layer (`head.logits`) by a fresh one with N outputs; the hidden
     /// layers (fc1, fc2) are kept.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -84,8 +85,8 @@ impl Default for ModelOptions {
     fn default() -> Self {
         Self {
             attention: AttentionChoice(Some(AttentionKind::Softmax)),
-            attention_init: AttentionInit::Identity,
-            zero_init_attention: false,
+            attention_init: AttentionInit::default(),
+            zero_init_attention: None,
             classes: None,
             head: HeadChoice::Pretrained,
             collapse_fc1: false,
@@ -189,7 +190,9 @@ pub fn prepare(
     let wanted = opts.attention.0.map(|kind| AttentionConfig {
         kind,
         reduction: 8,
-        zero_init_out: opts.zero_init_attention || opts.attention_init.zero_init_out(),
+        zero_init_out: opts
+            .zero_init_attention
+            .unwrap_or(opts.attention_init.zero_init_out()),
     });
     let (config, tensors, adapted) =
         la_vgg::import::adapt(config, tensors, wanted, opts.classes.map(|n| n as usize))?;

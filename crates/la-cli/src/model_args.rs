@@ -79,7 +79,7 @@ pub struct ModelArgs {
     pub reduction: usize,
     /// How attention modules start: `identity` (output projection at zero) or `kaiming`
     /// (the article's advice).
-    #[arg(long, default_value_t = AttentionInit::Identity, value_name = "INIT")]
+    #[arg(long, default_value_t = AttentionInit::default(), value_name = "INIT")]
     pub attention_init: AttentionInit,
     #[arg(long, value_enum, default_value = "imagenet")]
     pub head: HeadArg,

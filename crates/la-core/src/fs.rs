@@ -39,11 +39,17 @@ impl AtomicFile {
                 "not a file path",
             ))
         })?;
-        let file = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".part")
-            .tempfile_in(dir)
-            .map_err(fail)?;
+        let prefix = format!(".{}.", name.to_string_lossy());
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".part");
+        // tempfile creates owner-only files; a written file gets the usual mode instead
+        // (0o666 less the umask, as `File::create`), since weights and plots are shared.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let file = builder.tempfile_in(dir).map_err(fail)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,

@@ -59,3 +59,17 @@ fn an_unwritable_destination_is_an_error_naming_it() {
     // The cause is kept, not flattened.
     assert!(std::error::Error::source(&err).is_some());
 }
+
+/// Written files get the usual mode (0o666 less the umask), not tempfile's owner-only 0o600:
+/// weights and plots are shared with other users and tools.
+#[cfg(unix)]
+#[test]
+fn written_files_are_readable_by_others_as_with_file_create() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, path) = target();
+    write_atomically(&path, b"x").unwrap();
+    let plain = dir.path().join("plain.txt");
+    std::fs::File::create(&plain).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), mode(&plain));
+}

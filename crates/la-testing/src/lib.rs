@@ -46,10 +46,18 @@ pub fn values(t: &Tensor) -> Vec<f64> {
 /// max |a - b| over all elements, in f64 whatever the dtypes; the shapes must agree.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "max_abs_diff of different shapes");
+    // NaN anywhere makes the result NaN (`f64::max` would drop it), so no comparison passes.
     values(a)
         .iter()
         .zip(values(b))
-        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 /// max |a - b| relative to the largest |b| (at least 1), for comparing a kernel with its
@@ -100,4 +108,19 @@ pub fn var_tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
         .iter()
         .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_is_never_close() {
+        let a = Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        assert!(max_abs_diff(&a, &b).is_nan());
+        assert!(max_abs_diff(&b, &a).is_nan());
+        assert_eq!(max_abs_diff(&b, &b), 0.0);
+        assert!(abs_sum(&a).is_nan());
+    }
 }

@@ -38,7 +38,9 @@ impl Default for TrainConfig {
             epochs: 6,
             lr: 0.05,
             optimizer: OptimizerConfig::sgd(),
-            schedule: Schedule::Cosine { min_lr: 0.0 },
+            schedule: Schedule::Cosine {
+                min_lr: Schedule::DEFAULT_MIN_LR,
+            },
             warmup_epochs: 0.0,
             label_smoothing: 0.0,
             grad_clip: None,

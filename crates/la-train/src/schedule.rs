@@ -28,6 +28,8 @@ impl Schedule {
     pub const DEFAULT_GAMMA: f64 = 0.1;
     /// MultiStepLR's usual CIFAR milestones (of a 200-epoch run).
     pub const DEFAULT_MILESTONES: [usize; 3] = [60, 120, 160];
+    /// Cosine annealing's usual floor.
+    pub const DEFAULT_MIN_LR: f64 = 0.0;
 }
 
 /// A schedule with a linear warm-up from zero over the first `warmup_epochs`.

@@ -133,10 +133,12 @@ mod stored {
         fn try_from(s: StoredConfig) -> std::result::Result<Self, String> {
             let attention = match (s.attention, s.attention_blocks) {
                 (Some(StoredAttention::Sites(sites)), None) => Some(sites),
-                (Some(StoredAttention::Module(config)), blocks) => Some(AttentionSites {
-                    config,
-                    blocks: blocks.unwrap_or_default(),
-                }),
+                (Some(StoredAttention::Module(config)), blocks) => {
+                    let mut blocks = blocks.unwrap_or_default();
+                    blocks.sort_unstable();
+                    blocks.dedup();
+                    Some(AttentionSites { config, blocks })
+                }
                 (None, None) => None,
                 (None, Some(b)) if b.is_empty() => None,
                 (None, Some(_)) => return Err("`attention_blocks` without `attention`".into()),

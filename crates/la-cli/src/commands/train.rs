@@ -159,10 +159,10 @@ pub struct Options {
     pub device: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Worker threads for compute and data loading
+    /// Worker threads for compute and data loading (all cores when not given)
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Run name; the run directory is <runs-dir>/<name>
+    /// Run name; the run directory is <runs-dir>/<name> (data-arch-attention-time when not given)
     #[arg(long)]
     pub name: Option<String>,
     #[arg(long)]
@@ -247,6 +247,25 @@ impl Options {
             if !range.contains(v) {
                 bail!("--{name} {v}{where_} must be {}", range.describe());
             }
+        }
+        // Counts that mean nothing at zero (a zero --threads is refused where it is used).
+        let counts = [
+            ("epochs", self.epochs),
+            ("batch-size", self.batch_size),
+            ("step-epochs", self.step_epochs),
+            ("hidden", self.hidden),
+            ("grad-accum-steps", self.grad_accum_steps),
+            ("size", self.size),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
+            bail!("--{name} 0{where_} must be at least 1");
+        }
+        if self
+            .milestones
+            .as_ref()
+            .is_some_and(|m| m.windows(2).any(|w| w[0] >= w[1]))
+        {
+            bail!("--milestones{where_} must be increasing epochs");
         }
         Ok(())
     }
@@ -347,7 +366,9 @@ impl Resolved {
                 milestones: need(&self.o.milestones),
                 gamma,
             },
-            ScheduleArg::Cosine => Schedule::Cosine { min_lr: 0.0 },
+            ScheduleArg::Cosine => Schedule::Cosine {
+                min_lr: Schedule::DEFAULT_MIN_LR,
+            },
         }
     }
     fn train_config(&self) -> Result<TrainConfig> {
