@@ -30,18 +30,24 @@ pub struct ModelMetadata {
     pub other: HashMap<String, String>,
 }
 
-/// A metadata entry that is not what its key requires.
+/// A metadata entry that is not what its key requires; the parse or validation error
+/// that says why is its source.
 #[derive(Debug, thiserror::Error)]
 #[error("metadata `{key}` {reason}")]
 pub struct MetadataError {
     pub key: &'static str,
     pub reason: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-fn malformed(key: &'static str, e: impl std::fmt::Display) -> MetadataError {
-    MetadataError {
+fn malformed(
+    key: &'static str,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> MetadataError {
+    move |source| MetadataError {
         key,
-        reason: format!("is malformed: {e}"),
+        reason: "is malformed".into(),
+        source: Some(source),
     }
 }
 
@@ -65,8 +71,11 @@ impl ModelMetadata {
         let Some(text) = map.get("config") else {
             return Ok(None);
         };
-        let config: VggConfig = serde_json::from_str(text).map_err(|e| malformed("config", e))?;
-        config.validate().map_err(|e| malformed("config", e))?;
+        let config: VggConfig =
+            serde_json::from_str(text).map_err(|e| malformed("config")(e.into()))?;
+        config
+            .validate()
+            .map_err(|e| malformed("config")(e.into()))?;
         Ok(Some(config))
     }
 
@@ -81,7 +90,7 @@ impl ModelMetadata {
             key: &'static str,
         ) -> Result<Option<T>, MetadataError> {
             map.remove(key)
-                .map(|v| serde_json::from_str(&v).map_err(|e| malformed(key, e)))
+                .map(|v| serde_json::from_str(&v).map_err(|e| malformed(key)(e.into())))
                 .transpose()
         }
         fn number(
@@ -89,13 +98,14 @@ impl ModelMetadata {
             key: &'static str,
         ) -> Result<Option<usize>, MetadataError> {
             map.remove(key)
-                .map(|v| v.trim().parse().map_err(|e| malformed(key, e)))
+                .map(|v| v.trim().parse().map_err(|e| malformed(key)(Box::new(e))))
                 .transpose()
         }
         map.remove("config");
         let normalization: Option<Normalize> = json(&mut map, "normalization")?;
         if let Some(n) = &normalization {
-            n.validate().map_err(|e| malformed("normalization", e))?;
+            n.validate()
+                .map_err(|e| malformed("normalization")(e.into()))?;
         }
         let classes: Option<Vec<String>> = json(&mut map, "classes")?;
         if let Some(names) = &classes {
@@ -107,6 +117,7 @@ impl ModelMetadata {
                         names.len(),
                         config.num_classes
                     ),
+                    source: None,
                 });
             }
         }
