@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::optim::OptimizerConfig;
+use crate::record::EpochRecord;
 use crate::schedule::{LrSchedule, Schedule};
 
 /// How to train; saved in every checkpoint so a run resumes with the same settings.
@@ -24,6 +25,8 @@ pub struct TrainConfig {
     /// Learning-rate multiplier of the layers loaded from pretrained weights.
     pub pretrained_lr_scale: f64,
     pub freeze_backbone: bool,
+    /// Stop when the validation metric has not improved for this many epochs.
+    pub early_stop: Option<EarlyStop>,
     /// No weight decay on biases and BatchNorm parameters.
     pub no_decay_bias_norm: bool,
     pub seed: u64,
@@ -47,6 +50,7 @@ impl Default for TrainConfig {
             grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
+            early_stop: None,
             no_decay_bias_norm: true,
             seed: 0,
         }
@@ -63,6 +67,59 @@ impl TrainConfig {
             schedule: self.schedule.clone(),
             warmup_epochs: self.warmup_epochs,
             epochs: self.epochs,
+        }
+    }
+}
+
+/// The validation figure early stopping watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMetric {
+    /// Validation top-1, higher is better.
+    ValTop1,
+    /// Validation loss, lower is better.
+    ValLoss,
+}
+
+impl StopMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopMetric::ValTop1 => "validation top-1",
+            StopMetric::ValLoss => "validation loss",
+        }
+    }
+}
+
+/// Early stopping: after `patience` epochs without a better `metric` than the best so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStop {
+    pub metric: StopMetric,
+    pub patience: usize,
+}
+
+impl EarlyStop {
+    /// Whether a run with this `history` should stop: its last `patience` epochs did not
+    /// improve on the best before them. Derived from the history alone, so a resumed run
+    /// decides as an uninterrupted one.
+    pub fn should_stop(&self, history: &[EpochRecord]) -> bool {
+        let value = |r: &EpochRecord| match self.metric {
+            StopMetric::ValTop1 => r.val_top1,
+            StopMetric::ValLoss => r.val_loss.map(|l| -l),
+        };
+        let mut best: Option<(usize, f64)> = None;
+        for (i, v) in history
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((i, value(r)?)))
+        {
+            if best.is_none_or(|(_, b)| v > b) {
+                best = Some((i, v));
+            }
+        }
+        match best {
+            Some((i, _)) => history.len() - 1 - i >= self.patience,
+            None => false,
         }
     }
 }

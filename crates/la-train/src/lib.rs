@@ -23,7 +23,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use checkpoint::{RunInfo, TrainState};
-pub use config::TrainConfig;
+pub use config::{EarlyStop, StopMetric, TrainConfig};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use record::EpochRecord;
 pub use schedule::{LrSchedule, Schedule};

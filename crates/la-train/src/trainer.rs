@@ -242,6 +242,18 @@ impl Trainer {
         let steps_per_epoch = batches.div_ceil(accum);
         let classes = self.info.model.num_classes;
         while self.state.epoch < self.info.train.epochs {
+            // Checked before each epoch, so a resumed run that had stopped stays stopped.
+            if let Some(rule) = self.info.train.early_stop {
+                if rule.should_stop(&self.state.history) {
+                    observer.message(&format!(
+                        "early stop after epoch {}: no better {} in the last {} epochs",
+                        self.state.epoch,
+                        rule.metric.name(),
+                        rule.patience
+                    ));
+                    break;
+                }
+            }
             let epoch = self.state.epoch;
             observer.epoch_start(epoch + 1, self.info.train.epochs, batches);
             let started = Instant::now();

@@ -51,6 +51,7 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
+            early_stop: None,
             no_decay_bias_norm: true,
             seed: 3,
         },
@@ -285,4 +286,46 @@ fn gradient_accumulation_equals_a_larger_batch() {
     // the short group still steps.
     let (steps, _) = run(5, 4);
     assert_eq!(steps, 2 * 3);
+}
+
+/// A run whose validation top-1 stops improving ends after `patience` more epochs, and
+/// stays ended when resumed.
+#[test]
+fn early_stopping_ends_a_run_that_stopped_improving() {
+    let (train, val) = loaders(2);
+    let tmp = la_testing::tempdir("train-early-stop");
+    let dir = tmp.path().join("run");
+    // A zero learning rate and no BatchNorm statistics to update: the first epoch's figures
+    // are never beaten.
+    let mut info = info(10, 0.0);
+    info.model.batch_norm = false;
+    info.train.early_stop = Some(la_train::EarlyStop {
+        metric: la_train::StopMetric::ValTop1,
+        patience: 2,
+    });
+    let mut t = Trainer::new(&dir, info, HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    assert_eq!(t.state.epoch, 3);
+    drop(t);
+    let mut t = Trainer::resume(&dir, &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    assert_eq!(t.state.epoch, 3, "a resumed run stays stopped");
+    // The rule itself: val-loss improving at the last epoch does not stop.
+    let record = |loss: f64| EpochRecord {
+        epoch: 1,
+        lr: 0.0,
+        train_loss: 0.0,
+        train_top1: 0.0,
+        val_loss: Some(loss),
+        val_top1: Some(0.5),
+        val_top5: None,
+        seconds: 0.0,
+        images_per_s: 0.0,
+    };
+    let rule = la_train::EarlyStop {
+        metric: la_train::StopMetric::ValLoss,
+        patience: 2,
+    };
+    assert!(!rule.should_stop(&[record(1.0), record(1.1), record(0.9)]));
+    assert!(rule.should_stop(&[record(1.0), record(1.1), record(1.2)]));
 }

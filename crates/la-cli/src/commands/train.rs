@@ -46,6 +46,23 @@ impl OptimizerArg {
     }
 }
 
+/// The validation figure `--early-stop-patience` watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMetricArg {
+    ValTop1,
+    ValLoss,
+}
+
+impl StopMetricArg {
+    fn metric(self) -> la_train::StopMetric {
+        match self {
+            StopMetricArg::ValTop1 => la_train::StopMetric::ValTop1,
+            StopMetricArg::ValLoss => la_train::StopMetric::ValLoss,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScheduleArg {
@@ -151,6 +168,13 @@ pub struct Options {
     /// Learning-rate multiplier for the pretrained layers
     #[arg(long)]
     pub pretrained_lr_scale: Option<f64>,
+    /// Stop when the --early-stop-metric has not improved for this many epochs (no early
+    /// stopping when not given).
+    #[arg(long)]
+    pub early_stop_patience: Option<usize>,
+    /// What early stopping watches.
+    #[arg(long, value_enum)]
+    pub early_stop_metric: Option<StopMetricArg>,
     /// Train only the attention modules and the head.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
@@ -255,6 +279,7 @@ impl Options {
             ("step-epochs", self.step_epochs),
             ("hidden", self.hidden),
             ("grad-accum-steps", self.grad_accum_steps),
+            ("early-stop-patience", self.early_stop_patience),
             ("size", self.size),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
@@ -383,6 +408,13 @@ impl Resolved {
             grad_accum_steps: need(&self.o.grad_accum_steps),
             pretrained_lr_scale: need(&self.o.pretrained_lr_scale),
             freeze_backbone: need(&self.o.freeze_backbone),
+            early_stop: self
+                .o
+                .early_stop_patience
+                .map(|patience| la_train::EarlyStop {
+                    metric: need(&self.o.early_stop_metric).metric(),
+                    patience,
+                }),
             no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
             seed: self.seed(),
         };

@@ -7,7 +7,7 @@
 use la_attention::AttentionInit;
 use la_train::{OptimizerConfig, Schedule, TrainConfig};
 
-use super::{OptimizerArg, Options, ScheduleArg};
+use super::{OptimizerArg, Options, ScheduleArg, StopMetricArg};
 use crate::data_args::DataKind;
 use crate::model_args::{HeadArg, DEFAULT_ARCH, DEFAULT_ATTENTION};
 
@@ -63,6 +63,7 @@ pub(super) fn defaults(given: &Options) -> Options {
             train.pretrained_lr_scale
         }),
         freeze_backbone: Some(train.freeze_backbone),
+        early_stop_metric: Some(StopMetricArg::ValTop1),
         device: Some("cpu".into()),
         seed: Some(train.seed),
         runs_dir: Some("runs".into()),
@@ -75,6 +76,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         mixup: None,
         cutmix: None,
         grad_clip: None,
+        early_stop_patience: None,
         threads: None,
         name: None,
     }
@@ -172,6 +174,7 @@ mod tests {
                     "mixup",
                     "cutmix",
                     "grad-clip",
+                    "early-stop-patience",
                     "threads",
                     "name",
                 ];
