@@ -81,6 +81,10 @@ impl Observer for BarObserver {
             ),
             _ => String::new(),
         };
+        let val = match r.ema_val_top1 {
+            Some(t1) => format!("{val} (EMA top-1 {:.2}%)", t1 * 100.0),
+            None => val,
+        };
         eprintln!(
             "epoch {}: train loss {:.4} top-1 {:.2}%{val} | lr {:.2e} | {:.1} s, {:.0} img/s",
             r.epoch,

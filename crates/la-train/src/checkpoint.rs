@@ -20,6 +20,8 @@ use crate::{Error, Result};
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const LAST: &str = "last.safetensors";
 pub const BEST: &str = "best.safetensors";
+/// The best epoch's moving average of the weights, when the run keeps one.
+pub const EMA_BEST: &str = "ema-best.safetensors";
 
 /// Progress of a run, saved with every checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -31,6 +33,11 @@ pub struct TrainState {
     pub best_top1: Option<f64>,
     pub best_epoch: Option<usize>,
     pub history: Vec<EpochRecord>,
+    /// The moving average's best validation top-1, and its epoch.
+    #[serde(default)]
+    pub best_ema_top1: Option<f64>,
+    #[serde(default)]
+    pub best_ema_epoch: Option<usize>,
     /// Names loaded from pretrained weights when the run started (their learning-rate scale
     /// differs), kept so a resumed run has the same parameter groups.
     #[serde(default)]
@@ -54,6 +61,8 @@ pub struct Checkpoint {
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
     pub optimizer_steps: u64,
+    /// The weights' moving average (empty when the run keeps none).
+    pub ema: HashMap<String, Tensor>,
 }
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
@@ -79,6 +88,7 @@ pub fn save_checkpoint(
     state: &TrainState,
     model: &HashMap<String, Tensor>,
     optimizer: (&HashMap<String, Tensor>, u64),
+    ema: Option<&HashMap<String, Tensor>>,
 ) -> Result<()> {
     let path = dir.join(CHECKPOINT);
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + optimizer.0.len());
@@ -87,6 +97,9 @@ pub fn save_checkpoint(
             format!("model.{k}"),
             t.to_device(&Device::Cpu)?.contiguous()?,
         ));
+    }
+    for (k, t) in ema.into_iter().flatten() {
+        named.push((format!("ema.{k}"), t.to_device(&Device::Cpu)?.contiguous()?));
     }
     for (k, t) in optimizer.0 {
         named.push((
@@ -134,6 +147,7 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
         .map_err(|e| bad(format!("metadata `optimizer_steps`: {e}")))?;
     let mut model = HashMap::new();
     let mut optimizer = HashMap::new();
+    let mut ema = HashMap::new();
     for (name, view) in st.tensors() {
         let t = view
             .load(device)
@@ -148,22 +162,27 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
             model.insert(k.to_string(), t);
         } else if let Some(k) = name.strip_prefix("optim.") {
             optimizer.insert(k.to_string(), t);
+        } else if let Some(k) = name.strip_prefix("ema.") {
+            ema.insert(k.to_string(), t);
         } else {
             return Err(bad(format!("unexpected tensor {name}")));
         }
     }
-    info.model
-        .check_tensors(&model)
-        .map_err(|source| Error::CheckpointModel {
-            path: path.clone(),
-            source,
-        })?;
+    for tensors in [&model, &ema].into_iter().filter(|t| !t.is_empty()) {
+        info.model
+            .check_tensors(tensors)
+            .map_err(|source| Error::CheckpointModel {
+                path: path.clone(),
+                source,
+            })?;
+    }
     Ok(Checkpoint {
         info,
         state,
         model,
         optimizer,
         optimizer_steps,
+        ema,
     })
 }
 

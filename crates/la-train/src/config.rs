@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ema::EmaConfig;
 use crate::optim::OptimizerConfig;
 use crate::record::EpochRecord;
 use crate::schedule::{LrSchedule, Schedule};
@@ -27,6 +28,8 @@ pub struct TrainConfig {
     pub freeze_backbone: bool,
     /// Stop when the validation metric has not improved for this many epochs.
     pub early_stop: Option<EarlyStop>,
+    /// Keep (and evaluate, and save) an exponential moving average of the weights.
+    pub ema: Option<EmaConfig>,
     /// No weight decay on biases and BatchNorm parameters.
     pub no_decay_bias_norm: bool,
     pub seed: u64,
@@ -51,6 +54,7 @@ impl Default for TrainConfig {
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
             early_stop: None,
+            ema: None,
             no_decay_bias_norm: true,
             seed: 0,
         }

@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod ema;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 pub use checkpoint::{RunInfo, TrainState};
 pub use config::{EarlyStop, StopMetric, TrainConfig};
+pub use ema::EmaConfig;
 pub use optim::{Optimizer, OptimizerConfig};
 pub use record::EpochRecord;
 pub use schedule::{LrSchedule, Schedule};

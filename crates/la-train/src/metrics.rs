@@ -29,12 +29,12 @@ pub fn append_jsonl(dir: &Path, value: &serde_json::Value) -> Result<()> {
 /// Rewrites `dir/epochs.csv` from the per-epoch history.
 pub fn write_csv(dir: &Path, history: &[EpochRecord]) -> Result<()> {
     let mut text = String::from(
-        "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,seconds,images_per_s\n",
+        "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,ema_val_loss,ema_val_top1,seconds,images_per_s\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.6}"));
     for r in history {
         text.push_str(&format!(
-            "{},{:.6e},{:.6},{:.6},{},{},{},{:.2},{:.1}\n",
+            "{},{:.6e},{:.6},{:.6},{},{},{},{},{},{:.2},{:.1}\n",
             r.epoch,
             r.lr,
             r.train_loss,
@@ -42,6 +42,8 @@ pub fn write_csv(dir: &Path, history: &[EpochRecord]) -> Result<()> {
             opt(r.val_loss),
             opt(r.val_top1),
             opt(r.val_top5),
+            opt(r.ema_val_loss),
+            opt(r.ema_val_top1),
             r.seconds,
             r.images_per_s
         ));

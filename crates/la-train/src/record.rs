@@ -14,6 +14,11 @@ pub struct EpochRecord {
     pub val_loss: Option<f64>,
     pub val_top1: Option<f64>,
     pub val_top5: Option<f64>,
+    /// The weights' moving average on the validation set, when the run keeps one.
+    #[serde(default)]
+    pub ema_val_loss: Option<f64>,
+    #[serde(default)]
+    pub ema_val_top1: Option<f64>,
     pub seconds: f64,
     pub images_per_s: f64,
 }

@@ -12,6 +12,7 @@ use la_vgg::{Vgg, VggConfig};
 use rand::RngCore;
 
 use crate::checkpoint::{self, RunInfo, TrainState};
+use crate::ema::ModelEma;
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
 use crate::optim::{param_groups, GroupRules, Optimizer};
 use crate::record::EpochRecord;
@@ -122,6 +123,7 @@ pub struct Trainer {
     pub model: Vgg,
     varmap: VarMap,
     optimizer: Optimizer,
+    ema: Option<ModelEma>,
     run_dir: PathBuf,
     device: Device,
 }
@@ -157,6 +159,10 @@ impl Trainer {
             device,
         )?;
         let optimizer = Self::optimizer(&info, &varmap, pretrained);
+        let ema = match info.train.ema {
+            Some(config) => Some(ModelEma::new(config, &varmap, HashMap::new())?),
+            None => None,
+        };
         // A directory without a checkpoint may hold the log of a run that never finished an epoch.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         Ok(Self {
@@ -165,6 +171,7 @@ impl Trainer {
             model,
             varmap,
             optimizer,
+            ema,
             run_dir,
             device: device.clone(),
         })
@@ -183,6 +190,10 @@ impl Trainer {
         let pretrained: HashSet<String> = ckpt.state.pretrained.iter().cloned().collect();
         let mut optimizer = Self::optimizer(&ckpt.info, &varmap, pretrained);
         optimizer.load_state(ckpt.optimizer, ckpt.optimizer_steps)?;
+        let ema = match ckpt.info.train.ema {
+            Some(config) => Some(ModelEma::new(config, &varmap, ckpt.ema)?),
+            None => None,
+        };
         // Steps of an epoch cut short are in metrics.jsonl already and will be redone: mark
         // where the log resumes.
         metrics::append_jsonl(
@@ -195,6 +206,7 @@ impl Trainer {
             model,
             varmap,
             optimizer,
+            ema,
             run_dir: run_dir.to_path_buf(),
             device: device.clone(),
         })
@@ -298,6 +310,9 @@ impl Trainer {
                 if micro + 1 == group {
                     self.clip_and_check(&mut grads, step)?;
                     self.optimizer.step(&grads, lr)?;
+                    if let Some(ema) = &mut self.ema {
+                        ema.update(&self.varmap, step)?;
+                    }
                     self.state.step += 1;
                 } else {
                     accumulated = Some(grads);
@@ -335,6 +350,13 @@ impl Trainer {
                 }
                 None => None,
             };
+            let ema_report = match (val, &self.ema) {
+                (Some(loader), Some(ema)) => {
+                    let model = ema.model(&self.info.model, &self.device)?;
+                    Some(evaluate(&model, loader, classes, |_| {})?)
+                }
+                _ => None,
+            };
             let record = EpochRecord {
                 epoch: epoch + 1,
                 lr,
@@ -343,6 +365,8 @@ impl Trainer {
                 val_loss: report.as_ref().map(|r| r.loss),
                 val_top1: report.as_ref().map(|r| r.top1),
                 val_top5: report.as_ref().map(|r| r.top5),
+                ema_val_loss: ema_report.as_ref().map(|r| r.loss),
+                ema_val_top1: ema_report.as_ref().map(|r| r.top1),
                 seconds,
                 images_per_s: seen as f64 / seconds.max(1e-9),
             };
@@ -357,7 +381,16 @@ impl Trainer {
                 self.state.best_top1 = record.val_top1;
                 self.state.best_epoch = Some(record.epoch);
             }
-            self.save(is_best)?;
+            let is_best_ema = match (record.ema_val_top1, self.state.best_ema_top1) {
+                (Some(v), Some(best)) => v > best,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if is_best_ema {
+                self.state.best_ema_top1 = record.ema_val_top1;
+                self.state.best_ema_epoch = Some(record.epoch);
+            }
+            self.save(is_best, is_best_ema)?;
             metrics::append_jsonl(
                 &self.run_dir,
                 &serde_json::json!({"type": "epoch", "record": record}),
@@ -373,12 +406,17 @@ impl Trainer {
     /// checkpoint.safetensors, each atomically. The checkpoint goes last because it is what
     /// commits the epoch: after a crash in between, resuming redoes the epoch and rewrites
     /// the others.
-    pub fn save(&self, is_best: bool) -> Result<()> {
+    pub fn save(&self, is_best: bool, is_best_ema: bool) -> Result<()> {
         let tensors = self.tensors()?;
         let metadata = checkpoint::model_metadata(&self.info, &self.state);
         la_vgg::save_weights(&self.run_dir.join(checkpoint::LAST), &metadata, &tensors)?;
         if is_best {
             la_vgg::save_weights(&self.run_dir.join(checkpoint::BEST), &metadata, &tensors)?;
+        }
+        let ema = self.ema.as_ref().map(ModelEma::tensors);
+        if let (true, Some(ema)) = (is_best_ema, ema) {
+            let path = self.run_dir.join(checkpoint::EMA_BEST);
+            la_vgg::save_weights(&path, &metadata, ema)?;
         }
         metrics::write_csv(&self.run_dir, &self.state.history)?;
         plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;
@@ -388,6 +426,7 @@ impl Trainer {
             &self.state,
             &tensors,
             self.optimizer.state(),
+            ema,
         )?;
         Ok(())
     }

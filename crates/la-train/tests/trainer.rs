@@ -52,6 +52,7 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             pretrained_lr_scale: 1.0,
             freeze_backbone: false,
             early_stop: None,
+            ema: None,
             no_decay_bias_norm: true,
             seed: 3,
         },
@@ -319,6 +320,8 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
         val_loss: Some(loss),
         val_top1: Some(0.5),
         val_top5: None,
+        ema_val_loss: None,
+        ema_val_top1: None,
         seconds: 0.0,
         images_per_s: 0.0,
     };
@@ -328,4 +331,51 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
     };
     assert!(!rule.should_stop(&[record(1.0), record(1.1), record(0.9)]));
     assert!(rule.should_stop(&[record(1.0), record(1.1), record(1.2)]));
+}
+
+/// With an EMA the run evaluates and saves the average, and an interrupted and resumed run
+/// ends with the same average as an uninterrupted one.
+#[test]
+fn the_weights_average_is_evaluated_saved_and_resumed_exactly() {
+    let with_ema = || {
+        let mut i = info(3, 0.05);
+        i.train.ema = Some(la_train::EmaConfig {
+            decay: 0.9,
+            warmup: true,
+        });
+        i
+    };
+    let (train, val) = loaders(2);
+    let straight_tmp = la_testing::tempdir("ema-straight");
+    let straight = straight_tmp.path().join("run");
+    let mut t = Trainer::new(&straight, with_ema(), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    assert!(t.state.history.iter().all(|r| r.ema_val_top1.is_some()));
+    assert!(straight.join("ema-best.safetensors").exists());
+
+    let interrupted_tmp = la_testing::tempdir("ema-interrupted");
+    let interrupted = interrupted_tmp.path().join("run");
+    let mut t = Trainer::new(&interrupted, with_ema(), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut StopAfter(1)).unwrap();
+    drop(t);
+    let mut t = Trainer::resume(&interrupted, &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+
+    let ema = |dir: &Path| {
+        la_train::checkpoint::load_checkpoint(dir, &Device::Cpu)
+            .unwrap()
+            .ema
+    };
+    let (a, b) = (ema(&straight), ema(&interrupted));
+    assert!(!a.is_empty());
+    for (name, ta) in &a {
+        assert_eq!(la_testing::max_abs_diff(ta, &b[name]), 0.0, "{name}");
+    }
+    // The average differs from the last weights (it is not a copy).
+    let last = weights(&straight);
+    let moved: f64 = a
+        .iter()
+        .map(|(n, t)| la_testing::max_abs_diff(t, &last[n]))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "{moved}");
 }

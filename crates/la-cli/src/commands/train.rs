@@ -175,6 +175,17 @@ pub struct Options {
     /// What early stopping watches.
     #[arg(long, value_enum)]
     pub early_stop_metric: Option<StopMetricArg>,
+    /// Keep an exponential moving average of the weights (timm's ModelEmaV3), evaluate it
+    /// each epoch beside the model and save its best epoch as ema-best.safetensors.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub model_ema: Option<bool>,
+    /// The average's decay per optimiser step.
+    #[arg(long)]
+    pub model_ema_decay: Option<f64>,
+    /// Start the average's decay small and let it grow (1 - (1 + step)^(-2/3), capped at
+    /// --model-ema-decay).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub model_ema_warmup: Option<bool>,
     /// Train only the attention modules and the head.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
@@ -258,6 +269,7 @@ impl Options {
             ("mixup", self.mixup.map(f64::from), Positive),
             ("cutmix", self.cutmix.map(f64::from), Positive),
             ("label-smoothing", self.label_smoothing, Unit),
+            ("model-ema-decay", self.model_ema_decay, OpenUnit),
             ("grad-clip", self.grad_clip, Positive),
             ("pretrained-lr-scale", self.pretrained_lr_scale, NonNegative),
             ("width", self.width, Positive),
@@ -415,6 +427,10 @@ impl Resolved {
                     metric: need(&self.o.early_stop_metric).metric(),
                     patience,
                 }),
+            ema: need(&self.o.model_ema).then(|| la_train::EmaConfig {
+                decay: need(&self.o.model_ema_decay),
+                warmup: need(&self.o.model_ema_warmup),
+            }),
             no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
             seed: self.seed(),
         };
@@ -619,6 +635,16 @@ pub fn run(args: Args) -> Result<()> {
         "  best weights: {}",
         trainer.run_dir().join(la_train::checkpoint::BEST).display()
     );
+    if let (Some(top1), Some(epoch)) = (trainer.state.best_ema_top1, trainer.state.best_ema_epoch) {
+        println!(
+            "  best weights' average: {} (validation top-1 {:.2} %, epoch {epoch})",
+            trainer
+                .run_dir()
+                .join(la_train::checkpoint::EMA_BEST)
+                .display(),
+            top1 * 100.0
+        );
+    }
     Ok(())
 }
 

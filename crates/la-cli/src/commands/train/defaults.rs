@@ -5,7 +5,7 @@
 //! depend on others (`--weights`, `--optimizer`). `--help` shows them from here too.
 
 use la_attention::AttentionInit;
-use la_train::{OptimizerConfig, Schedule, TrainConfig};
+use la_train::{EmaConfig, OptimizerConfig, Schedule, TrainConfig};
 
 use super::{OptimizerArg, Options, ScheduleArg, StopMetricArg};
 use crate::data_args::DataKind;
@@ -64,6 +64,9 @@ pub(super) fn defaults(given: &Options) -> Options {
         }),
         freeze_backbone: Some(train.freeze_backbone),
         early_stop_metric: Some(StopMetricArg::ValTop1),
+        model_ema: Some(train.ema.is_some()),
+        model_ema_decay: Some(train.ema.map_or(EmaConfig::DEFAULT_DECAY, |e| e.decay)),
+        model_ema_warmup: Some(train.ema.is_some_and(|e| e.warmup)),
         device: Some("cpu".into()),
         seed: Some(train.seed),
         runs_dir: Some("runs".into()),
