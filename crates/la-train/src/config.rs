@@ -25,6 +25,9 @@ pub struct TrainConfig {
     pub grad_accum_steps: usize,
     /// Learning-rate multiplier of the layers loaded from pretrained weights.
     pub pretrained_lr_scale: f64,
+    /// Layer-wise decay of the pretrained layers' rate (timm's `--layer-decay`), on top of
+    /// `pretrained_lr_scale`: see [`crate::optim::layer_decay_scales`].
+    pub layer_decay: Option<f64>,
     pub freeze_backbone: bool,
     /// Stop when the validation metric has not improved for this many epochs.
     pub early_stop: Option<EarlyStop>,
@@ -52,6 +55,7 @@ impl Default for TrainConfig {
             grad_clip: None,
             grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
+            layer_decay: None,
             freeze_backbone: false,
             early_stop: None,
             ema: None,

@@ -321,6 +321,9 @@ pub struct GroupRules {
     /// Names loaded from pretrained weights: they get `pretrained_lr_scale`.
     pub pretrained: std::collections::HashSet<String>,
     pub pretrained_lr_scale: f64,
+    /// Per tensor name, a further multiplier of pretrained tensors' rate (layer-wise decay,
+    /// [`layer_decay_scales`]); a name not in it keeps 1.
+    pub pretrained_layer_scale: HashMap<String, f64>,
     /// Leave the conv backbone (convs and norms) out of the optimiser altogether.
     pub freeze_backbone: bool,
     /// No weight decay on biases and norm parameters.
@@ -343,13 +346,42 @@ pub fn param_groups(varmap: &candle_nn::VarMap, rules: &GroupRules) -> Vec<Param
                 name: name.clone(),
                 var: data[name].clone(),
                 lr_scale: if rules.pretrained.contains(name) {
-                    rules.pretrained_lr_scale
+                    let layer = rules.pretrained_layer_scale.get(name.as_str());
+                    rules.pretrained_lr_scale * layer.copied().unwrap_or(1.0)
                 } else {
                     1.0
                 },
                 decay: !(rules.no_decay_bias_norm && is_norm_or_bias),
             }
         })
+        .collect()
+}
+
+/// timm's layer-wise learning-rate decay over the model's layer walk: the layers are the
+/// conv units in forward order (a conv and its BatchNorm are one) and the attention modules,
+/// then the head; of L + 1 layers, layer l's tensors get `decay^(L - l)` (the head 1, the first
+/// conv `decay^L`), so early, general features move least.
+pub fn layer_decay_scales(config: &la_vgg::VggConfig, decay: f64) -> HashMap<String, f64> {
+    use la_vgg::LayerKind;
+    let mut ids: Vec<(String, Option<usize>)> = Vec::new();
+    let mut layer = 0usize;
+    for spec in config.layers() {
+        let id = match spec.kind {
+            LayerKind::Conv { .. } | LayerKind::Attention { .. } => {
+                layer += 1;
+                Some(layer)
+            }
+            LayerKind::BatchNorm { .. } => Some(layer),
+            LayerKind::Linear { .. } => None,
+            LayerKind::MaxPool | LayerKind::AvgPool { .. } => continue,
+        };
+        for (leaf, _) in spec.tensors() {
+            ids.push((format!("{}.{leaf}", spec.name), id));
+        }
+    }
+    let head = layer + 1;
+    ids.into_iter()
+        .map(|(name, id)| (name, decay.powi((head - id.unwrap_or(head)) as i32)))
         .collect()
 }
 

@@ -14,7 +14,7 @@ use rand::RngCore;
 use crate::checkpoint::{self, RunInfo, TrainState};
 use crate::ema::ModelEma;
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
-use crate::optim::{param_groups, GroupRules, Optimizer};
+use crate::optim::{layer_decay_scales, param_groups, GroupRules, Optimizer};
 use crate::record::EpochRecord;
 use crate::{metrics, plot, Error, Result};
 
@@ -216,6 +216,11 @@ impl Trainer {
         let rules = GroupRules {
             pretrained,
             pretrained_lr_scale: info.train.pretrained_lr_scale,
+            pretrained_layer_scale: info
+                .train
+                .layer_decay
+                .map(|decay| layer_decay_scales(&info.model, decay))
+                .unwrap_or_default(),
             freeze_backbone: info.train.freeze_backbone,
             no_decay_bias_norm: info.train.no_decay_bias_norm,
         };

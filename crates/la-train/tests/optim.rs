@@ -282,3 +282,58 @@ fn cross_entropy_matches_its_formula_and_gradient() {
         vec![0, 2]
     );
 }
+
+/// timm's layer-wise decay over VGG: conv units (with their BatchNorm) and attention modules
+/// are the layers, the head the last; only pretrained tensors get it, times the pretrained
+/// scale.
+#[test]
+fn layer_decay_scales_follow_the_layer_walk() {
+    use la_train::optim::{layer_decay_scales, param_groups, GroupRules};
+    let config = la_vgg::VggConfig {
+        blocks: vec![vec![4, 4], vec![8]],
+        batch_norm: true,
+        attention: Some(la_vgg::AttentionSites {
+            config: la_attention::AttentionConfig::new(la_attention::AttentionKind::Softmax),
+            blocks: vec![1],
+        }),
+        head: la_vgg::HeadConfig::cifar(Some(6)),
+        num_classes: 3,
+        in_channels: 3,
+    };
+    let scales = layer_decay_scales(&config, 0.5);
+    // Layers: convs 0.0, 0.1, 1.0, attention 1, then the head (fc1, logits).
+    let want = [
+        ("blocks.0.convs.0.weight", 0.5f64.powi(4)),
+        ("blocks.0.norms.0.weight", 0.5f64.powi(4)),
+        ("blocks.0.convs.1.bias", 0.5f64.powi(3)),
+        ("blocks.1.convs.0.weight", 0.25),
+        ("blocks.1.attention.query.weight", 0.5),
+        ("head.fc1.weight", 1.0),
+        ("head.logits.bias", 1.0),
+    ];
+    for (name, scale) in want {
+        assert_eq!(scales[name], scale, "{name}");
+    }
+    assert_eq!(scales.len(), config.tensor_shapes().len());
+
+    let (_, varmap) = la_vgg::trainable(
+        config,
+        std::collections::HashMap::new(),
+        0,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let rules = GroupRules {
+        pretrained: ["blocks.0.convs.0.weight".to_string()].into(),
+        pretrained_lr_scale: 0.1,
+        pretrained_layer_scale: scales,
+        freeze_backbone: false,
+        no_decay_bias_norm: true,
+    };
+    let groups = param_groups(&varmap, &rules);
+    let scale_of = |n: &str| groups.iter().find(|p| p.name == n).unwrap().lr_scale;
+    assert!((scale_of("blocks.0.convs.0.weight") - 0.1 * 0.0625).abs() < 1e-12);
+    // Not pretrained: the full rate, whatever its layer.
+    assert_eq!(scale_of("blocks.0.convs.1.weight"), 1.0);
+}

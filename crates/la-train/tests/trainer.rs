@@ -50,6 +50,7 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             grad_clip: Some(5.0),
             grad_accum_steps: 1,
             pretrained_lr_scale: 1.0,
+            layer_decay: None,
             freeze_backbone: false,
             early_stop: None,
             ema: None,

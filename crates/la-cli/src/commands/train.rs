@@ -186,6 +186,10 @@ pub struct Options {
     /// --model-ema-decay).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub model_ema_warmup: Option<bool>,
+    /// Layer-wise decay of the pretrained layers' rate (timm's): the head's layer keeps it,
+    /// each layer before it is multiplied by this once more (no decay when not given).
+    #[arg(long)]
+    pub layer_decay: Option<f64>,
     /// Train only the attention modules and the head.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
@@ -270,6 +274,7 @@ impl Options {
             ("cutmix", self.cutmix.map(f64::from), Positive),
             ("label-smoothing", self.label_smoothing, Unit),
             ("model-ema-decay", self.model_ema_decay, OpenUnit),
+            ("layer-decay", self.layer_decay, OpenUnit),
             ("grad-clip", self.grad_clip, Positive),
             ("pretrained-lr-scale", self.pretrained_lr_scale, NonNegative),
             ("width", self.width, Positive),
@@ -419,6 +424,7 @@ impl Resolved {
             grad_clip: self.o.grad_clip,
             grad_accum_steps: need(&self.o.grad_accum_steps),
             pretrained_lr_scale: need(&self.o.pretrained_lr_scale),
+            layer_decay: self.o.layer_decay,
             freeze_backbone: need(&self.o.freeze_backbone),
             early_stop: self
                 .o

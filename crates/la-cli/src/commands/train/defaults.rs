@@ -80,6 +80,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         cutmix: None,
         grad_clip: None,
         early_stop_patience: None,
+        layer_decay: None,
         threads: None,
         name: None,
     }
@@ -178,6 +179,7 @@ mod tests {
                     "cutmix",
                     "grad-clip",
                     "early-stop-patience",
+                    "layer-decay",
                     "threads",
                     "name",
                 ];
