@@ -2,6 +2,8 @@
 //! otherwise (CI logs, pipes).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use la_train::{Control, EpochRecord, Observer, StepInfo};
@@ -10,6 +12,8 @@ pub struct BarObserver {
     bar: Option<ProgressBar>,
     terminal: bool,
     last_logged: std::time::Instant,
+    /// Set by Ctrl-C: the run stops after the current step with a resumable checkpoint.
+    interrupted: Arc<AtomicBool>,
 }
 
 impl BarObserver {
@@ -18,7 +22,28 @@ impl BarObserver {
             bar: None,
             terminal: std::io::stderr().is_terminal(),
             last_logged: std::time::Instant::now(),
+            interrupted: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether Ctrl-C stopped the run.
+    pub fn was_interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Makes the first Ctrl-C stop the run cleanly (a second one exits at once).
+    pub fn stop_on_ctrl_c(self) -> Self {
+        let flag = Arc::clone(&self.interrupted);
+        let installed = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping after this step (Ctrl-C again to quit now)");
+        });
+        if let Err(e) = installed {
+            eprintln!("note: Ctrl-C will not stop the run cleanly: {e}");
+        }
+        self
     }
 }
 
@@ -41,7 +66,7 @@ impl Observer for BarObserver {
         self.last_logged = std::time::Instant::now();
     }
 
-    fn step(&mut self, s: &StepInfo) {
+    fn step(&mut self, s: &StepInfo) -> Control {
         let msg = format!(
             "loss {:.4} acc {:.2}% lr {:.2e} {:.0} img/s",
             s.running_loss,
@@ -60,6 +85,11 @@ impl Observer for BarObserver {
                     self.last_logged = std::time::Instant::now();
                 }
             }
+        }
+        if self.interrupted.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
         }
     }
 

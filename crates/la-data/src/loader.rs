@@ -185,7 +185,14 @@ impl Loader {
     /// Dropping the iterator early stops the producer and waits for it; a panic in a
     /// data set or transform comes out as an `Err` item, not as a panic here.
     pub fn epoch(&self, epoch: usize) -> EpochIter<'_> {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on: the same batches as the tail of
+    /// [`Loader::epoch`], for a run resumed in the middle of an epoch.
+    pub fn epoch_from(&self, epoch: usize, first: usize) -> EpochIter<'_> {
         let total = self.len();
+        let first = first.min(total);
         let (tx, rx) = sync_channel(self.shared.config.prefetch);
         let stop = Arc::new(AtomicBool::new(false));
         let shared = self.shared.clone();
@@ -195,7 +202,7 @@ impl Loader {
             .name("la-data-loader".into())
             .spawn(move || {
                 let order = shared.order(epoch);
-                for b in 0..total {
+                for b in first..total {
                     if stop_flag.load(Ordering::Relaxed) {
                         break;
                     }
@@ -219,7 +226,7 @@ impl Loader {
             stop,
             handle,
             pending_error: failed,
-            received: 0,
+            received: first,
             total,
             _loader: PhantomData,
         }

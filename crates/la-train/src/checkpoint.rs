@@ -33,6 +33,9 @@ pub struct TrainState {
     pub best_top1: Option<f64>,
     pub best_epoch: Option<usize>,
     pub history: Vec<EpochRecord>,
+    /// Where a run stopped in the middle of an epoch (`None` at an epoch's end).
+    #[serde(default)]
+    pub epoch_progress: Option<EpochProgress>,
     /// The moving average's best validation top-1, and its epoch.
     #[serde(default)]
     pub best_ema_top1: Option<f64>,
@@ -42,6 +45,18 @@ pub struct TrainState {
     /// differs), kept so a resumed run has the same parameter groups.
     #[serde(default)]
     pub pretrained: Vec<String>,
+}
+
+/// How far into an epoch a run got, and its figures so far, so that a run resumed there
+/// reports the epoch as an uninterrupted one would.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// Batches of the epoch done.
+    pub batches: usize,
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub seen: usize,
+    pub seconds: f64,
 }
 
 /// What a run needs besides the tensors: the model, how inputs look, and the class names.
@@ -120,7 +135,57 @@ pub fn save_checkpoint(
 
 /// Reads `checkpoint.safetensors` of a run directory.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
-    let path = dir.join(CHECKPOINT);
+    load_checkpoint_file(&dir.join(CHECKPOINT), device)
+}
+
+/// `checkpoint-{epoch}.safetensors`: a kept copy of the checkpoint of an epoch's end.
+pub fn epoch_checkpoint(dir: &Path, epoch: usize) -> PathBuf {
+    dir.join(format!("checkpoint-{epoch}.safetensors"))
+}
+
+/// Copies the checkpoint just written as the last epoch's, and keeps the `keep` best of
+/// those copies (by validation top-1, else the most recent), removing the others.
+pub fn keep_best(dir: &Path, history: &[EpochRecord], keep: usize) -> Result<()> {
+    let Some(last) = history.last() else {
+        return Ok(());
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| Error::File {
+            path: path.to_path_buf(),
+            what: "cannot read",
+            source,
+        })
+    };
+    let bytes = read(&dir.join(CHECKPOINT))?;
+    la_core::write_atomically(&epoch_checkpoint(dir, last.epoch), &bytes)?;
+    let mut ranked: Vec<&EpochRecord> = history.iter().collect();
+    // Best validation top-1 first, the earlier epoch first on a tie (as best.safetensors);
+    // without validation figures, the most recent first.
+    ranked.sort_by(|a, b| match (a.val_top1, b.val_top1) {
+        (Some(x), Some(y)) => y.total_cmp(&x).then(a.epoch.cmp(&b.epoch)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => b.epoch.cmp(&a.epoch),
+    });
+    for r in ranked.iter().skip(keep) {
+        let path = epoch_checkpoint(dir, r.epoch);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::File {
+                    path,
+                    what: "cannot remove an old checkpoint",
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint file (`checkpoint.safetensors`, or a kept `checkpoint-{epoch}` copy).
+pub fn load_checkpoint_file(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let path = path.to_path_buf();
     let bad = |why: String| Error::Checkpoint(format!("{}: {why}", path.display()));
     let bytes = std::fs::read(&path).map_err(|source| Error::File {
         path: path.clone(),

@@ -29,6 +29,10 @@ pub struct TrainConfig {
     /// `pretrained_lr_scale`: see [`crate::optim::layer_decay_scales`].
     pub layer_decay: Option<f64>,
     pub freeze_backbone: bool,
+    /// Write a resumable checkpoint every this many optimiser steps within an epoch too.
+    pub recovery_interval: Option<usize>,
+    /// Keep the checkpoints of this many best epochs as `checkpoint-{epoch}.safetensors`.
+    pub checkpoint_hist: Option<usize>,
     /// Stop when the validation metric has not improved for this many epochs.
     pub early_stop: Option<EarlyStop>,
     /// Keep (and evaluate, and save) an exponential moving average of the weights.
@@ -57,6 +61,8 @@ impl Default for TrainConfig {
             pretrained_lr_scale: 1.0,
             layer_decay: None,
             freeze_backbone: false,
+            recovery_interval: None,
+            checkpoint_hist: None,
             early_stop: None,
             ema: None,
             no_decay_bias_norm: true,

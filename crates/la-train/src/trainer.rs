@@ -11,7 +11,7 @@ use la_data::{Loader, Targets};
 use la_vgg::{Vgg, VggConfig};
 use rand::RngCore;
 
-use crate::checkpoint::{self, RunInfo, TrainState};
+use crate::checkpoint::{self, EpochProgress, RunInfo, TrainState};
 use crate::ema::ModelEma;
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
 use crate::optim::{layer_decay_scales, param_groups, GroupRules, Optimizer};
@@ -42,7 +42,10 @@ pub enum Control {
 /// Receives progress (the CLI draws progress bars from it).
 pub trait Observer {
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
-    fn step(&mut self, _info: &StepInfo) {}
+    /// `Stop` ends the run after the current optimiser step with a resumable checkpoint.
+    fn step(&mut self, _info: &StepInfo) -> Control {
+        Control::Continue
+    }
     fn evaluating(&mut self, _batches: usize) {}
     fn epoch_end(&mut self, _record: &EpochRecord) -> Control {
         Control::Continue
@@ -178,8 +181,15 @@ impl Trainer {
     }
 
     /// Continues the run saved in `run_dir`.
-    pub fn resume(run_dir: &Path, device: &Device) -> Result<Self> {
-        let ckpt = checkpoint::load_checkpoint(run_dir, device)?;
+    /// `from` is a run directory (its latest checkpoint, at an epoch's end or mid-epoch) or
+    /// one of its kept `checkpoint-{epoch}.safetensors`.
+    pub fn resume(from: &Path, device: &Device) -> Result<Self> {
+        let (run_dir, ckpt) = if from.is_file() {
+            let dir = from.parent().unwrap_or(Path::new("."));
+            (dir, checkpoint::load_checkpoint_file(from, device)?)
+        } else {
+            (from, checkpoint::load_checkpoint(from, device)?)
+        };
         let (model, varmap) = la_vgg::trainable(
             ckpt.info.model.clone(),
             ckpt.model,
@@ -274,11 +284,18 @@ impl Trainer {
             let epoch = self.state.epoch;
             observer.epoch_start(epoch + 1, self.info.train.epochs, batches);
             let started = Instant::now();
-            let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+            // A run stopped in the middle of this epoch goes on from where it stopped.
+            let progress = self.state.epoch_progress.take().unwrap_or_default();
+            let first = progress.batches;
+            let (mut loss_sum, mut correct, mut seen) =
+                (progress.loss_sum, progress.correct, progress.seen);
+            let elapsed = || progress.seconds + started.elapsed().as_secs_f64();
+            let mut stop = false;
             let mut lr = schedule.lr_at(self.state.step, steps_per_epoch);
             // Gradients of the micro-batches of the current optimiser step.
             let mut accumulated: Option<candle_core::backprop::GradStore> = None;
-            for (i, batch) in train.epoch(epoch).enumerate() {
+            for (k, batch) in train.epoch_from(epoch, first).enumerate() {
+                let i = first + k;
                 let batch = batch?;
                 let step = self.state.step;
                 lr = schedule.lr_at(step, steps_per_epoch);
@@ -339,15 +356,39 @@ impl Trainer {
                     running_loss: loss_sum / seen as f64,
                     running_top1: correct as f64 / seen as f64,
                     lr,
-                    images_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                    images_per_s: (seen - progress.seen) as f64
+                        / started.elapsed().as_secs_f64().max(1e-9),
                 };
                 metrics::append_jsonl(
                     &self.run_dir,
                     &serde_json::json!({"type": "step", "epoch": info.epoch, "step": info.step, "loss": loss_value, "lr": lr}),
                 )?;
-                observer.step(&info);
+                stop |= observer.step(&info) == Control::Stop;
+                let recovery = self.info.train.recovery_interval;
+                let due = recovery.is_some_and(|n| self.state.step.is_multiple_of(n));
+                // Mid-epoch checkpoints, after an optimiser step (the last one is the epoch's).
+                if micro + 1 == group && i + 1 < batches && (stop || due) {
+                    self.state.epoch_progress = Some(EpochProgress {
+                        batches: i + 1,
+                        loss_sum,
+                        correct,
+                        seen,
+                        seconds: elapsed(),
+                    });
+                    self.save_checkpoint()?;
+                    self.state.epoch_progress = None;
+                    if stop {
+                        observer.message(&format!(
+                            "stopped after step {} (epoch {}, batch {}): the checkpoint resumes here",
+                            self.state.step,
+                            epoch + 1,
+                            i + 1
+                        ));
+                        return Ok(());
+                    }
+                }
             }
-            let seconds = started.elapsed().as_secs_f64();
+            let seconds = elapsed();
             let report = match val {
                 Some(loader) => {
                     observer.evaluating(loader.len());
@@ -377,30 +418,25 @@ impl Trainer {
             };
             self.state.epoch += 1;
             self.state.history.push(record.clone());
-            let is_best = match (record.val_top1, self.state.best_top1) {
-                (Some(v), Some(best)) => v > best,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
+            let is_best = improves(record.val_top1, self.state.best_top1);
             if is_best {
                 self.state.best_top1 = record.val_top1;
                 self.state.best_epoch = Some(record.epoch);
             }
-            let is_best_ema = match (record.ema_val_top1, self.state.best_ema_top1) {
-                (Some(v), Some(best)) => v > best,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
+            let is_best_ema = improves(record.ema_val_top1, self.state.best_ema_top1);
             if is_best_ema {
                 self.state.best_ema_top1 = record.ema_val_top1;
                 self.state.best_ema_epoch = Some(record.epoch);
             }
             self.save(is_best, is_best_ema)?;
+            if let Some(keep) = self.info.train.checkpoint_hist {
+                checkpoint::keep_best(&self.run_dir, &self.state.history, keep)?;
+            }
             metrics::append_jsonl(
                 &self.run_dir,
                 &serde_json::json!({"type": "epoch", "record": record}),
             )?;
-            if observer.epoch_end(&record) == Control::Stop {
+            if observer.epoch_end(&record) == Control::Stop || stop {
                 break;
             }
         }
@@ -418,20 +454,24 @@ impl Trainer {
         if is_best {
             la_vgg::save_weights(&self.run_dir.join(checkpoint::BEST), &metadata, &tensors)?;
         }
-        let ema = self.ema.as_ref().map(ModelEma::tensors);
-        if let (true, Some(ema)) = (is_best_ema, ema) {
+        if let (true, Some(ema)) = (is_best_ema, &self.ema) {
             let path = self.run_dir.join(checkpoint::EMA_BEST);
-            la_vgg::save_weights(&path, &metadata, ema)?;
+            la_vgg::save_weights(&path, &metadata, ema.tensors())?;
         }
         metrics::write_csv(&self.run_dir, &self.state.history)?;
         plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;
+        self.save_checkpoint()
+    }
+
+    /// Writes checkpoint.safetensors, what `--resume` continues from.
+    fn save_checkpoint(&self) -> Result<()> {
         checkpoint::save_checkpoint(
             &self.run_dir,
             &self.info,
             &self.state,
-            &tensors,
+            &self.tensors()?,
             self.optimizer.state(),
-            ema,
+            self.ema.as_ref().map(ModelEma::tensors),
         )?;
         Ok(())
     }
@@ -500,5 +540,14 @@ impl Trainer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+}
+
+/// Whether `new` beats `best` (higher is better; no figure never does).
+fn improves(new: Option<f64>, best: Option<f64>) -> bool {
+    match (new, best) {
+        (Some(v), Some(best)) => v > best,
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }

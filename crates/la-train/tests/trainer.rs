@@ -52,6 +52,8 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             pretrained_lr_scale: 1.0,
             layer_decay: None,
             freeze_backbone: false,
+            recovery_interval: None,
+            checkpoint_hist: None,
             early_stop: None,
             ema: None,
             no_decay_bias_norm: true,
@@ -379,4 +381,72 @@ fn the_weights_average_is_evaluated_saved_and_resumed_exactly() {
         .map(|(n, t)| la_testing::max_abs_diff(t, &last[n]))
         .fold(0.0, f64::max);
     assert!(moved > 1e-4, "{moved}");
+}
+
+/// Stops at an optimiser step, as Ctrl-C does.
+struct StopAtStep(usize);
+impl Observer for StopAtStep {
+    fn step(&mut self, s: &la_train::StepInfo) -> Control {
+        if s.step >= self.0 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+/// A run stopped in the middle of an epoch (Ctrl-C) resumes there and ends with the
+/// weights and the epoch figures of an uninterrupted run; recovery checkpoints within
+/// epochs and the kept best epochs' checkpoints resume too.
+#[test]
+fn runs_resume_mid_epoch_and_from_kept_checkpoints() {
+    let (train, val) = loaders(2);
+    let straight_tmp = la_testing::tempdir("mid-straight");
+    let straight = straight_tmp.path().join("run");
+    let mut t = Trainer::new(&straight, info(2, 0.05), HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    let straight_history = t.state.history.clone();
+
+    let stopped_tmp = la_testing::tempdir("mid-stopped");
+    let stopped = stopped_tmp.path().join("run");
+    let mut with_hist = info(2, 0.05);
+    with_hist.train.recovery_interval = Some(2);
+    with_hist.train.checkpoint_hist = Some(1);
+    let mut t = Trainer::new(&stopped, with_hist, HashMap::new(), &Device::Cpu).unwrap();
+    // 6 steps an epoch: stop at step 9, in the middle of epoch 2.
+    t.fit(&train, Some(&val), &mut StopAtStep(9)).unwrap();
+    assert_eq!((t.state.epoch, t.state.step), (1, 9));
+    drop(t);
+    let mut t = Trainer::resume(&stopped, &Device::Cpu).unwrap();
+    assert_eq!(
+        (t.state.epoch, t.state.step),
+        (1, 9),
+        "resumes at the step it stopped"
+    );
+    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    assert_eq!(t.state.epoch, 2);
+    let (a, b) = (weights(&straight), weights(&stopped));
+    for (name, ta) in &a {
+        assert_eq!(la_testing::max_abs_diff(ta, &b[name]), 0.0, "{name}");
+    }
+    for (x, y) in straight_history.iter().zip(&t.state.history) {
+        assert_eq!(
+            (x.train_loss, x.train_top1, x.val_top1),
+            (y.train_loss, y.train_top1, y.val_top1)
+        );
+    }
+    // One epoch checkpoint is kept, the best one; it resumes that epoch's state.
+    let kept: Vec<String> = std::fs::read_dir(&stopped)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    let best = t.state.best_epoch.unwrap();
+    assert_eq!(kept, [format!("checkpoint-{best}.safetensors")]);
+    let t = Trainer::resume(
+        &la_train::checkpoint::epoch_checkpoint(&stopped, best),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!((t.state.epoch, t.state.step), (best, 6 * best));
 }

@@ -168,6 +168,14 @@ pub struct Options {
     /// Learning-rate multiplier for the pretrained layers
     #[arg(long)]
     pub pretrained_lr_scale: Option<f64>,
+    /// Also write a resumable checkpoint every this many optimiser steps within an epoch
+    /// (only at epoch ends when not given).
+    #[arg(long)]
+    pub recovery_interval: Option<usize>,
+    /// Keep the checkpoints of this many best epochs as checkpoint-EPOCH.safetensors, each
+    /// resumable with --resume FILE (none kept when not given).
+    #[arg(long)]
+    pub checkpoint_hist: Option<usize>,
     /// Stop when the --early-stop-metric has not improved for this many epochs (no early
     /// stopping when not given).
     #[arg(long)]
@@ -220,7 +228,8 @@ pub struct Args {
     config: Option<PathBuf>,
     #[arg(long, value_enum)]
     preset: Option<Preset>,
-    /// Continue the run in this directory with its saved options. Only --epochs (to train
+    /// Continue the run in this directory (or from one of its checkpoint-EPOCH.safetensors)
+    /// with its saved options. Only --epochs (to train
     /// longer; a cosine schedule is then stretched over the new length), --device and
     /// --threads may be given with it.
     #[arg(long, conflicts_with_all = ["config", "preset"])]
@@ -297,6 +306,8 @@ impl Options {
             ("hidden", self.hidden),
             ("grad-accum-steps", self.grad_accum_steps),
             ("early-stop-patience", self.early_stop_patience),
+            ("recovery-interval", self.recovery_interval),
+            ("checkpoint-hist", self.checkpoint_hist),
             ("size", self.size),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
@@ -426,6 +437,8 @@ impl Resolved {
             pretrained_lr_scale: need(&self.o.pretrained_lr_scale),
             layer_decay: self.o.layer_decay,
             freeze_backbone: need(&self.o.freeze_backbone),
+            recovery_interval: self.o.recovery_interval,
+            checkpoint_hist: self.o.checkpoint_hist,
             early_stop: self
                 .o
                 .early_stop_patience
@@ -474,6 +487,15 @@ impl Resolved {
     }
 }
 
+/// The run directory of a `--resume` argument: the directory itself, or the one holding a
+/// kept `checkpoint-EPOCH.safetensors`.
+fn run_dir_of(resume: &std::path::Path) -> &std::path::Path {
+    match resume.parent() {
+        Some(dir) if resume.is_file() => dir,
+        _ => resume,
+    }
+}
+
 /// The options a run was started (or last resumed) with: `<run>/options.json`.
 pub fn read_options(run_dir: &std::path::Path) -> Result<Options> {
     let path = run_dir.join("options.json");
@@ -502,7 +524,7 @@ pub fn run(args: Args) -> Result<()> {
             }) {
                 bail!("--{flag} cannot change a run being resumed: only --epochs, --device and --threads may be given with --resume");
             }
-            let saved = read_options(dir)?;
+            let saved = read_options(run_dir_of(dir))?;
             // Only a longer run and the machine-related settings may change on resume.
             let mut o = saved;
             if let Some(e) = args.options.epochs {
@@ -576,7 +598,7 @@ pub fn run(args: Args) -> Result<()> {
             let mut t = Trainer::resume(dir, &device)?;
             t.info.train.epochs = need(&r.o.epochs);
             // The options file is what the next --resume reads: keep it current.
-            write_options(dir, &r.o)?;
+            write_options(run_dir_of(dir), &r.o)?;
             eprintln!(
                 "resuming {} after epoch {} (step {})",
                 dir.display(),
@@ -627,8 +649,15 @@ pub fn run(args: Args) -> Result<()> {
         crate::device::describe(&device),
     );
     eprintln!("run directory: {}", trainer.run_dir().display());
-    let mut observer = BarObserver::new();
+    let mut observer = BarObserver::new().stop_on_ctrl_c();
     trainer.fit(&train_loader, Some(&val_loader), &mut observer)?;
+    if observer.was_interrupted() {
+        bail!(
+            "interrupted after step {}; continue with `la-cli train --resume {}`",
+            trainer.state.step,
+            trainer.run_dir().display()
+        );
+    }
     let best = trainer.state.best_top1.unwrap_or(0.0);
     println!(
         "done: {} epochs, best validation top-1 {:.2} % (epoch {}); run directory {}",

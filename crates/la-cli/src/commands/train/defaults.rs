@@ -81,6 +81,8 @@ pub(super) fn defaults(given: &Options) -> Options {
         grad_clip: None,
         early_stop_patience: None,
         layer_decay: None,
+        recovery_interval: None,
+        checkpoint_hist: None,
         threads: None,
         name: None,
     }
@@ -180,6 +182,8 @@ mod tests {
                     "grad-clip",
                     "early-stop-patience",
                     "layer-decay",
+                    "recovery-interval",
+                    "checkpoint-hist",
                     "threads",
                     "name",
                 ];
