@@ -78,6 +78,8 @@ pub fn rms(t: &Tensor) -> f64 {
     (v.iter().map(|x| x * x).sum::<f64>() / v.len().max(1) as f64).sqrt()
 }
 
+pub use tempfile::TempDir;
+
 /// A new empty directory `la-<label>-XXXX` under the system's temporary directory, removed
 /// when the returned guard is dropped (also when the test panics).
 pub fn tempdir(label: &str) -> tempfile::TempDir {

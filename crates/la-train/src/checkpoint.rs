@@ -53,10 +53,32 @@ pub struct TrainState {
 pub struct EpochProgress {
     /// Batches of the epoch done.
     pub batches: usize,
-    pub loss_sum: f64,
+    pub sums: RunningSums,
+    pub seconds: f64,
+}
+
+/// The training figures of an epoch so far: summed loss, correct predictions, images.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningSums {
+    pub loss: f64,
     pub correct: usize,
     pub seen: usize,
-    pub seconds: f64,
+}
+
+impl RunningSums {
+    pub fn add(&mut self, mean_loss: f64, correct: usize, images: usize) {
+        self.loss += mean_loss * images as f64;
+        self.correct += correct;
+        self.seen += images;
+    }
+
+    pub fn mean_loss(&self) -> f64 {
+        self.loss / self.seen.max(1) as f64
+    }
+
+    pub fn top1(&self) -> f64 {
+        self.correct as f64 / self.seen.max(1) as f64
+    }
 }
 
 /// What a run needs besides the tensors: the model, how inputs look, and the class names.

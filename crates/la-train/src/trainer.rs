@@ -287,8 +287,7 @@ impl Trainer {
             // A run stopped in the middle of this epoch goes on from where it stopped.
             let progress = self.state.epoch_progress.take().unwrap_or_default();
             let first = progress.batches;
-            let (mut loss_sum, mut correct, mut seen) =
-                (progress.loss_sum, progress.correct, progress.seen);
+            let mut sums = progress.sums;
             let elapsed = || progress.seconds + started.elapsed().as_secs_f64();
             let mut stop = false;
             let mut lr = schedule.lr_at(self.state.step, steps_per_epoch);
@@ -340,23 +339,19 @@ impl Trainer {
                     accumulated = Some(grads);
                 }
 
-                let b = batch.labels.len();
-                loss_sum += loss_value * b as f64;
-                correct += label_ranks(&logits, &batch.labels)?
-                    .iter()
-                    .filter(|&&r| r == 0)
-                    .count();
-                seen += b;
+                let ranks = label_ranks(&logits, &batch.labels)?;
+                let correct = ranks.iter().filter(|&&r| r == 0).count();
+                sums.add(loss_value, correct, batch.labels.len());
                 let info = StepInfo {
                     epoch: epoch + 1,
                     batch: i + 1,
                     batches,
                     step: self.state.step,
                     loss: loss_value,
-                    running_loss: loss_sum / seen as f64,
-                    running_top1: correct as f64 / seen as f64,
+                    running_loss: sums.mean_loss(),
+                    running_top1: sums.top1(),
                     lr,
-                    images_per_s: (seen - progress.seen) as f64
+                    images_per_s: (sums.seen - progress.sums.seen) as f64
                         / started.elapsed().as_secs_f64().max(1e-9),
                 };
                 metrics::append_jsonl(
@@ -370,9 +365,7 @@ impl Trainer {
                 if micro + 1 == group && i + 1 < batches && (stop || due) {
                     self.state.epoch_progress = Some(EpochProgress {
                         batches: i + 1,
-                        loss_sum,
-                        correct,
-                        seen,
+                        sums,
                         seconds: elapsed(),
                     });
                     self.save_checkpoint()?;
@@ -406,15 +399,15 @@ impl Trainer {
             let record = EpochRecord {
                 epoch: epoch + 1,
                 lr,
-                train_loss: loss_sum / seen.max(1) as f64,
-                train_top1: correct as f64 / seen.max(1) as f64,
+                train_loss: sums.mean_loss(),
+                train_top1: sums.top1(),
                 val_loss: report.as_ref().map(|r| r.loss),
                 val_top1: report.as_ref().map(|r| r.top1),
                 val_top5: report.as_ref().map(|r| r.top5),
                 ema_val_loss: ema_report.as_ref().map(|r| r.loss),
                 ema_val_top1: ema_report.as_ref().map(|r| r.top1),
                 seconds,
-                images_per_s: seen as f64 / seconds.max(1e-9),
+                images_per_s: sums.seen as f64 / seconds.max(1e-9),
             };
             self.state.epoch += 1;
             self.state.history.push(record.clone());

@@ -48,16 +48,8 @@ fn info(epochs: usize, lr: f64) -> RunInfo {
             warmup_epochs: 0.5,
             label_smoothing: 0.1,
             grad_clip: Some(5.0),
-            grad_accum_steps: 1,
-            pretrained_lr_scale: 1.0,
-            layer_decay: None,
-            freeze_backbone: false,
-            recovery_interval: None,
-            checkpoint_hist: None,
-            early_stop: None,
-            ema: None,
-            no_decay_bias_norm: true,
             seed: 3,
+            ..TrainConfig::default()
         },
         normalization: Normalize::IMAGENET,
         input_size: 16,
@@ -97,6 +89,20 @@ impl Observer for StopAfter {
     }
 }
 
+/// A new run of `info` in a temporary directory, trained to its end (or to `observer`'s stop).
+fn trained(
+    label: &str,
+    info: RunInfo,
+    observer: &mut dyn Observer,
+) -> (la_testing::TempDir, std::path::PathBuf, Trainer) {
+    let (train, val) = loaders(2);
+    let tmp = la_testing::tempdir(label);
+    let dir = tmp.path().join("run");
+    let mut t = Trainer::new(&dir, info, HashMap::new(), &Device::Cpu).unwrap();
+    t.fit(&train, Some(&val), observer).unwrap();
+    (tmp, dir, t)
+}
+
 fn weights(dir: &Path) -> HashMap<String, Tensor> {
     la_vgg::load_weights(&dir.join("last.safetensors"), &Device::Cpu)
         .unwrap()
@@ -106,10 +112,7 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
 #[test]
 fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     let (train, val) = loaders(2);
-    let straight_tmp = la_testing::tempdir("train-straight");
-    let straight = straight_tmp.path().join("run");
-    let mut t = Trainer::new(&straight, info(3, 0.05), HashMap::new(), &Device::Cpu).unwrap();
-    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    let (_straight_tmp, straight, t) = trained("train-straight", info(3, 0.05), &mut Silent);
     assert_eq!(t.state.epoch, 3);
 
     let interrupted_tmp = la_testing::tempdir("train-interrupted");
@@ -349,10 +352,7 @@ fn the_weights_average_is_evaluated_saved_and_resumed_exactly() {
         i
     };
     let (train, val) = loaders(2);
-    let straight_tmp = la_testing::tempdir("ema-straight");
-    let straight = straight_tmp.path().join("run");
-    let mut t = Trainer::new(&straight, with_ema(), HashMap::new(), &Device::Cpu).unwrap();
-    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    let (_straight_tmp, straight, t) = trained("ema-straight", with_ema(), &mut Silent);
     assert!(t.state.history.iter().all(|r| r.ema_val_top1.is_some()));
     assert!(straight.join("ema-best.safetensors").exists());
 
@@ -401,10 +401,7 @@ impl Observer for StopAtStep {
 #[test]
 fn runs_resume_mid_epoch_and_from_kept_checkpoints() {
     let (train, val) = loaders(2);
-    let straight_tmp = la_testing::tempdir("mid-straight");
-    let straight = straight_tmp.path().join("run");
-    let mut t = Trainer::new(&straight, info(2, 0.05), HashMap::new(), &Device::Cpu).unwrap();
-    t.fit(&train, Some(&val), &mut Silent).unwrap();
+    let (_straight_tmp, straight, t) = trained("mid-straight", info(2, 0.05), &mut Silent);
     let straight_history = t.state.history.clone();
 
     let stopped_tmp = la_testing::tempdir("mid-stopped");

@@ -9,212 +9,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::ValueEnum;
 use la_attention::AttentionInit;
 use la_data::{Loader, LoaderConfig, Mix, Pipeline};
 use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
 use la_vgg::Normalize;
-use serde::{Deserialize, Serialize};
 
 use crate::data_args::{open_data, DataKind};
 use crate::device::{parse_device, set_threads};
-use crate::model_args::{Arch, AttentionArg, HeadArg};
+use crate::model_args::HeadArg;
 use crate::progress::BarObserver;
 
 mod defaults;
+mod options;
 mod presets;
 
 use defaults::defaults;
 pub use defaults::document_defaults;
+use options::{merge, write_options};
+pub use options::{read_options, Options, ScheduleArg};
 use presets::preset_options;
 pub use presets::Preset;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerArg {
-    Sgd,
-    Adamw,
-}
-
-impl OptimizerArg {
-    /// The optimiser with la-train's defaults.
-    pub fn default_config(self) -> OptimizerConfig {
-        match self {
-            OptimizerArg::Sgd => OptimizerConfig::sgd(),
-            OptimizerArg::Adamw => OptimizerConfig::adamw(),
-        }
-    }
-}
-
-/// The validation figure `--early-stop-patience` watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StopMetricArg {
-    ValTop1,
-    ValLoss,
-}
-
-impl StopMetricArg {
-    fn metric(self) -> la_train::StopMetric {
-        match self {
-            StopMetricArg::ValTop1 => la_train::StopMetric::ValTop1,
-            StopMetricArg::ValLoss => la_train::StopMetric::ValLoss,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ScheduleArg {
-    Constant,
-    Step,
-    Multistep,
-    Cosine,
-}
-
-/// Every option of a run. Flags, the TOML file and presets all fill this same struct.
-#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Options {
-    /// Data set
-    #[arg(long, value_enum)]
-    pub data: Option<DataKind>,
-    /// Where the data set lives (CIFAR folders or .tar.gz, Fashion-MNIST IDX files, an image folder).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Validation folder for --data imagefolder (else a split of --data-dir).
-    #[arg(long)]
-    pub val_dir: Option<PathBuf>,
-    /// ImageFolder: skip (and count) undecodable images instead of stopping at the first.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub skip_bad: Option<bool>,
-    /// Fraction held out for validation when the data set has no test split
-    #[arg(long)]
-    pub val_fraction: Option<f64>,
-    #[arg(long, value_enum)]
-    pub arch: Option<Arch>,
-    /// BatchNorm after every conv
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub bn: Option<bool>,
-    #[arg(long, value_enum)]
-    pub attention: Option<AttentionArg>,
-    /// How new attention modules start: `identity` (output projection at zero) or `kaiming`
-    /// (the article's advice: every block then adds a large random residual at step 0, and
-    /// VGG16 from scratch barely learns)
-    #[arg(long, value_name = "INIT")]
-    pub attention_init: Option<AttentionInit>,
-    /// The older spelling: `true` is `--attention-init identity`, `false` is `kaiming`.
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    pub zero_init_attention: Option<bool>,
-    #[arg(long, value_enum)]
-    pub head: Option<HeadArg>,
-    /// Hidden width of the cifar head.
-    #[arg(long)]
-    pub hidden: Option<usize>,
-    /// Conv width multiplier
-    #[arg(long)]
-    pub width: Option<f64>,
-    /// Pretrained weights to start from (any layout la-cli reads).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Input side in pixels
-    #[arg(long)]
-    pub size: Option<usize>,
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Base learning rate
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long, value_enum)]
-    pub optimizer: Option<OptimizerArg>,
-    /// SGD momentum
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub nesterov: Option<bool>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    #[arg(long, value_enum)]
-    pub schedule: Option<ScheduleArg>,
-    /// Epochs between decays of the step schedule
-    #[arg(long)]
-    pub step_epochs: Option<usize>,
-    /// Milestones of the multistep schedule, e.g. 60,120,160.
-    #[arg(long, value_delimiter = ',')]
-    pub milestones: Option<Vec<usize>>,
-    /// Decay factor of step/multistep
-    #[arg(long)]
-    pub gamma: Option<f64>,
-    /// Linear warm-up epochs
-    #[arg(long)]
-    pub warmup_epochs: Option<f64>,
-    /// MixUp with this Beta alpha.
-    #[arg(long)]
-    pub mixup: Option<f32>,
-    /// CutMix with this Beta alpha.
-    #[arg(long)]
-    pub cutmix: Option<f32>,
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
-    /// Clip the global gradient norm.
-    #[arg(long)]
-    pub grad_clip: Option<f64>,
-    /// Sum the gradients of this many batches before each optimiser step (an effective
-    /// batch of --batch-size x this).
-    #[arg(long)]
-    pub grad_accum_steps: Option<usize>,
-    /// Learning-rate multiplier for the pretrained layers
-    #[arg(long)]
-    pub pretrained_lr_scale: Option<f64>,
-    /// Also write a resumable checkpoint every this many optimiser steps within an epoch
-    /// (only at epoch ends when not given).
-    #[arg(long)]
-    pub recovery_interval: Option<usize>,
-    /// Keep the checkpoints of this many best epochs as checkpoint-EPOCH.safetensors, each
-    /// resumable with --resume FILE (none kept when not given).
-    #[arg(long)]
-    pub checkpoint_hist: Option<usize>,
-    /// Stop when the --early-stop-metric has not improved for this many epochs (no early
-    /// stopping when not given).
-    #[arg(long)]
-    pub early_stop_patience: Option<usize>,
-    /// What early stopping watches.
-    #[arg(long, value_enum)]
-    pub early_stop_metric: Option<StopMetricArg>,
-    /// Keep an exponential moving average of the weights (timm's ModelEmaV3), evaluate it
-    /// each epoch beside the model and save its best epoch as ema-best.safetensors.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub model_ema: Option<bool>,
-    /// The average's decay per optimiser step.
-    #[arg(long)]
-    pub model_ema_decay: Option<f64>,
-    /// Start the average's decay small and let it grow (1 - (1 + step)^(-2/3), capped at
-    /// --model-ema-decay).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub model_ema_warmup: Option<bool>,
-    /// Layer-wise decay of the pretrained layers' rate (timm's): the head's layer keeps it,
-    /// each layer before it is multiplied by this once more (no decay when not given).
-    #[arg(long)]
-    pub layer_decay: Option<f64>,
-    /// Train only the attention modules and the head.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub freeze_backbone: Option<bool>,
-    /// cpu, cuda, cuda:N or auto
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Worker threads for compute and data loading (all cores when not given)
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Run name; the run directory is <runs-dir>/<name> (data-arch-attention-time when not given)
-    #[arg(long)]
-    pub name: Option<String>,
-    #[arg(long)]
-    pub runs_dir: Option<PathBuf>,
-}
 
 #[derive(clap::Args)]
 #[command(
@@ -234,109 +48,6 @@ pub struct Args {
     /// --threads may be given with it.
     #[arg(long, conflicts_with_all = ["config", "preset"])]
     resume: Option<PathBuf>,
-}
-
-/// Where a numeric option's value must lie.
-#[derive(Clone, Copy)]
-enum Range {
-    Positive,
-    NonNegative,
-    /// [0, 1)
-    Unit,
-    /// (0, 1)
-    OpenUnit,
-}
-
-impl Range {
-    fn contains(self, v: f64) -> bool {
-        match self {
-            Range::Positive => v > 0.0,
-            Range::NonNegative => v >= 0.0,
-            Range::Unit => (0.0..1.0).contains(&v),
-            Range::OpenUnit => v > 0.0 && v < 1.0,
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Range::Positive => "a positive number",
-            Range::NonNegative => "a number >= 0",
-            Range::Unit => "in [0, 1)",
-            Range::OpenUnit => "in (0, 1)",
-        }
-    }
-}
-
-impl Options {
-    /// Refuses a number that cannot be used, naming its option (`where_` says where it was
-    /// given). Checked before the layering, whose JSON round trip would turn a NaN into
-    /// "unset" and so into the default.
-    fn check_numbers(&self, where_: &str) -> Result<()> {
-        use Range::*;
-        let checks = [
-            ("lr", self.lr, Positive),
-            ("momentum", self.momentum, Unit),
-            ("weight-decay", self.weight_decay, NonNegative),
-            ("gamma", self.gamma, Positive),
-            ("warmup-epochs", self.warmup_epochs, NonNegative),
-            ("mixup", self.mixup.map(f64::from), Positive),
-            ("cutmix", self.cutmix.map(f64::from), Positive),
-            ("label-smoothing", self.label_smoothing, Unit),
-            ("model-ema-decay", self.model_ema_decay, OpenUnit),
-            ("layer-decay", self.layer_decay, OpenUnit),
-            ("grad-clip", self.grad_clip, Positive),
-            ("pretrained-lr-scale", self.pretrained_lr_scale, NonNegative),
-            ("width", self.width, Positive),
-            ("val-fraction", self.val_fraction, OpenUnit),
-        ];
-        for (name, value, range) in checks {
-            let Some(v) = value else { continue };
-            if !v.is_finite() {
-                bail!("--{name} {v}{where_} must be a finite number");
-            }
-            if !range.contains(v) {
-                bail!("--{name} {v}{where_} must be {}", range.describe());
-            }
-        }
-        // Counts that mean nothing at zero (a zero --threads is refused where it is used).
-        let counts = [
-            ("epochs", self.epochs),
-            ("batch-size", self.batch_size),
-            ("step-epochs", self.step_epochs),
-            ("hidden", self.hidden),
-            ("grad-accum-steps", self.grad_accum_steps),
-            ("early-stop-patience", self.early_stop_patience),
-            ("recovery-interval", self.recovery_interval),
-            ("checkpoint-hist", self.checkpoint_hist),
-            ("size", self.size),
-        ];
-        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
-            bail!("--{name} 0{where_} must be at least 1");
-        }
-        if self
-            .milestones
-            .as_ref()
-            .is_some_and(|m| m.windows(2).any(|w| w[0] >= w[1]))
-        {
-            bail!("--milestones{where_} must be increasing epochs");
-        }
-        Ok(())
-    }
-}
-
-/// Fills `base`'s unset fields from `fallback`.
-fn merge(base: Options, fallback: Options) -> Options {
-    let a = serde_json::to_value(base).expect("options serialise");
-    let b = serde_json::to_value(fallback).expect("options serialise");
-    let (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) = (a, b) else {
-        unreachable!("options are a struct")
-    };
-    for (k, v) in b {
-        if a.get(&k).is_none_or(|x| x.is_null()) {
-            a.insert(k, v);
-        }
-    }
-    serde_json::from_value(serde_json::Value::Object(a)).expect("merged options deserialise")
 }
 
 /// The value of an option that [`defaults`] always sets.
@@ -494,24 +205,6 @@ fn run_dir_of(resume: &std::path::Path) -> &std::path::Path {
         Some(dir) if resume.is_file() => dir,
         _ => resume,
     }
-}
-
-/// The options a run was started (or last resumed) with: `<run>/options.json`.
-pub fn read_options(run_dir: &std::path::Path) -> Result<Options> {
-    let path = run_dir.join("options.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: cannot read the run's options; is this a run directory?",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("{}: malformed options", path.display()))
-}
-
-fn write_options(run_dir: &std::path::Path, options: &Options) -> Result<()> {
-    let json = serde_json::to_string_pretty(options)?;
-    la_core::write_atomically(&run_dir.join("options.json"), json.as_bytes())?;
-    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -7,7 +7,7 @@
 use la_attention::AttentionInit;
 use la_train::{EmaConfig, OptimizerConfig, Schedule, TrainConfig};
 
-use super::{OptimizerArg, Options, ScheduleArg, StopMetricArg};
+use super::options::{OptimizerArg, Options, ScheduleArg, StopMetricArg};
 use crate::data_args::DataKind;
 use crate::model_args::{HeadArg, DEFAULT_ARCH, DEFAULT_ATTENTION};
 

@@ -3,7 +3,7 @@
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use super::{OptimizerArg, Options, ScheduleArg};
+use super::options::{OptimizerArg, Options, ScheduleArg};
 use crate::data_args::DataKind;
 use crate::model_args::{Arch, AttentionArg, HeadArg};
 
