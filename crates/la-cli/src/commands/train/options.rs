@@ -59,143 +59,155 @@ pub enum ScheduleArg {
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
-    /// Data set
-    #[arg(long, value_enum)]
+    /// Data set.
+    #[arg(long, value_enum, help_heading = "Data")]
     pub data: Option<DataKind>,
     /// Where the data set lives (CIFAR folders or .tar.gz, Fashion-MNIST IDX files, an image folder).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub data_dir: Option<PathBuf>,
     /// Validation folder for --data imagefolder (else a split of --data-dir).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub val_dir: Option<PathBuf>,
     /// ImageFolder: skip (and count) undecodable images instead of stopping at the first.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Data")]
     pub skip_bad: Option<bool>,
     /// Fraction held out for validation when the data set has no test split
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub val_fraction: Option<f64>,
-    #[arg(long, value_enum)]
+    /// Input side in pixels
+    #[arg(long, help_heading = "Data")]
+    pub size: Option<usize>,
+    /// Images per batch.
+    #[arg(long, help_heading = "Data")]
+    pub batch_size: Option<usize>,
+    /// VGG depth.
+    #[arg(long, value_enum, help_heading = "Model")]
     pub arch: Option<Arch>,
     /// BatchNorm after every conv
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Model")]
     pub bn: Option<bool>,
-    #[arg(long, value_enum)]
+    /// Attention module after the last conv of every block.
+    #[arg(long, value_enum, help_heading = "Model")]
     pub attention: Option<AttentionArg>,
     /// How new attention modules start: `identity` (output projection at zero) or `kaiming`
     /// (the article's advice: every block then adds a large random residual at step 0, and
     /// VGG16 from scratch barely learns)
-    #[arg(long, value_name = "INIT")]
+    #[arg(long, value_name = "INIT", help_heading = "Model")]
     pub attention_init: Option<AttentionInit>,
     /// The older spelling: `true` is `--attention-init identity`, `false` is `kaiming`.
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true", help_heading = "Model")]
     pub zero_init_attention: Option<bool>,
-    #[arg(long, value_enum)]
+    /// The classifier: ImageNet's 7x7 pool and two hidden layers, or a global pool and one Linear.
+    #[arg(long, value_enum, help_heading = "Model")]
     pub head: Option<HeadArg>,
     /// Hidden width of the cifar head.
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub hidden: Option<usize>,
     /// Conv width multiplier
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub width: Option<f64>,
     /// Pretrained weights to start from (any layout la-cli reads).
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub weights: Option<PathBuf>,
-    /// Input side in pixels
-    #[arg(long)]
-    pub size: Option<usize>,
-    #[arg(long)]
+    /// Epochs to train.
+    #[arg(long, help_heading = "Optimizer")]
     pub epochs: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
     /// Base learning rate
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub lr: Option<f64>,
-    #[arg(long, value_enum)]
+    /// The optimiser.
+    #[arg(long, value_enum, help_heading = "Optimizer")]
     pub optimizer: Option<OptimizerArg>,
     /// SGD momentum
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub momentum: Option<f64>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Nesterov momentum.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Optimizer")]
     pub nesterov: Option<bool>,
-    #[arg(long)]
+    /// Weight decay (decoupled for AdamW; none on biases and norms).
+    #[arg(long, help_heading = "Optimizer")]
     pub weight_decay: Option<f64>,
-    #[arg(long, value_enum)]
-    pub schedule: Option<ScheduleArg>,
-    /// Epochs between decays of the step schedule
-    #[arg(long)]
-    pub step_epochs: Option<usize>,
-    /// Milestones of the multistep schedule, e.g. 60,120,160.
-    #[arg(long, value_delimiter = ',')]
-    pub milestones: Option<Vec<usize>>,
-    /// Decay factor of step/multistep
-    #[arg(long)]
-    pub gamma: Option<f64>,
-    /// Linear warm-up epochs
-    #[arg(long)]
-    pub warmup_epochs: Option<f64>,
-    /// MixUp with this Beta alpha.
-    #[arg(long)]
-    pub mixup: Option<f32>,
-    /// CutMix with this Beta alpha.
-    #[arg(long)]
-    pub cutmix: Option<f32>,
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
     /// Clip the global gradient norm.
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub grad_clip: Option<f64>,
     /// Sum the gradients of this many batches before each optimiser step (an effective
     /// batch of --batch-size x this).
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub grad_accum_steps: Option<usize>,
     /// Learning-rate multiplier for the pretrained layers
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub pretrained_lr_scale: Option<f64>,
-    /// Also write a resumable checkpoint every this many optimiser steps within an epoch
-    /// (only at epoch ends when not given).
-    #[arg(long)]
-    pub recovery_interval: Option<usize>,
-    /// Keep the checkpoints of this many best epochs as checkpoint-EPOCH.safetensors, each
-    /// resumable with --resume FILE (none kept when not given).
-    #[arg(long)]
-    pub checkpoint_hist: Option<usize>,
-    /// Stop when the --early-stop-metric has not improved for this many epochs (no early
-    /// stopping when not given).
-    #[arg(long)]
-    pub early_stop_patience: Option<usize>,
-    /// What early stopping watches.
-    #[arg(long, value_enum)]
-    pub early_stop_metric: Option<StopMetricArg>,
+    /// Layer-wise decay of the pretrained layers' rate (timm's): the head's layer keeps it,
+    /// each layer before it is multiplied by this once more (no decay when not given).
+    #[arg(long, help_heading = "Optimizer")]
+    pub layer_decay: Option<f64>,
+    /// Train only the attention modules and the head.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Optimizer")]
+    pub freeze_backbone: Option<bool>,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, help_heading = "Schedule")]
+    pub schedule: Option<ScheduleArg>,
+    /// Epochs between decays of the step schedule
+    #[arg(long, help_heading = "Schedule")]
+    pub step_epochs: Option<usize>,
+    /// Milestones of the multistep schedule, e.g. 60,120,160.
+    #[arg(long, value_delimiter = ',', help_heading = "Schedule")]
+    pub milestones: Option<Vec<usize>>,
+    /// Decay factor of step/multistep
+    #[arg(long, help_heading = "Schedule")]
+    pub gamma: Option<f64>,
+    /// Linear warm-up epochs
+    #[arg(long, help_heading = "Schedule")]
+    pub warmup_epochs: Option<f64>,
+    /// MixUp with this Beta alpha.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub mixup: Option<f32>,
+    /// CutMix with this Beta alpha.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub cutmix: Option<f32>,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub label_smoothing: Option<f64>,
     /// Keep an exponential moving average of the weights (timm's ModelEmaV3), evaluate it
     /// each epoch beside the model and save its best epoch as ema-best.safetensors.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Weights average")]
     pub model_ema: Option<bool>,
     /// The average's decay per optimiser step.
-    #[arg(long)]
+    #[arg(long, help_heading = "Weights average")]
     pub model_ema_decay: Option<f64>,
     /// Start the average's decay small and let it grow (1 - (1 + step)^(-2/3), capped at
     /// --model-ema-decay).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Weights average")]
     pub model_ema_warmup: Option<bool>,
-    /// Layer-wise decay of the pretrained layers' rate (timm's): the head's layer keeps it,
-    /// each layer before it is multiplied by this once more (no decay when not given).
-    #[arg(long)]
-    pub layer_decay: Option<f64>,
-    /// Train only the attention modules and the head.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub freeze_backbone: Option<bool>,
+    /// Also write a resumable checkpoint every this many optimiser steps within an epoch
+    /// (only at epoch ends when not given).
+    #[arg(long, help_heading = "Checkpoints and stopping")]
+    pub recovery_interval: Option<usize>,
+    /// Keep the checkpoints of this many best epochs as checkpoint-EPOCH.safetensors, each
+    /// resumable with --resume FILE (none kept when not given).
+    #[arg(long, help_heading = "Checkpoints and stopping")]
+    pub checkpoint_hist: Option<usize>,
+    /// Stop when the --early-stop-metric has not improved for this many epochs (no early
+    /// stopping when not given).
+    #[arg(long, help_heading = "Checkpoints and stopping")]
+    pub early_stop_patience: Option<usize>,
+    /// What early stopping watches.
+    #[arg(long, value_enum, help_heading = "Checkpoints and stopping")]
+    pub early_stop_metric: Option<StopMetricArg>,
     /// cpu, cuda, cuda:N or auto
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub device: Option<String>,
-    #[arg(long)]
+    /// Seed of the initialisation, the data order and augmentation, and dropout.
+    #[arg(long, help_heading = "Run")]
     pub seed: Option<u64>,
     /// Worker threads for compute and data loading (all cores when not given)
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Run name; the run directory is <runs-dir>/<name> (data-arch-attention-time when not given)
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub name: Option<String>,
-    #[arg(long)]
+    /// Where run directories are made.
+    #[arg(long, help_heading = "Run")]
     pub runs_dir: Option<PathBuf>,
 }
 
