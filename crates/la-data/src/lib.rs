@@ -17,6 +17,7 @@
 pub mod cifar;
 pub mod dataset;
 pub mod digits;
+pub mod erasing;
 pub mod fetch;
 pub mod folder;
 pub mod idx;
@@ -33,6 +34,7 @@ use std::path::PathBuf;
 pub use cifar::{cifar, CifarDataset, CifarInfo, CifarKind};
 pub use dataset::{split, Dataset, Split, Subset, VecDataset};
 pub use digits::{digits, DigitsDataset};
+pub use erasing::RandomErasing;
 pub use folder::{image_folder, ImageFolderDataset, ImageFolderOptions};
 pub use idx::{fashion_mnist, idx, mnist, IdxDataset};
 pub use in_memory::{InMemory, Planes};

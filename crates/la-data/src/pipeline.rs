@@ -9,6 +9,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
 
+use crate::erasing::RandomErasing;
 use crate::rng::SampleRng;
 use crate::transforms::{
     CenterCrop, ColorJitter, HorizontalFlip, RandomCrop, RandomResizedCrop, Resize, Transform,
@@ -272,6 +273,7 @@ fn cutmix_box(
 pub struct Pipeline {
     transforms: Vec<Arc<dyn Transform>>,
     normalize: Normalize,
+    erasing: Option<RandomErasing>,
     mix: Option<Mix>,
 }
 
@@ -281,6 +283,7 @@ impl Pipeline {
         Pipeline {
             transforms: Vec::new(),
             normalize,
+            erasing: None,
             mix: None,
         }
     }
@@ -300,6 +303,12 @@ impl Pipeline {
     /// Replaces the normalisation.
     pub fn with_normalize(mut self, normalize: Normalize) -> Self {
         self.normalize = normalize;
+        self
+    }
+
+    /// Sets or clears random erasing, which runs after the normalisation.
+    pub fn with_random_erasing(mut self, erasing: Option<RandomErasing>) -> Self {
+        self.erasing = erasing;
         self
     }
 
@@ -370,6 +379,9 @@ impl Pipeline {
     /// Checks what can be checked before running: normalisation and mix parameters.
     pub fn validate(&self) -> Result<()> {
         self.normalize.validate()?;
+        if let Some(e) = &self.erasing {
+            e.validate()?;
+        }
         if let Some(m) = &self.mix {
             m.validate()?;
         }
@@ -395,6 +407,11 @@ impl Pipeline {
                 image.width
             )));
         }
-        Ok((image.to_chw(&self.normalize), image.height, image.width))
+        let (h, w) = (image.height, image.width);
+        let mut chw = image.to_chw(&self.normalize);
+        if let Some(erasing) = &self.erasing {
+            erasing.apply(&mut chw, (3, h, w), rng);
+        }
+        Ok((chw, h, w))
     }
 }

@@ -360,3 +360,59 @@ fn normalize_constants() {
         "{std}"
     );
 }
+
+/// timm's per-pixel random erasing: with probability 1 exactly one rectangle of 2 % to 1/3
+/// of the image, the same in every channel, becomes N(0, 1) noise; the rest is untouched;
+/// probability 0 changes nothing; the same generator gives the same rectangle.
+#[test]
+fn random_erasing_replaces_one_rectangle_with_noise() {
+    use la_data::RandomErasing;
+    let (h, w) = (32usize, 32usize);
+    let base: Vec<f32> = (0..3 * h * w).map(|i| 100.0 + i as f32).collect();
+    let mut boxes = Vec::new();
+    let mut noise = Vec::new();
+    for index in 0..200 {
+        let mut chw = base.clone();
+        let mut rng = la_data::rng::sample_rng(7, 0, index);
+        RandomErasing::new(1.0).apply(&mut chw, (3, h, w), &mut rng);
+        let changed: Vec<usize> = (0..chw.len()).filter(|&i| chw[i] != base[i]).collect();
+        if changed.is_empty() {
+            continue; // ten tries without a fitting rectangle: possible, rare
+        }
+        let plane: Vec<(usize, usize)> = changed
+            .iter()
+            .filter(|&&i| i < h * w)
+            .map(|&i| (i / w, i % w))
+            .collect();
+        let (rows, cols): (Vec<usize>, Vec<usize>) = plane.iter().copied().unzip();
+        let (top, bottom) = (*rows.iter().min().unwrap(), *rows.iter().max().unwrap());
+        let (left, right) = (*cols.iter().min().unwrap(), *cols.iter().max().unwrap());
+        let area = (bottom - top + 1) * (right - left + 1);
+        assert_eq!(plane.len(), area, "a rectangle");
+        assert_eq!(changed.len(), 3 * area, "in every channel");
+        let fraction = area as f64 / (h * w) as f64;
+        assert!((0.015..0.40).contains(&fraction), "area {fraction}");
+        boxes.push(area);
+        noise.extend(changed.iter().map(|&i| chw[i] as f64));
+        // Same generator, same rectangle and noise.
+        let mut again = base.clone();
+        RandomErasing::new(1.0).apply(
+            &mut again,
+            (3, h, w),
+            &mut la_data::rng::sample_rng(7, 0, index),
+        );
+        assert_eq!(again, chw);
+    }
+    assert!(boxes.len() > 190, "{} of 200 erased", boxes.len());
+    let mean = noise.iter().sum::<f64>() / noise.len() as f64;
+    let std = (noise.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / noise.len() as f64).sqrt();
+    assert!(
+        mean.abs() < 0.02 && (std - 1.0).abs() < 0.02,
+        "N(0, 1)? mean {mean} std {std}"
+    );
+    let mut untouched = base.clone();
+    let mut rng = la_data::rng::sample_rng(7, 0, 0);
+    RandomErasing::new(0.0).apply(&mut untouched, (3, h, w), &mut rng);
+    assert_eq!(untouched, base);
+    assert!(RandomErasing::new(1.5).validate().is_err());
+}

@@ -316,7 +316,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let norm = trainer.info.normalization;
-    let train_pipeline = r.data().train_pipeline(size, norm).with_mix(r.mix());
+    let reprob = need(&r.o.reprob);
+    let erasing = (reprob > 0.0).then(|| la_data::RandomErasing::new(reprob));
+    let train_pipeline = r
+        .data()
+        .train_pipeline(size, norm)
+        .with_random_erasing(erasing)
+        .with_mix(r.mix());
     let train_loader = Loader::new(
         Arc::clone(&data.train),
         train_pipeline,

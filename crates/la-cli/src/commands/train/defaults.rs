@@ -56,6 +56,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         gamma: Some(Schedule::DEFAULT_GAMMA),
         warmup_epochs: Some(train.warmup_epochs),
         label_smoothing: Some(train.label_smoothing),
+        reprob: Some(0.0),
         grad_accum_steps: Some(train.grad_accum_steps),
         pretrained_lr_scale: Some(if pretrained {
             TrainConfig::FINE_TUNE_LR_SCALE

@@ -168,6 +168,9 @@ pub struct Options {
     /// Label smoothing of the cross-entropy.
     #[arg(long, help_heading = "Augmentation and regularisation")]
     pub label_smoothing: Option<f64>,
+    /// Random erasing probability (timm's --reprob, per-pixel noise).
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub reprob: Option<f64>,
     /// Keep an exponential moving average of the weights (timm's ModelEmaV3), evaluate it
     /// each epoch beside the model and save its best epoch as ema-best.safetensors.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Weights average")]
@@ -220,6 +223,8 @@ enum Range {
     Unit,
     /// (0, 1)
     OpenUnit,
+    /// [0, 1]
+    Probability,
 }
 
 impl Range {
@@ -229,6 +234,7 @@ impl Range {
             Range::NonNegative => v >= 0.0,
             Range::Unit => (0.0..1.0).contains(&v),
             Range::OpenUnit => v > 0.0 && v < 1.0,
+            Range::Probability => (0.0..=1.0).contains(&v),
         }
     }
 
@@ -238,6 +244,7 @@ impl Range {
             Range::NonNegative => "a number >= 0",
             Range::Unit => "in [0, 1)",
             Range::OpenUnit => "in (0, 1)",
+            Range::Probability => "in [0, 1]",
         }
     }
 }
@@ -257,6 +264,7 @@ impl Options {
             ("mixup", self.mixup.map(f64::from), Positive),
             ("cutmix", self.cutmix.map(f64::from), Positive),
             ("label-smoothing", self.label_smoothing, Unit),
+            ("reprob", self.reprob, Probability),
             ("model-ema-decay", self.model_ema_decay, OpenUnit),
             ("layer-decay", self.layer_decay, OpenUnit),
             ("grad-clip", self.grad_clip, Positive),
