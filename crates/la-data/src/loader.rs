@@ -305,7 +305,7 @@ impl Shared {
         }
         let (h, w) = size.unwrap_or((0, 0));
 
-        let (targets, labels) = match self.pipeline.mix() {
+        let (targets, labels) = match self.pipeline.mix_at(epoch) {
             Some(mix) => {
                 let mut rng = stream(seed, epoch as u64, b as u64, Purpose::Mix);
                 let out = mix.apply(&mut data, (3, h, w), &labels, num_classes, &mut rng)?;

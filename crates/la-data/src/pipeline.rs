@@ -275,6 +275,8 @@ pub struct Pipeline {
     normalize: Normalize,
     erasing: Option<RandomErasing>,
     mix: Option<Mix>,
+    /// The first epoch (0-based) without the mix (timm's `--mixup-off-epoch`).
+    mix_off_epoch: Option<usize>,
 }
 
 impl Pipeline {
@@ -285,6 +287,7 @@ impl Pipeline {
             normalize,
             erasing: None,
             mix: None,
+            mix_off_epoch: None,
         }
     }
 
@@ -310,6 +313,18 @@ impl Pipeline {
     pub fn with_random_erasing(mut self, erasing: Option<RandomErasing>) -> Self {
         self.erasing = erasing;
         self
+    }
+
+    /// Mixes only the epochs before `epoch` (0-based), as timm's `--mixup-off-epoch`.
+    pub fn with_mix_off_epoch(mut self, epoch: Option<usize>) -> Self {
+        self.mix_off_epoch = epoch;
+        self
+    }
+
+    /// The mix applied to the batches of `epoch`.
+    pub fn mix_at(&self, epoch: usize) -> Option<Mix> {
+        self.mix
+            .filter(|_| self.mix_off_epoch.is_none_or(|off| epoch < off))
     }
 
     /// Sets or clears the batch-level mix.

@@ -416,3 +416,16 @@ fn random_erasing_replaces_one_rectangle_with_noise() {
     assert_eq!(untouched, base);
     assert!(RandomErasing::new(1.5).validate().is_err());
 }
+
+/// timm's --mixup-off-epoch: the mix applies to the epochs before it, none after.
+#[test]
+fn the_mix_stops_at_its_off_epoch() {
+    let mix = Mix::CutMix { alpha: 1.0 };
+    let p = Pipeline::eval(32, Normalize::CIFAR10)
+        .with_mix(Some(mix))
+        .with_mix_off_epoch(Some(2));
+    assert_eq!(p.mix_at(0), Some(mix));
+    assert_eq!(p.mix_at(1), Some(mix));
+    assert_eq!(p.mix_at(2), None);
+    assert_eq!(p.clone().with_mix_off_epoch(None).mix_at(100), Some(mix));
+}

@@ -180,7 +180,7 @@ impl Resolved {
             (Some(mixup_alpha), Some(cutmix_alpha)) => Some(Mix::Either {
                 mixup_alpha,
                 cutmix_alpha,
-                prob_cutmix: 0.5,
+                prob_cutmix: need(&self.o.mixup_switch_prob) as f32,
             }),
         }
     }
@@ -322,7 +322,8 @@ pub fn run(args: Args) -> Result<()> {
         .data()
         .train_pipeline(size, norm)
         .with_random_erasing(erasing)
-        .with_mix(r.mix());
+        .with_mix(r.mix())
+        .with_mix_off_epoch(r.o.mixup_off_epoch);
     let train_loader = Loader::new(
         Arc::clone(&data.train),
         train_pipeline,

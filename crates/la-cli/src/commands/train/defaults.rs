@@ -57,6 +57,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         warmup_epochs: Some(train.warmup_epochs),
         label_smoothing: Some(train.label_smoothing),
         reprob: Some(0.0),
+        mixup_switch_prob: Some(0.5),
         grad_accum_steps: Some(train.grad_accum_steps),
         pretrained_lr_scale: Some(if pretrained {
             TrainConfig::FINE_TUNE_LR_SCALE
@@ -79,6 +80,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         weights: None,
         mixup: None,
         cutmix: None,
+        mixup_off_epoch: None,
         grad_clip: None,
         early_stop_patience: None,
         layer_decay: None,
@@ -180,6 +182,7 @@ mod tests {
                     "weights",
                     "mixup",
                     "cutmix",
+                    "mixup-off-epoch",
                     "grad-clip",
                     "early-stop-patience",
                     "layer-decay",

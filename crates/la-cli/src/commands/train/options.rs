@@ -165,6 +165,13 @@ pub struct Options {
     /// CutMix with this Beta alpha.
     #[arg(long, help_heading = "Augmentation and regularisation")]
     pub cutmix: Option<f32>,
+    /// With both --mixup and --cutmix, the probability that a batch gets CutMix.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub mixup_switch_prob: Option<f64>,
+    /// No MixUp/CutMix after this many epochs, as timm's (10 mixes epochs 1-10; every epoch
+    /// when not given).
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub mixup_off_epoch: Option<usize>,
     /// Label smoothing of the cross-entropy.
     #[arg(long, help_heading = "Augmentation and regularisation")]
     pub label_smoothing: Option<f64>,
@@ -265,6 +272,7 @@ impl Options {
             ("cutmix", self.cutmix.map(f64::from), Positive),
             ("label-smoothing", self.label_smoothing, Unit),
             ("reprob", self.reprob, Probability),
+            ("mixup-switch-prob", self.mixup_switch_prob, Probability),
             ("model-ema-decay", self.model_ema_decay, OpenUnit),
             ("layer-decay", self.layer_decay, OpenUnit),
             ("grad-clip", self.grad_clip, Positive),
@@ -288,6 +296,7 @@ impl Options {
             ("step-epochs", self.step_epochs),
             ("hidden", self.hidden),
             ("grad-accum-steps", self.grad_accum_steps),
+            ("mixup-off-epoch", self.mixup_off_epoch),
             ("early-stop-patience", self.early_stop_patience),
             ("recovery-interval", self.recovery_interval),
             ("checkpoint-hist", self.checkpoint_hist),
