@@ -35,6 +35,8 @@ pub struct TrainConfig {
     pub checkpoint_hist: Option<usize>,
     /// Stop when the validation metric has not improved for this many epochs.
     pub early_stop: Option<EarlyStop>,
+    /// Write TensorBoard event files into the run directory.
+    pub tensorboard: bool,
     /// Keep (and evaluate, and save) an exponential moving average of the weights.
     pub ema: Option<EmaConfig>,
     /// No weight decay on biases and BatchNorm parameters.
@@ -65,6 +67,7 @@ impl Default for TrainConfig {
             checkpoint_hist: None,
             early_stop: None,
             ema: None,
+            tensorboard: false,
             no_decay_bias_norm: true,
             seed: 0,
         }

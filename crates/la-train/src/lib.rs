@@ -19,6 +19,7 @@ pub mod parity;
 pub mod plot;
 pub mod record;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 use std::path::PathBuf;

@@ -16,6 +16,7 @@ use crate::ema::ModelEma;
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
 use crate::optim::{layer_decay_scales, param_groups, GroupRules, Optimizer};
 use crate::record::EpochRecord;
+use crate::tensorboard::EventWriter;
 use crate::{metrics, plot, Error, Result};
 
 /// What the loop reports after each step.
@@ -127,6 +128,8 @@ pub struct Trainer {
     varmap: VarMap,
     optimizer: Optimizer,
     ema: Option<ModelEma>,
+    /// TensorBoard's event file, when the run writes one.
+    events: Option<EventWriter>,
     run_dir: PathBuf,
     device: Device,
 }
@@ -166,6 +169,7 @@ impl Trainer {
             Some(config) => Some(ModelEma::new(config, &varmap, HashMap::new())?),
             None => None,
         };
+        let info_tensorboard = info.train.tensorboard;
         // A directory without a checkpoint may hold the log of a run that never finished an epoch.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         Ok(Self {
@@ -175,6 +179,7 @@ impl Trainer {
             varmap,
             optimizer,
             ema,
+            events: EventWriter::create_if(info_tensorboard, &run_dir)?,
             run_dir,
             device: device.clone(),
         })
@@ -200,6 +205,7 @@ impl Trainer {
         let pretrained: HashSet<String> = ckpt.state.pretrained.iter().cloned().collect();
         let mut optimizer = Self::optimizer(&ckpt.info, &varmap, pretrained);
         optimizer.load_state(ckpt.optimizer, ckpt.optimizer_steps)?;
+        let events = EventWriter::create_if(ckpt.info.train.tensorboard, run_dir)?;
         let ema = match ckpt.info.train.ema {
             Some(config) => Some(ModelEma::new(config, &varmap, ckpt.ema)?),
             None => None,
@@ -217,6 +223,7 @@ impl Trainer {
             varmap,
             optimizer,
             ema,
+            events,
             run_dir: run_dir.to_path_buf(),
             device: device.clone(),
         })
@@ -358,6 +365,11 @@ impl Trainer {
                     &self.run_dir,
                     &serde_json::json!({"type": "step", "epoch": info.epoch, "step": info.step, "loss": loss_value, "lr": lr}),
                 )?;
+                if let Some(events) = &mut self.events {
+                    let step = self.state.step as u64;
+                    events.scalar("train/loss", loss_value, step)?;
+                    events.scalar("train/lr", lr, step)?;
+                }
                 stop |= observer.step(&info) == Control::Stop;
                 let recovery = self.info.train.recovery_interval;
                 let due = recovery.is_some_and(|n| self.state.step.is_multiple_of(n));
@@ -429,6 +441,23 @@ impl Trainer {
                 &self.run_dir,
                 &serde_json::json!({"type": "epoch", "record": record}),
             )?;
+            if let Some(events) = &mut self.events {
+                let step = self.state.step as u64;
+                let figures = [
+                    ("epoch/train_loss", Some(record.train_loss)),
+                    ("epoch/train_top1", Some(record.train_top1)),
+                    ("epoch/val_loss", record.val_loss),
+                    ("epoch/val_top1", record.val_top1),
+                    ("epoch/val_top5", record.val_top5),
+                    ("epoch/ema_val_top1", record.ema_val_top1),
+                    ("epoch/images_per_s", Some(record.images_per_s)),
+                ];
+                for (tag, value) in figures {
+                    if let Some(v) = value {
+                        events.scalar(tag, v, step)?;
+                    }
+                }
+            }
             if observer.epoch_end(&record) == Control::Stop || stop {
                 break;
             }

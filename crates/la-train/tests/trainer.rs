@@ -447,3 +447,39 @@ fn runs_resume_mid_epoch_and_from_kept_checkpoints() {
     .unwrap();
     assert_eq!((t.state.epoch, t.state.step), (best, 6 * best));
 }
+
+/// TensorBoard events: every step's loss and rate and every epoch's figures, read back
+/// with their checksums checked.
+#[test]
+fn tensorboard_events_hold_the_runs_figures() {
+    let mut i = info(2, 0.05);
+    i.train.tensorboard = true;
+    let (_tmp, dir, t) = trained("tensorboard", i, &mut Silent);
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("tfevents"))
+        .expect("an event file");
+    let scalars = la_train::tensorboard::read_scalars(&file).unwrap();
+    let tagged = |tag: &str| -> Vec<(u64, f32)> {
+        scalars
+            .iter()
+            .filter(|(t, _, _)| t == tag)
+            .map(|(_, s, v)| (*s, *v))
+            .collect()
+    };
+    assert_eq!(tagged("train/loss").len(), t.state.step);
+    let val: Vec<(u64, f32)> = t
+        .state
+        .history
+        .iter()
+        .map(|r| ((6 * r.epoch) as u64, r.val_top1.unwrap() as f32))
+        .collect();
+    assert_eq!(tagged("epoch/val_top1"), val);
+    // A flipped byte is caught by the checksums.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 6;
+    bytes[last] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    assert!(la_train::tensorboard::read_scalars(&file).is_err());
+}

@@ -161,6 +161,7 @@ impl Resolved {
                 decay: need(&self.o.model_ema_decay),
                 warmup: need(&self.o.model_ema_warmup),
             }),
+            tensorboard: need(&self.o.tensorboard),
             no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
             seed: self.seed(),
         };

@@ -72,6 +72,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         device: Some("cpu".into()),
         seed: Some(train.seed),
         runs_dir: Some("runs".into()),
+        tensorboard: Some(train.tensorboard),
         // No default: each is absent unless given.
         data_dir: None,
         val_dir: None,

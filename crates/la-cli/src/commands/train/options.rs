@@ -219,6 +219,9 @@ pub struct Options {
     /// Where run directories are made.
     #[arg(long, help_heading = "Run")]
     pub runs_dir: Option<PathBuf>,
+    /// Write TensorBoard event files into the run directory (`tensorboard --logdir runs`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Run")]
+    pub tensorboard: Option<bool>,
 }
 
 /// Where a numeric option's value must lie.
