@@ -8,6 +8,7 @@
 //!   [`record`]: each epoch's figures, which [`metrics`] and [`plot`] write.
 //! - [`optim`], [`schedule`], [`loss`]: the pieces of a step; [`parity`]: one step in both
 //!   kernel forms, for tests and the selftest.
+//! - [`ema`]: the weights' moving average; [`tensorboard`]: event files for TensorBoard.
 
 pub mod checkpoint;
 pub mod config;
