@@ -126,6 +126,7 @@ pub fn save_checkpoint(
     model: &HashMap<String, Tensor>,
     optimizer: (&HashMap<String, Tensor>, u64),
     ema: Option<&HashMap<String, Tensor>>,
+    copies: &[PathBuf],
 ) -> Result<()> {
     let path = dir.join(CHECKPOINT);
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + optimizer.0.len());
@@ -151,6 +152,9 @@ pub fn save_checkpoint(
     meta.insert("optimizer_steps".to_string(), optimizer.1.to_string());
     let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(|e| Error::Checkpoint(format!("{}: cannot serialise: {e}", path.display())))?;
+    for copy in copies {
+        la_core::write_atomically(copy, &bytes)?;
+    }
     la_core::write_atomically(&path, &bytes)?;
     Ok(())
 }
@@ -165,21 +169,9 @@ pub fn epoch_checkpoint(dir: &Path, epoch: usize) -> PathBuf {
     dir.join(format!("checkpoint-{epoch}.safetensors"))
 }
 
-/// Copies the checkpoint just written as the last epoch's, and keeps the `keep` best of
-/// those copies (by validation top-1, else the most recent), removing the others.
+/// Keeps the `keep` best of the epochs' checkpoint copies (by validation top-1, else the
+/// most recent), removing the others.
 pub fn keep_best(dir: &Path, history: &[EpochRecord], keep: usize) -> Result<()> {
-    let Some(last) = history.last() else {
-        return Ok(());
-    };
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| Error::File {
-            path: path.to_path_buf(),
-            what: "cannot read",
-            source,
-        })
-    };
-    let bytes = read(&dir.join(CHECKPOINT))?;
-    la_core::write_atomically(&epoch_checkpoint(dir, last.epoch), &bytes)?;
     let mut ranked: Vec<&EpochRecord> = history.iter().collect();
     // Best validation top-1 first, the earlier epoch first on a tie (as best.safetensors);
     // without validation figures, the most recent first.

@@ -380,7 +380,7 @@ impl Trainer {
                         sums,
                         seconds: elapsed(),
                     });
-                    self.save_checkpoint()?;
+                    self.save_checkpoint(&self.tensors()?, &[])?;
                     self.state.epoch_progress = None;
                     if stop {
                         observer.message(&format!(
@@ -482,18 +482,27 @@ impl Trainer {
         }
         metrics::write_csv(&self.run_dir, &self.state.history)?;
         plot::training_curves(&self.run_dir.join("curves.png"), &self.state.history)?;
-        self.save_checkpoint()
+        // With a checkpoint history, the epoch's checkpoint is also kept under its number.
+        let copies: Vec<PathBuf> = self
+            .info
+            .train
+            .checkpoint_hist
+            .map(|_| checkpoint::epoch_checkpoint(&self.run_dir, self.state.epoch))
+            .into_iter()
+            .collect();
+        self.save_checkpoint(&tensors, &copies)
     }
 
-    /// Writes checkpoint.safetensors, what `--resume` continues from.
-    fn save_checkpoint(&self) -> Result<()> {
+    /// Writes checkpoint.safetensors, what `--resume` continues from (and `copies` of it).
+    fn save_checkpoint(&self, tensors: &HashMap<String, Tensor>, copies: &[PathBuf]) -> Result<()> {
         checkpoint::save_checkpoint(
             &self.run_dir,
             &self.info,
             &self.state,
-            &self.tensors()?,
+            tensors,
             self.optimizer.state(),
             self.ema.as_ref().map(ModelEma::tensors),
+            copies,
         )?;
         Ok(())
     }
