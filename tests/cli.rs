@@ -1,23 +1,11 @@
 //! End-to-end: run the built `la-cli` binary as a user would and check what it prints.
 
+mod support;
+
 use la_testing::fixture;
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn la_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_la-cli"))
-        .args(args)
-        .output()
-        .expect("la-cli runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
+use support::{la_cli, stderr, stdout};
 
 #[test]
 fn summary_prints_the_true_cost_of_vgg16_with_softmax_attention() {

@@ -1,19 +1,23 @@
 //! Data for training VGG-with-attention networks: readers for CIFAR-10/100 (binary
 //! folders or the official `.tar.gz`), MNIST-style IDX files (Fashion-MNIST as the
 //! Debian package ships it), ImageFolder trees and the embedded UCI digits; seeded
-//! augmentation (crops, flips, colour jitter, MixUp/CutMix); and a loader that decodes
+//! augmentation (crops, flips, colour jitter, TrivialAugment/RandAugment, random
+//! erasing, MixUp/CutMix); and a loader that decodes
 //! and augments on worker threads and yields candle tensors, identical for a given
 //! seed whatever the number of threads.
 //!
 //! - [`Dataset`]: the trait every reader implements; [`Subset`] and [`split`] carve them;
 //!   [`InMemory`]: the images of one size that the CIFAR, IDX and digits readers hold.
 //! - [`transforms`]: per-sample augmentation on `u8` HWC images; [`Normalize`] (la-core's)
-//!   is applied by [`Image::to_chw`].
+//!   is applied by [`Image::to_chw`]; [`AutoAugment`]: torchvision's TrivialAugmentWide
+//!   and RandAugment over the operations of [`augment_ops`].
 //! - [`Pipeline`]: transforms, then normalisation, then an optional batch-level [`Mix`].
 //! - [`Loader`]: shuffled, prefetched, parallel batches of `[b, 3, h, w]` `f32` tensors.
 //! - [`fetch`]: downloads the CIFAR archives with an MD5 check and a safe extraction.
 //! - [`info()`]: counts, classes, sizes and a label histogram of any data set.
 
+pub mod augment_ops;
+pub mod auto_augment;
 pub mod cifar;
 pub mod dataset;
 pub mod digits;
@@ -31,6 +35,8 @@ pub mod transforms;
 
 use std::path::PathBuf;
 
+pub use augment_ops::AugmentOp;
+pub use auto_augment::{AutoAugment, Policy};
 pub use cifar::{cifar, CifarDataset, CifarInfo, CifarKind};
 pub use dataset::{split, Dataset, Split, Subset, VecDataset};
 pub use digits::{digits, DigitsDataset};
@@ -40,7 +46,10 @@ pub use idx::{fashion_mnist, idx, mnist, IdxDataset};
 pub use in_memory::{InMemory, Planes};
 pub use info::{info, DataInfo, ImageSizes};
 pub use la_core::Normalize;
-pub use loader::{bench_pipeline, Batch, Loader, LoaderConfig, Targets};
+pub use loader::{
+    bench_cifar_pipeline, bench_pipeline, bench_trivial_augment_pipeline, Batch, Loader,
+    LoaderConfig, Targets,
+};
 pub use pipeline::{Mix, Pipeline, Preset};
 pub use sample::{Image, Sample};
 pub use transforms::Transform;

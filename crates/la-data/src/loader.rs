@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::rng::{sample_rng, stream, Purpose};
 use crate::transforms::{ColorJitter, HorizontalFlip, RandomCrop};
-use crate::{Dataset, Error, Normalize, Pipeline, Result, VecDataset};
+use crate::{AutoAugment, Dataset, Error, Normalize, Pipeline, Result, VecDataset};
 
 /// Training targets of a batch.
 #[derive(Clone, Debug)]
@@ -419,10 +419,19 @@ pub fn bench_cifar_pipeline() -> Pipeline {
         .then(ColorJitter::new(0.4, 0.4, 0.4, 0.1))
 }
 
-/// Images per second through [`bench_cifar_pipeline`] and the loader (batches built into
-/// CPU tensors) on `images` synthetic 32x32 images: one untimed warm-up epoch, then
-/// one timed epoch. `threads` 0 = all cores. Returns 0 if the loader fails.
-pub fn bench_pipeline(images: usize, batch: usize, threads: usize) -> f64 {
+/// [`bench_cifar_pipeline`] with torchvision's TrivialAugmentWide after the flip in place
+/// of the colour jitter, as torchvision's classification recipes place it.
+pub fn bench_trivial_augment_pipeline() -> Pipeline {
+    Pipeline::new(Normalize::CIFAR10)
+        .then(RandomCrop::new(32, 4))
+        .then(HorizontalFlip::default())
+        .then(AutoAugment::trivial_augment_wide())
+}
+
+/// Images per second through `pipeline` and the loader (batches built into CPU tensors)
+/// on `images` synthetic 32x32 images: one untimed warm-up epoch, then one timed epoch.
+/// `threads` 0 = all cores. Returns 0 if the loader fails.
+pub fn bench_pipeline(pipeline: &Pipeline, images: usize, batch: usize, threads: usize) -> f64 {
     let ds: Arc<dyn Dataset> = Arc::new(VecDataset::synthetic(images.max(1), 32, 32, 10, 0));
     let config = LoaderConfig {
         batch_size: batch.max(1),
@@ -432,7 +441,7 @@ pub fn bench_pipeline(images: usize, batch: usize, threads: usize) -> f64 {
         threads,
         prefetch: 4,
     };
-    let Ok(loader) = Loader::new(ds, bench_cifar_pipeline(), config, Device::Cpu) else {
+    let Ok(loader) = Loader::new(ds, pipeline.clone(), config, Device::Cpu) else {
         return 0.0;
     };
     let run = |epoch| -> Option<usize> {

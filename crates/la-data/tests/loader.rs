@@ -343,6 +343,11 @@ fn eval_loader_on_real_digits() {
 
 #[test]
 fn bench_pipeline_reports_a_rate() {
-    let rate = la_data::bench_pipeline(256, 64, 1);
-    assert!(rate.is_finite() && rate > 100.0, "{rate}");
+    for pipeline in [
+        la_data::bench_cifar_pipeline(),
+        la_data::bench_trivial_augment_pipeline(),
+    ] {
+        let rate = la_data::bench_pipeline(&pipeline, 256, 64, 1);
+        assert!(rate.is_finite() && rate > 100.0, "{rate}");
+    }
 }

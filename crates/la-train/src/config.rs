@@ -35,6 +35,9 @@ pub struct TrainConfig {
     pub checkpoint_hist: Option<usize>,
     /// Stop when the validation metric has not improved for this many epochs.
     pub early_stop: Option<EarlyStop>,
+    /// Stop after this many optimiser steps (Lightning's `max_steps`), with a resumable
+    /// checkpoint; the schedule still spans `epochs`.
+    pub max_steps: Option<usize>,
     /// Write TensorBoard event files into the run directory.
     pub tensorboard: bool,
     /// Keep (and evaluate, and save) an exponential moving average of the weights.
@@ -66,6 +69,7 @@ impl Default for TrainConfig {
             recovery_interval: None,
             checkpoint_hist: None,
             early_stop: None,
+            max_steps: None,
             ema: None,
             tensorboard: false,
             no_decay_bias_norm: true,

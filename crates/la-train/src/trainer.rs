@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
-use la_data::{Loader, Targets};
+use la_data::{Batch, Loader, Targets};
 use la_vgg::{Vgg, VggConfig};
 use rand::RngCore;
 
@@ -43,6 +43,9 @@ pub enum Control {
 /// Receives progress (the CLI draws progress bars from it).
 pub trait Observer {
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    /// Each training batch as it is trained on: `batch` is its index in the epoch (0-based,
+    /// `epoch` 1-based as in `epoch_start`).
+    fn batch(&mut self, _epoch: usize, _batch: usize, _data: &Batch) {}
     /// `Stop` ends the run after the current optimiser step with a resumable checkpoint.
     fn step(&mut self, _info: &StepInfo) -> Control {
         Control::Continue
@@ -260,7 +263,15 @@ impl Trainer {
             .collect()
     }
 
-    /// Trains until `info.train.epochs` epochs are done or the observer says stop.
+    fn step_limit_reached(&self) -> bool {
+        self.info
+            .train
+            .max_steps
+            .is_some_and(|max| self.state.step >= max)
+    }
+
+    /// Trains until `info.train.epochs` epochs (or `max_steps` steps) are done or the
+    /// observer says stop.
     pub fn fit(
         &mut self,
         train: &Loader,
@@ -288,6 +299,9 @@ impl Trainer {
                     break;
                 }
             }
+            if self.step_limit_reached() {
+                break;
+            }
             let epoch = self.state.epoch;
             observer.epoch_start(epoch + 1, self.info.train.epochs, batches);
             let started = Instant::now();
@@ -303,6 +317,7 @@ impl Trainer {
             for (k, batch) in train.epoch_from(epoch, first).enumerate() {
                 let i = first + k;
                 let batch = batch?;
+                observer.batch(epoch + 1, i, &batch);
                 let step = self.state.step;
                 lr = schedule.lr_at(step, steps_per_epoch);
                 // This micro-batch's place in its group; the last group of an epoch may be short.
@@ -371,10 +386,11 @@ impl Trainer {
                     events.scalar("train/lr", lr, step)?;
                 }
                 stop |= observer.step(&info) == Control::Stop;
+                let limit = micro + 1 == group && self.step_limit_reached();
                 let recovery = self.info.train.recovery_interval;
                 let due = recovery.is_some_and(|n| self.state.step.is_multiple_of(n));
                 // Mid-epoch checkpoints, after an optimiser step (the last one is the epoch's).
-                if micro + 1 == group && i + 1 < batches && (stop || due) {
+                if micro + 1 == group && i + 1 < batches && (stop || due || limit) {
                     self.state.epoch_progress = Some(EpochProgress {
                         batches: i + 1,
                         sums,
@@ -382,9 +398,14 @@ impl Trainer {
                     });
                     self.save_checkpoint(&self.tensors()?, &[])?;
                     self.state.epoch_progress = None;
-                    if stop {
+                    if stop || limit {
+                        let why = if stop {
+                            "stopped"
+                        } else {
+                            "reached the step limit"
+                        };
                         observer.message(&format!(
-                            "stopped after step {} (epoch {}, batch {}): the checkpoint resumes here",
+                            "{why} after step {} (epoch {}, batch {}): the checkpoint resumes here",
                             self.state.step,
                             epoch + 1,
                             i + 1

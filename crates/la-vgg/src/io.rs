@@ -107,21 +107,27 @@ pub fn save_weights(
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
     metadata.config.check_tensors(tensors)?;
+    save_tensors(path, tensors, Some(metadata.to_map()))
+}
+
+/// Writes any named tensors as f32 safetensors (a PyTorch state dict, a batch dump),
+/// atomically as [`save_weights`], names sorted.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut named: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        named.push((
-            name,
-            t.to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .contiguous()?,
-        ));
+        let t = match t.dtype() {
+            DType::F32 | DType::I64 | DType::U32 | DType::U8 => t.clone(),
+            _ => t.to_dtype(DType::F32)?,
+        };
+        named.push((name, t.to_device(&Device::Cpu)?.contiguous()?));
     }
     named.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::serialize(
-        named.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata.to_map()),
-    )
-    .map_err(|e| file_error(path, format!("cannot serialise: {e}")))?;
+    let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| file_error(path, format!("cannot serialise: {e}")))?;
     la_core::write_atomically(path, &bytes)?;
     Ok(())
 }

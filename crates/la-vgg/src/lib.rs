@@ -28,7 +28,7 @@ pub mod summary;
 use std::path::PathBuf;
 
 pub use config::{AttentionSites, HeadConfig, VggConfig};
-pub use io::{load_weights, save_weights, WeightsFile};
+pub use io::{load_weights, save_tensors, save_weights, WeightsFile};
 pub use la_core::Normalize;
 pub use layers::{LayerKind, LayerSpec};
 pub use metadata::ModelMetadata;

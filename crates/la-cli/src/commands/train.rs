@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use la_attention::AttentionInit;
-use la_data::{Loader, LoaderConfig, Mix, Pipeline};
+use la_data::{AutoAugment, Loader, LoaderConfig, Mix, Pipeline};
 use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
 use la_vgg::Normalize;
 
@@ -19,13 +19,15 @@ use crate::device::{parse_device, set_threads};
 use crate::model_args::HeadArg;
 use crate::progress::BarObserver;
 
+mod batch_dump;
 mod defaults;
 mod options;
 mod presets;
 
+use batch_dump::BatchDump;
 use defaults::defaults;
 pub use defaults::document_defaults;
-use options::{merge, write_options};
+use options::{merge, write_options, AugmentArg, AutoAugmentArg};
 pub use options::{read_options, Options, ScheduleArg};
 use presets::preset_options;
 pub use presets::Preset;
@@ -150,6 +152,7 @@ impl Resolved {
             freeze_backbone: need(&self.o.freeze_backbone),
             recovery_interval: self.o.recovery_interval,
             checkpoint_hist: self.o.checkpoint_hist,
+            max_steps: self.o.max_steps,
             early_stop: self
                 .o
                 .early_stop_patience
@@ -172,6 +175,28 @@ impl Resolved {
             bail!("--grad-accum-steps must be at least 1");
         }
         Ok(config)
+    }
+    /// The per-sample training transforms: the data set's standard ones or none, then the
+    /// automatic augmentation policy, if any.
+    fn train_pipeline(&self, size: usize, norm: Normalize) -> Result<Pipeline> {
+        let pipeline = match need(&self.o.augment) {
+            AugmentArg::Standard => self.data().train_pipeline(size, norm),
+            AugmentArg::None => {
+                if self.o.auto_augment.is_some() {
+                    bail!("--auto-augment runs after the standard crops and flips; it cannot go with --augment none");
+                }
+                Pipeline::eval(size, norm)
+            }
+        };
+        let policy = match self.o.auto_augment {
+            None => return Ok(pipeline),
+            Some(AutoAugmentArg::TrivialAugment) => AutoAugment::trivial_augment_wide(),
+            Some(AutoAugmentArg::RandAugment) => {
+                AutoAugment::rand_augment(need(&self.o.ra_num_ops), need(&self.o.ra_magnitude))
+                    .context("--ra-magnitude")?
+            }
+        };
+        Ok(pipeline.then(policy))
     }
     fn mix(&self) -> Option<Mix> {
         match (self.o.mixup, self.o.cutmix) {
@@ -320,15 +345,14 @@ pub fn run(args: Args) -> Result<()> {
     let reprob = need(&r.o.reprob);
     let erasing = (reprob > 0.0).then(|| la_data::RandomErasing::new(reprob));
     let train_pipeline = r
-        .data()
-        .train_pipeline(size, norm)
+        .train_pipeline(size, norm)?
         .with_random_erasing(erasing)
         .with_mix(r.mix())
         .with_mix_off_epoch(r.o.mixup_off_epoch);
     let train_loader = Loader::new(
         Arc::clone(&data.train),
         train_pipeline,
-        loader_config(true, true),
+        loader_config(need(&r.o.shuffle), true),
         device.clone(),
     )?;
     let val_loader = Loader::new(
@@ -351,7 +375,15 @@ pub fn run(args: Args) -> Result<()> {
     );
     eprintln!("run directory: {}", trainer.run_dir().display());
     let mut observer = BarObserver::new().stop_on_ctrl_c();
-    trainer.fit(&train_loader, Some(&val_loader), &mut observer)?;
+    match &r.o.dump_batches {
+        Some(path) => {
+            let mut dump = BatchDump::new(&mut observer, path);
+            trainer.fit(&train_loader, Some(&val_loader), &mut dump)?;
+            let batches = dump.finish()?;
+            eprintln!("{batches} training batches written to {}", path.display());
+        }
+        None => trainer.fit(&train_loader, Some(&val_loader), &mut observer)?,
+    }
     if observer.was_interrupted() {
         bail!(
             "interrupted after step {}; continue with `la-cli train --resume {}`",
@@ -359,12 +391,23 @@ pub fn run(args: Args) -> Result<()> {
             trainer.run_dir().display()
         );
     }
+    let Some(best_epoch) = trainer.state.best_epoch else {
+        println!(
+            "done: {} steps, no epoch finished; the checkpoint is {}",
+            trainer.state.step,
+            trainer
+                .run_dir()
+                .join(la_train::checkpoint::CHECKPOINT)
+                .display()
+        );
+        return Ok(());
+    };
     let best = trainer.state.best_top1.unwrap_or(0.0);
     println!(
         "done: {} epochs, best validation top-1 {:.2} % (epoch {}); run directory {}",
         trainer.state.epoch,
         best * 100.0,
-        trainer.state.best_epoch.unwrap_or(0),
+        best_epoch,
         trainer.run_dir().display()
     );
     println!(

@@ -7,7 +7,7 @@
 use la_attention::AttentionInit;
 use la_train::{EmaConfig, OptimizerConfig, Schedule, TrainConfig};
 
-use super::options::{OptimizerArg, Options, ScheduleArg, StopMetricArg};
+use super::options::{AugmentArg, OptimizerArg, Options, ScheduleArg, StopMetricArg};
 use crate::data_args::DataKind;
 use crate::model_args::{HeadArg, DEFAULT_ARCH, DEFAULT_ATTENTION};
 
@@ -57,6 +57,10 @@ pub(super) fn defaults(given: &Options) -> Options {
         warmup_epochs: Some(train.warmup_epochs),
         label_smoothing: Some(train.label_smoothing),
         reprob: Some(0.0),
+        augment: Some(AugmentArg::Standard),
+        ra_num_ops: Some(la_data::auto_augment::RAND_AUGMENT_NUM_OPS),
+        ra_magnitude: Some(la_data::auto_augment::RAND_AUGMENT_MAGNITUDE),
+        shuffle: Some(true),
         mixup_switch_prob: Some(0.5),
         grad_accum_steps: Some(train.grad_accum_steps),
         pretrained_lr_scale: Some(if pretrained {
@@ -82,6 +86,9 @@ pub(super) fn defaults(given: &Options) -> Options {
         mixup: None,
         cutmix: None,
         mixup_off_epoch: None,
+        auto_augment: None,
+        max_steps: train.max_steps,
+        dump_batches: None,
         grad_clip: None,
         early_stop_patience: None,
         layer_decay: None,

@@ -29,6 +29,29 @@ impl OptimizerArg {
     }
 }
 
+/// The per-sample training augmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AugmentArg {
+    /// The data set's crops and flips: padded RandomCrop + flip for CIFAR and
+    /// Fashion-MNIST (no flip for digits), RandomResizedCrop + flip for image folders.
+    Standard,
+    /// None: images are only resized to --size and normalised, as for validation.
+    None,
+}
+
+/// torchvision's automatic augmentation policies, run after the crops and flips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoAugmentArg {
+    /// TrivialAugmentWide: one operation at a random magnitude per image.
+    #[value(alias = "ta-wide")]
+    TrivialAugment,
+    /// RandAugment: --ra-num-ops operations at magnitude --ra-magnitude.
+    #[value(alias = "ra")]
+    RandAugment,
+}
+
 /// The validation figure `--early-stop-patience` watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -80,6 +103,9 @@ pub struct Options {
     /// Images per batch.
     #[arg(long, help_heading = "Data")]
     pub batch_size: Option<usize>,
+    /// Reshuffle the training set every epoch (false: data set order, for comparisons).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Data")]
+    pub shuffle: Option<bool>,
     /// VGG depth.
     #[arg(long, value_enum, help_heading = "Model")]
     pub arch: Option<Arch>,
@@ -175,6 +201,18 @@ pub struct Options {
     /// Label smoothing of the cross-entropy.
     #[arg(long, help_heading = "Augmentation and regularisation")]
     pub label_smoothing: Option<f64>,
+    /// Per-sample augmentation: the data set's standard crops and flips, or none.
+    #[arg(long, value_enum, help_heading = "Augmentation and regularisation")]
+    pub augment: Option<AugmentArg>,
+    /// An automatic augmentation policy after the crops and flips (torchvision's).
+    #[arg(long, value_enum, help_heading = "Augmentation and regularisation")]
+    pub auto_augment: Option<AutoAugmentArg>,
+    /// RandAugment's number of operations per image.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub ra_num_ops: Option<usize>,
+    /// RandAugment's magnitude, a bin of 0-30.
+    #[arg(long, help_heading = "Augmentation and regularisation")]
+    pub ra_magnitude: Option<usize>,
     /// Random erasing probability (timm's --reprob, per-pixel noise).
     #[arg(long, help_heading = "Augmentation and regularisation")]
     pub reprob: Option<f64>,
@@ -219,6 +257,14 @@ pub struct Options {
     /// Where run directories are made.
     #[arg(long, help_heading = "Run")]
     pub runs_dir: Option<PathBuf>,
+    /// Stop after this many optimiser steps, with a resumable checkpoint (the schedule
+    /// still spans --epochs).
+    #[arg(long, help_heading = "Run")]
+    pub max_steps: Option<usize>,
+    /// Write every training batch (the preprocessed images and the labels, as trained on)
+    /// to this safetensors file: `images.STEP`, `labels.STEP`.
+    #[arg(long, value_name = "FILE", help_heading = "Run")]
+    pub dump_batches: Option<PathBuf>,
     /// Write TensorBoard event files into the run directory (`tensorboard --logdir runs`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Run")]
     pub tensorboard: Option<bool>,
@@ -304,6 +350,8 @@ impl Options {
             ("recovery-interval", self.recovery_interval),
             ("checkpoint-hist", self.checkpoint_hist),
             ("size", self.size),
+            ("max-steps", self.max_steps),
+            ("ra-num-ops", self.ra_num_ops),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
             bail!("--{name} 0{where_} must be at least 1");
