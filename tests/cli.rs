@@ -642,3 +642,40 @@ fn boolean_options_take_the_same_forms_in_every_command() {
         );
     }
 }
+
+#[test]
+fn export_writes_the_article_layout_and_refuses_what_torchvision_cannot_hold() {
+    let tmp = la_testing::tempdir("cli-export");
+    let weights = fixture("golden/vgg16_la_tiny.safetensors");
+    let out = tmp.path().join("article.safetensors");
+    let run = |format: &str, out: &std::path::Path| {
+        la_cli(&[
+            "export",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let done = run("article", &out);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let tensors = la_testing::read_tensors(&out);
+    assert!(
+        tensors.contains_key("features.4.linear_query.weight"),
+        "{:?}",
+        tensors.keys()
+    );
+    let refused = run("torchvision", &tmp.path().join("tv.safetensors"));
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("has no attention module"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        !tmp.path().join("tv.safetensors").exists(),
+        "nothing written on an error"
+    );
+}

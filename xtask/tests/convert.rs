@@ -257,7 +257,7 @@ fn three_layouts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, HashMap<String, Tens
     let attention = random_attention(&mut Rng::new(9), &config);
     let mut ours = imported.tensors;
     ours.extend(attention.clone());
-    let seed = la_vgg::import::export_article_layout(&config, &ours).unwrap();
+    let seed = la_vgg::export::article_layout(&config, &ours).unwrap();
     let seed_path = dir.join("seed.safetensors");
     write_safetensors(&seed_path, &seed);
     (timm_path, tv_path, seed_path, attention)

@@ -41,6 +41,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Classify image files.
     Predict(commands::predict::Args),
+    /// Write a model as a PyTorch state dict in the article's, torchvision's or timm's layout.
+    Export(commands::export::Args),
     /// Print every layer's output shape, parameters and multiply-accumulates.
     Summary(commands::summary::Args),
     /// Training or inference images/s on random data, with a per-block breakdown.
@@ -88,6 +90,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Summary(args) => commands::summary::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Data(command) => commands::data::run(command),

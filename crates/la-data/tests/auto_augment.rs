@@ -34,16 +34,27 @@ fn differing_pixels(a: &Image, b: &Image) -> usize {
         .count()
 }
 
+/// The fixture's entries under `prefix`: (name, its three `/`-separated fields, tensor).
+fn entries<'a>(
+    st: &'a SafeTensors<'static>,
+    prefix: &str,
+) -> Vec<(String, [String; 3], safetensors::tensor::TensorView<'a>)> {
+    st.tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let rest = name.strip_prefix(prefix)?;
+            let parts: Vec<String> = rest.split('/').map(str::to_string).collect();
+            let fields: [String; 3] = parts.try_into().ok()?;
+            Some((name, fields, view))
+        })
+        .collect()
+}
+
 #[test]
 fn every_operation_matches_torchvision() {
     let st = golden();
     let mut checked = 0;
-    for (name, _) in st.tensors() {
-        let Some(rest) = name.strip_prefix("op/") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('/').collect();
-        let (input, op, magnitude) = (parts[0], parts[1], parts[2]);
+    for (name, [input, op, magnitude], _) in entries(&st, "op/") {
         let op: AugmentOp = op.parse().unwrap();
         let magnitude = magnitude.parse::<f64>().unwrap() as f32;
         let expected = image(&st, &name);
@@ -64,13 +75,8 @@ fn every_operation_matches_torchvision() {
 fn magnitude_tables_match_torchvision() {
     let st = golden();
     let mut checked = 0;
-    for (name, view) in st.tensors() {
-        let Some(rest) = name.strip_prefix("table/") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('/').collect();
-        let (policy, input, op) = (parts[0], parts[1], parts[2]);
-        let policy = match policy {
+    for (name, [policy, input, op], view) in entries(&st, "table/") {
+        let policy = match policy.as_str() {
             "wide" => AutoAugment::trivial_augment_wide(),
             _ => AutoAugment::rand_augment(2, 9).unwrap(),
         };

@@ -1,4 +1,4 @@
-//! PyTorch state dicts -> the project's names, and back to the article's layout.
+//! PyTorch state dicts -> the project's names (the way back is [`crate::export`]).
 //!
 //! Three layouts are read, the architecture inferred from names and shapes:
 //! - torchvision: `features.{i}` (conv, [BatchNorm,] ReLU, ..., MaxPool) and `classifier.{0,3,6}`;
@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 use la_attention::{AttentionConfig, AttentionKind};
 
 use crate::config::{AttentionSites, HeadConfig, VggConfig};
-use crate::layers::LayerKind;
+use crate::export::ARTICLE_PROJECTIONS;
 use crate::{Error, Result};
 
 /// Which PyTorch layout a state dict was in.
@@ -450,71 +450,6 @@ fn import_head(
         },
         features,
     ))
-}
-
-/// The article's names of our attention projections.
-const ARTICLE_PROJECTIONS: [(&str, &str); 4] = [
-    ("linear_query", "query"),
-    ("linear_key", "key"),
-    ("linear_value", "value"),
-    ("out_proj", "out"),
-];
-
-/// Our tensors -> the article's Sequential layout (torchvision's when there is no attention),
-/// loadable by `shared/reference/seed_model.py` (`VGG(cfg, ..., mode="intended")`) or
-/// torchvision. Only the `softmax` kind exists in the article's PyTorch code.
-pub fn export_article_layout(
-    config: &VggConfig,
-    tensors: &HashMap<String, Tensor>,
-) -> Result<HashMap<String, Tensor>> {
-    if let Some(a) = config.attention_config() {
-        if a.kind != AttentionKind::Softmax {
-            return Err(Error::Config(format!(
-                "the article's PyTorch module computes softmax attention; a model with {} attention cannot be exported to its layout",
-                a.kind
-            )));
-        }
-    }
-    let mut out = HashMap::new();
-    // Index in `features`, and whether the ReLU of the last conv is still to be counted.
-    let (mut idx, mut relu_pending, mut linear) = (0, false, 0);
-    for layer in config.layers() {
-        let target = match layer.kind {
-            LayerKind::Conv { .. } | LayerKind::Attention { .. } | LayerKind::MaxPool => {
-                idx += usize::from(std::mem::take(&mut relu_pending));
-                relu_pending = matches!(layer.kind, LayerKind::Conv { .. });
-                idx += 1;
-                format!("features.{}", idx - 1)
-            }
-            LayerKind::BatchNorm { .. } => {
-                idx += 1;
-                format!("features.{}", idx - 1)
-            }
-            // torchvision's classifier: Linear, ReLU, Dropout per hidden layer.
-            LayerKind::Linear { .. } => {
-                linear += 1;
-                format!("classifier.{}", 3 * (linear - 1))
-            }
-            LayerKind::AvgPool { .. } => continue,
-        };
-        for (leaf, _) in layer.tensors() {
-            let ours = format!("{}.{leaf}", layer.name);
-            let t = tensors
-                .get(&ours)
-                .cloned()
-                .ok_or_else(|| bad(&ours, "missing from the model being exported"))?;
-            let leaf = ARTICLE_PROJECTIONS
-                .iter()
-                .find_map(|(article, ours)| {
-                    leaf.strip_prefix(ours)
-                        .filter(|rest| rest.starts_with('.'))
-                        .map(|rest| format!("{article}{rest}"))
-                })
-                .unwrap_or(leaf);
-            out.insert(format!("{target}.{leaf}"), t);
-        }
-    }
-    Ok(out)
 }
 
 /// Collapses the head's adaptive pool for inputs whose last feature map is 1x1 (32x32 images

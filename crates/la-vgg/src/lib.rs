@@ -7,7 +7,7 @@
 //! - [`conv`]: the 3x3 convolution layer (its kernels are in `la-kernels`).
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths),
 //!   with timm's `forward_features` / `forward_head` / `forward_intermediates`.
-//! - [`import`]: torchvision / timm / article state dicts -> ours, and export to the article's layout.
+//! - [`import`]: torchvision / timm / article state dicts -> ours; [`export`]: the way back.
 //! - [`metadata`]: what a weights file says besides its tensors (config, normalisation, classes, ...).
 //! - [`io`]: weights files, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
@@ -17,6 +17,7 @@
 pub mod config;
 pub mod conv;
 pub mod explain;
+pub mod export;
 pub mod import;
 pub mod io;
 pub mod layers;

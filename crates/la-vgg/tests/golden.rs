@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use la_testing::max_abs_diff;
-use la_vgg::import::{export_article_layout, import_state_dict, SourceLayout};
+use la_vgg::export::article_layout as export_article_layout;
+use la_vgg::import::{import_state_dict, SourceLayout};
 use la_vgg::{ModelMetadata, Vgg, WeightsFile};
 
 fn load(name: &str) -> HashMap<String, Tensor> {

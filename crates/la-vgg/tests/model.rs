@@ -6,7 +6,8 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use la_attention::{AttentionConfig, AttentionKind};
 use la_testing::{golden, golden_path as fixture};
-use la_vgg::import::{export_article_layout, import_state_dict};
+use la_vgg::export::article_layout as export_article_layout;
+use la_vgg::import::import_state_dict;
 use la_vgg::summary::summarize;
 use la_vgg::{
     load_weights, save_weights, AttentionSites, Error, HeadConfig, ModelMetadata, Normalize, Vgg,
