@@ -262,7 +262,8 @@ pub struct Options {
     #[arg(long, help_heading = "Run")]
     pub max_steps: Option<usize>,
     /// Write every training batch (the preprocessed images and the labels, as trained on)
-    /// to this safetensors file: `images.STEP`, `labels.STEP`.
+    /// to this safetensors file at the end: `images.N`, `labels.N`. They are kept in memory
+    /// until then, so this is for short checks (with --max-steps).
     #[arg(long, value_name = "FILE", help_heading = "Run")]
     pub dump_batches: Option<PathBuf>,
     /// Write TensorBoard event files into the run directory (`tensorboard --logdir runs`).
