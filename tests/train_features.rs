@@ -135,8 +135,15 @@ fn policy_flags_that_cannot_work_are_refused() {
         (&["--ra-num-ops", "0"][..], "--ra-num-ops 0"),
         (&["--auto-augment", "autoaugment"][..], "invalid value"),
     ] {
-        let out = la_cli(&[&["train"], args].concat());
+        let tmp = tempdir("train-refused");
+        let runs = tmp.path().join("runs");
+        let base = ["train", "--runs-dir", runs.to_str().unwrap()];
+        let out = la_cli(&[&base[..], args].concat());
         assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            !runs.exists(),
+            "{args:?}: a refused run writes no run directory"
+        );
         assert!(
             stderr(&out).contains(expected),
             "{args:?}: {}",

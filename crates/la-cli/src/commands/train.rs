@@ -311,6 +311,9 @@ pub fn run(args: Args) -> Result<()> {
     if data.val.is_empty() {
         bail!("the validation split is empty (raise --val-fraction, or give --val-dir)");
     }
+    // The augmentation flags, checked before the run directory is written (the real
+    // pipeline needs the run's normalisation).
+    r.train_pipeline(size, r.data().normalization())?;
 
     let mut trainer = match &resume {
         Some(dir) => {
