@@ -66,8 +66,28 @@ fn unshuffled_unaugmented_batches_repeat_every_epoch() {
         assert_eq!(labels(&batches, a), labels(&batches, b));
     }
     assert_ne!(labels(&batches, 0), labels(&batches, 1));
-    // A stop mid-epoch leaves a resumable checkpoint and says so.
-    assert!(tmp.path().join("plain/checkpoint.safetensors").exists());
+    // A stop mid-epoch leaves a resumable checkpoint, and a larger limit goes on from it.
+    let run = tmp.path().join("plain");
+    assert!(run.join("checkpoint.safetensors").exists());
+    let dumped = std::fs::read(tmp.path().join("plain.safetensors")).unwrap();
+    let out = la_cli(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "30",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("reached the step limit after step 30 (epoch 2, batch 8)"),
+        "{}",
+        stderr(&out)
+    );
+    let after = std::fs::read(tmp.path().join("plain.safetensors")).unwrap();
+    assert!(
+        after == dumped,
+        "resuming must not replace the first command's dump"
+    );
 }
 
 #[test]

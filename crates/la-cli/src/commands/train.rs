@@ -46,8 +46,8 @@ pub struct Args {
     preset: Option<Preset>,
     /// Continue the run in this directory (or from one of its checkpoint-EPOCH.safetensors)
     /// with its saved options. Only --epochs (to train
-    /// longer; a cosine schedule is then stretched over the new length), --device and
-    /// --threads may be given with it.
+    /// longer; a cosine schedule is then stretched over the new length), --max-steps,
+    /// --device and --threads may be given with it.
     #[arg(long, conflicts_with_all = ["config", "preset"])]
     resume: Option<PathBuf>,
 }
@@ -176,27 +176,36 @@ impl Resolved {
         }
         Ok(config)
     }
+    /// The automatic augmentation policy the flags ask for, checked.
+    fn auto_augment(&self) -> Result<Option<AutoAugment>> {
+        if self.o.auto_augment.is_some() && need(&self.o.augment) == AugmentArg::None {
+            bail!("--auto-augment runs after the standard crops and flips; it cannot go with --augment none");
+        }
+        Ok(match self.o.auto_augment {
+            None => None,
+            Some(AutoAugmentArg::TrivialAugment) => Some(AutoAugment::trivial_augment_wide()),
+            Some(AutoAugmentArg::RandAugment) => Some(
+                AutoAugment::rand_augment(need(&self.o.ra_num_ops), need(&self.o.ra_magnitude))
+                    .context("--ra-magnitude")?,
+            ),
+        })
+    }
     /// The per-sample training transforms: the data set's standard ones or none, then the
     /// automatic augmentation policy, if any.
-    fn train_pipeline(&self, size: usize, norm: Normalize) -> Result<Pipeline> {
+    fn train_pipeline(
+        &self,
+        size: usize,
+        norm: Normalize,
+        policy: Option<AutoAugment>,
+    ) -> Pipeline {
         let pipeline = match need(&self.o.augment) {
             AugmentArg::Standard => self.data().train_pipeline(size, norm),
-            AugmentArg::None => {
-                if self.o.auto_augment.is_some() {
-                    bail!("--auto-augment runs after the standard crops and flips; it cannot go with --augment none");
-                }
-                Pipeline::eval(size, norm)
-            }
+            AugmentArg::None => Pipeline::eval(size, norm),
         };
-        let policy = match self.o.auto_augment {
-            None => return Ok(pipeline),
-            Some(AutoAugmentArg::TrivialAugment) => AutoAugment::trivial_augment_wide(),
-            Some(AutoAugmentArg::RandAugment) => {
-                AutoAugment::rand_augment(need(&self.o.ra_num_ops), need(&self.o.ra_magnitude))
-                    .context("--ra-magnitude")?
-            }
-        };
-        Ok(pipeline.then(policy))
+        match policy {
+            Some(policy) => pipeline.then(policy),
+            None => pipeline,
+        }
     }
     fn mix(&self) -> Option<Mix> {
         match (self.o.mixup, self.o.cutmix) {
@@ -239,9 +248,9 @@ pub fn run(args: Args) -> Result<()> {
             // Anything but a longer run or other machine settings would change the run.
             let given = serde_json::to_value(&args.options)?;
             if let Some((flag, _)) = given.as_object().into_iter().flatten().find(|(k, v)| {
-                !v.is_null() && !matches!(k.as_str(), "epochs" | "device" | "threads")
+                !v.is_null() && !matches!(k.as_str(), "epochs" | "max-steps" | "device" | "threads")
             }) {
-                bail!("--{flag} cannot change a run being resumed: only --epochs, --device and --threads may be given with --resume");
+                bail!("--{flag} cannot change a run being resumed: only --epochs, --max-steps, --device and --threads may be given with --resume");
             }
             let saved = read_options(run_dir_of(dir))?;
             // Only a longer run and the machine-related settings may change on resume.
@@ -249,8 +258,13 @@ pub fn run(args: Args) -> Result<()> {
             if let Some(e) = args.options.epochs {
                 o.epochs = Some(e);
             }
+            if let Some(m) = args.options.max_steps {
+                o.max_steps = Some(m);
+            }
             o.device = args.options.device.clone().or(o.device);
             o.threads = args.options.threads.or(o.threads);
+            // A dump belongs to the command that wrote it: a resumed run must not replace it.
+            o.dump_batches = None;
             (o, Some(dir.clone()))
         }
         None => {
@@ -311,14 +325,14 @@ pub fn run(args: Args) -> Result<()> {
     if data.val.is_empty() {
         bail!("the validation split is empty (raise --val-fraction, or give --val-dir)");
     }
-    // The augmentation flags, checked before the run directory is written (the real
-    // pipeline needs the run's normalisation).
-    r.train_pipeline(size, r.data().normalization())?;
+    let policy = r.auto_augment()?;
 
     let mut trainer = match &resume {
         Some(dir) => {
             let mut t = Trainer::resume(dir, &device)?;
             t.info.train.epochs = need(&r.o.epochs);
+            // A run stopped by --max-steps goes on when resumed with a larger one.
+            t.info.train.max_steps = r.o.max_steps;
             // The options file is what the next --resume reads: keep it current.
             write_options(run_dir_of(dir), &r.o)?;
             eprintln!(
@@ -348,7 +362,7 @@ pub fn run(args: Args) -> Result<()> {
     let reprob = need(&r.o.reprob);
     let erasing = (reprob > 0.0).then(|| la_data::RandomErasing::new(reprob));
     let train_pipeline = r
-        .train_pipeline(size, norm)?
+        .train_pipeline(size, norm, policy)
         .with_random_erasing(erasing)
         .with_mix(r.mix())
         .with_mix_off_epoch(r.o.mixup_off_epoch);
