@@ -165,6 +165,18 @@ fn train_eval_predict_explain_and_resume_on_digits() {
     assert_eq!(top.len(), 3);
     let p: f64 = top.iter().map(|t| t["probability"].as_f64().unwrap()).sum();
     assert!(p > 0.0 && p <= 1.0 + 1e-6);
+    // Every logit, and the top class is the largest one.
+    let logits: Vec<f64> = json[0]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(logits.len(), 10);
+    let largest = (0..10)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap();
+    assert_eq!(top[0]["class"].as_u64().unwrap() as usize, largest);
     assert!(
         top[0]["name"].as_str().unwrap().len() == 1,
         "digit class names: {json}"

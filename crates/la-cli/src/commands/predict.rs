@@ -21,7 +21,8 @@ pub struct Args {
     images: Vec<PathBuf>,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     top_k: u64,
-    /// Print JSON (one object per image: file, and a list of class index, name, probability).
+    /// Print JSON: one object per image with its file, the top classes (index, name,
+    /// probability) and every logit.
     #[arg(long)]
     json: bool,
     /// Input size override [default: the file's, else 224].
@@ -38,6 +39,7 @@ pub fn run(args: Args) -> Result<()> {
     for path in &args.images {
         let (x, _) = loaded.prepare(path)?;
         let logits = loaded.model.forward_t(&x, false)?;
+        let raw: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let probs: Vec<f32> = candle_nn::ops::softmax(&logits, D::Minus1)?
             .squeeze(0)?
             .to_vec1()?;
@@ -59,7 +61,9 @@ pub fn run(args: Args) -> Result<()> {
                 );
             }
         }
-        results.push(serde_json::json!({"file": path.display().to_string(), "top": top}));
+        results.push(
+            serde_json::json!({"file": path.display().to_string(), "top": top, "logits": raw}),
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -35,13 +35,13 @@ impl<'a> BatchDump<'a> {
         let labels: Vec<i64> = data.labels.iter().map(|&l| l as i64).collect();
         let count = labels.len();
         self.tensors
-            .insert(format!("images.{n}"), data.images.copy()?);
+            .insert(format!("images.{n}"), data.images.clone());
         self.tensors.insert(
             format!("labels.{n}"),
             Tensor::from_vec(labels, count, &candle_core::Device::Cpu)?,
         );
         if let Targets::Soft(t) = &data.targets {
-            self.tensors.insert(format!("targets.{n}"), t.copy()?);
+            self.tensors.insert(format!("targets.{n}"), t.clone());
         }
         Ok(())
     }
