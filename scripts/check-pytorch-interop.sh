@@ -5,7 +5,7 @@
 # 0.25 with softmax attention. Exports them with `la-cli export` in every layout that can
 # hold them, loads each with load_state_dict(strict=True) in torchvision, timm or the
 # article's model (bench/reference/seed_model.py), and compares the logits on one image
-# with `la-cli predict`'s within 1e-4 (relative to the largest logit, or absolute below 1).
+# with `la-cli predict`'s within 1e-4 of the largest logit.
 # Prints a markdown table (docs/results.md has it).
 # Usage: scripts/check-pytorch-interop.sh [python]   (default: .venv-torch/bin/python, made here if missing)
 set -euo pipefail

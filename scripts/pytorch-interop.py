@@ -101,7 +101,7 @@ def compare(layout, weights, export, picture, predict_json):
     ours = torch.tensor(json.load(open(predict_json))[0]["logits"], dtype=torch.float64)
     diff = (theirs - ours).abs().max().item()
     scale = ours.abs().max().item()
-    ok = diff <= TOL * max(scale, 1.0)
+    ok = diff <= TOL * max(scale, 1e-12)
     name = metadata["builder"] if layout in ("torchvision", "timm") else f"article Sequential ({metadata.get('builder') or 'with attention'})"
     print(f"| {layout} | {name} | {len(load_file(export))} | "
           f"{scale:.4f} | {diff:.1e} | {'ok' if ok else 'FAIL'} |")

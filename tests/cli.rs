@@ -690,4 +690,8 @@ fn export_writes_the_article_layout_and_refuses_what_torchvision_cannot_hold() {
         !tmp.path().join("tv.safetensors").exists(),
         "nothing written on an error"
     );
+    // onnxruntime runs such graphs in crates/la-vgg/tests/onnx.rs.
+    let done = run("onnx", &tmp.path().join("m.onnx"));
+    assert!(stdout(&done).contains("opset 17"), "{}", stderr(&done));
+    assert!(std::fs::metadata(tmp.path().join("m.onnx")).unwrap().len() > 10_000);
 }

@@ -8,6 +8,7 @@
 //! - [`model`]: the network, in candle-nn's style (`Module`/`ModuleT`, `VarBuilder` paths),
 //!   with timm's `forward_features` / `forward_head` / `forward_intermediates`.
 //! - [`import`]: torchvision / timm / article state dicts -> ours; [`export`]: the way back.
+//! - [`onnx`]: the model as an ONNX graph.
 //! - [`metadata`]: what a weights file says besides its tensors (config, normalisation, classes, ...).
 //! - [`io`]: weights files, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
@@ -23,6 +24,7 @@ pub mod io;
 pub mod layers;
 pub mod metadata;
 pub mod model;
+pub mod onnx;
 pub mod params;
 pub mod summary;
 

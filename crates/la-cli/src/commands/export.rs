@@ -1,5 +1,5 @@
 //! `la-cli export`: a weights file of ours as a PyTorch state dict (safetensors) in the
-//! article's, torchvision's or timm's layout.
+//! article's, torchvision's or timm's layout, or as an ONNX graph.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,14 +17,18 @@ pub enum Format {
     Torchvision,
     /// timm's vgg11..vgg19[_bn] (the same models).
     Timm,
+    /// An ONNX graph (opset 17) of any model, every attention kind included, for inputs of
+    /// --size pixels.
+    Onnx,
 }
 
 impl Format {
-    fn layout(self) -> Layout {
+    fn layout(self) -> Option<Layout> {
         match self {
-            Format::Article => Layout::Article,
-            Format::Torchvision => Layout::Torchvision,
-            Format::Timm => Layout::Timm,
+            Format::Article => Some(Layout::Article),
+            Format::Torchvision => Some(Layout::Torchvision),
+            Format::Timm => Some(Layout::Timm),
+            Format::Onnx => None,
         }
     }
 }
@@ -36,15 +40,30 @@ pub struct Args {
     weights: PathBuf,
     #[arg(long, value_enum)]
     format: Format,
-    /// Where to write the export (safetensors; written atomically).
+    /// Where to write the export (safetensors or .onnx; written atomically).
     #[arg(long)]
     out: PathBuf,
+    /// ONNX: the input side in pixels [default: the file's input size, else 224].
+    #[arg(long)]
+    size: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let weights = la_vgg::load_weights(&args.weights, &Device::Cpu)?;
     let config = &weights.metadata.config;
-    let layout = args.format.layout();
+    let Some(layout) = args.format.layout() else {
+        let size = args.size.or(weights.metadata.input_size).unwrap_or(224);
+        let bytes = la_vgg::onnx::export(config, &weights.tensors, size)
+            .with_context(|| format!("{}: cannot export", args.weights.display()))?;
+        la_core::write_atomically(&args.out, &bytes)?;
+        println!(
+            "{} as ONNX (opset {}, input [batch, 3, {size}, {size}], output logits) written to {}",
+            config.arch_name(),
+            la_vgg::onnx::OPSET,
+            args.out.display()
+        );
+        return Ok(());
+    };
     let tensors = la_vgg::export::state_dict(layout, config, &weights.tensors)
         .with_context(|| format!("{}: cannot export", args.weights.display()))?;
     // What a reader needs to build the PyTorch model; load_state_dict ignores it.
