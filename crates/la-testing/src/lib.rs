@@ -112,6 +112,17 @@ pub fn var_tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// Copies of a `VarMap`'s tensors by name, detached from it.
+pub fn varmap_tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().expect("a copy")))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

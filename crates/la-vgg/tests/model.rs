@@ -186,13 +186,7 @@ fn batch_norm_models_round_trip_through_the_torchvision_layout() {
     .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
     vgg.forward_t(&x, true).unwrap(); // move the running stats away from 0 / 1
-    let ours: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-        .collect();
+    let ours = la_testing::varmap_tensors(&varmap);
     let exported = export_article_layout(&config, &ours).unwrap();
     assert!(
         exported.contains_key("features.1.running_var"),

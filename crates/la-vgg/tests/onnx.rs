@@ -74,13 +74,7 @@ fn write_case(dir: &Path, name: &str, config: VggConfig, size: usize) -> HashMap
     .unwrap();
     let x = Tensor::randn(0f32, 1.0, (3, 3, size, size), &dev).unwrap();
     vgg.forward_t(&x, true).unwrap(); // moves the running statistics off 0 and 1
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-        .collect();
+    let tensors = la_testing::varmap_tensors(&varmap);
     let logits = vgg.forward_t(&x, false).unwrap();
     let onnx = la_vgg::onnx::export(&config, &tensors, size).unwrap();
     std::fs::write(dir.join(format!("{name}.onnx")), onnx).unwrap();
