@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PyTorch interop (outside the default test command: PyTorch is a large download). Trains
-# two models briefly with la-cli on the built-in digits: a plain VGG11_bn (width 1, the
-# ImageNet head, which torchvision and timm build) and la-cli's default VGG16_bn at width
+# three models briefly with la-cli on the built-in digits: plain VGG11_bn and VGG11 (width 1,
+# the ImageNet head, which torchvision and timm build) and la-cli's default VGG16_bn at width
 # 0.25 with softmax attention. Exports them with `la-cli export` in every layout that can
 # hold them, loads each with load_state_dict(strict=True) in torchvision, timm or the
 # article's model (bench/reference/seed_model.py), and compares the logits on one image
@@ -30,6 +30,7 @@ train() { # name, flags...
         > "$work/$name.log" 2>&1 || { cat "$work/$name.log"; exit 1; }
 }
 train plain --arch vgg11 --bn --width 1 --head imagenet --attention none --batch-size 64
+train plain-nobn --arch vgg11 --bn false --width 1 --head imagenet --attention none --batch-size 64
 train attention --hidden 64 --zero-init-attention false --batch-size 16
 echo "| layout | PyTorch model | tensors | largest logit | largest difference | |"
 echo "|---|---|---|---|---|---|"
@@ -43,6 +44,8 @@ check() { # run, layout
 check plain torchvision
 check plain timm
 check plain article
+check plain-nobn torchvision
+check plain-nobn timm
 check attention article
 # What cannot be exported says so and writes nothing.
 if $la export --weights "$work/attention/best.safetensors" --format torchvision --out "$work/no.safetensors" 2> "$work/refused.log"; then
