@@ -141,6 +141,8 @@ def compare(init_path, batches_path, metrics_path, final_path):
     (wv, wv_name), (wu, wu_name) = weight_errors(final, w32)
     (bv, _), (bu, _) = weight_errors(w32, w64)
     (tv, _), _ = weight_errors(final, w64)
+    absolute = max((final[k] - w32[k]).abs().max().item() for k in w32)
+    absolute_floor = max((w32[k] - w64[k]).abs().max().item() for k in w32)
     floor_loss = max(rel(a, b) for a, b in zip(torch32, torch64))
     truth_loss = max(rel(a, b) for a, b in zip(ours, torch64))
     print()
@@ -149,7 +151,8 @@ def compare(init_path, batches_path, metrics_path, final_path):
           f"against PyTorch f64 {truth_loss:.1e}, where PyTorch f32 is {floor_loss:.1e} from f64")
     print(f"- final weights: la-cli against PyTorch f32 at most {wv:.1e} of the tensor's largest value "
           f"({wv_name}; limit {WEIGHT_TOL:g}), {wu:.1e} of the largest change training made ({wu_name}); "
-          f"against PyTorch f64 {tv:.1e}, where PyTorch f32 is {bv:.1e} (and {bu:.1e} of the change) from f64")
+          f"against PyTorch f64 {tv:.1e}, where PyTorch f32 is {bv:.1e} (and {bu:.1e} of the change) from f64; "
+          f"in absolute terms la-cli and PyTorch f32 are at most {absolute:.1e} apart (PyTorch f32 and f64 {absolute_floor:.1e})")
     within_limits = worst_loss <= LOSS_TOL and wv <= WEIGHT_TOL
     # Where PyTorch's own float32 run is further than the limits from float64, the limits
     # measure rounding, not correctness: then la-cli must be as close to float64 as
