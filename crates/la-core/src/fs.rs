@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// A file that could not be written; the target is left as it was.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: cannot write: {source}", path.display())]
+#[error("{}: cannot write", path.display())]
 pub struct WriteError {
     pub path: PathBuf,
     #[source]
