@@ -270,12 +270,10 @@ impl SpatialAttention {
         x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
     }
 
-    /// The softmax attention weights of the token at `query_index` (= row * w + col) over all
-    /// tokens: [b, h*w], summing to one. Only the `softmax` kind has such weights.
+    /// How much the token at `query_index` (= row * w + col) takes from each token's value:
+    /// [b, h*w]. Softmax and efficient attention's rows sum to one; the linear kinds' to
+    /// just under one (their epsilon is in the normaliser).
     pub fn attention_row(&self, x: &Tensor, query_index: usize) -> candle_core::Result<Tensor> {
-        if self.kind != AttentionKind::Softmax {
-            candle_core::bail!("{} attention has no per-query attention weights", self.kind)
-        }
         let tokens = Self::tokens(x)?;
         let n = tokens.dim(1)?;
         if query_index >= n {
@@ -285,8 +283,24 @@ impl SpatialAttention {
         }
         let q = self.query.forward(&tokens.narrow(1, query_index, 1)?)?; // [b, 1, d]
         let k = self.key.forward(&tokens)?; // [b, n, d]
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        activation::softmax(&scores, 2)?.squeeze(1)
+        let row = match self.kind {
+            AttentionKind::Softmax => activation::softmax(&(q.matmul(&k.t()?)? * self.scale)?, 2)?,
+            AttentionKind::Linear | AttentionKind::ReluLinear => {
+                let (phi, eps) = if self.kind == AttentionKind::Linear {
+                    (linear::FeatureMap::EluPlusOne, linear::ELU_EPS)
+                } else {
+                    (linear::FeatureMap::Relu, linear::RELU_EPS)
+                };
+                let similarity = phi.apply(&q)?.matmul(&phi.apply(&k)?.t()?)?; // [b, 1, n]
+                similarity.broadcast_div(&(similarity.sum_keepdim(2)? + eps)?)?
+            }
+            AttentionKind::Efficient => {
+                let q = activation::softmax(&q, 2)?; // over channels
+                let k = activation::softmax(&k, 1)?; // over positions
+                q.matmul(&k.t()?)?
+            }
+        };
+        row.squeeze(1)
     }
 }
 

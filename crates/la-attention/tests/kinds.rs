@@ -91,40 +91,34 @@ fn softmax(xs: &[f64]) -> Vec<f64> {
     e.iter().map(|x| x / s).collect()
 }
 
-/// The module's formula, one token at a time. `x` is [c][n] for one image.
-fn reference(kind: AttentionKind, wts: &Weights, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+/// The tokens' projections (q, k, v), one token at a time. `x` is [c][n] for one image.
+type Projections = (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>);
+
+fn projections(wts: &Weights, x: &[Vec<f64>]) -> Projections {
     let (c, n) = (x.len(), x[0].len());
     let tokens: Vec<Vec<f64>> = (0..n)
         .map(|i| (0..c).map(|ch| x[ch][i]).collect())
         .collect();
-    let q: Vec<_> = tokens
-        .iter()
-        .map(|t| project(&wts.wq, &wts.bq, t))
-        .collect();
-    let k: Vec<_> = tokens
-        .iter()
-        .map(|t| project(&wts.wk, &wts.bk, t))
-        .collect();
-    let v: Vec<_> = tokens
-        .iter()
-        .map(|t| project(&wts.wv, &wts.bv, t))
-        .collect();
-    let d = q[0].len();
-    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-    let weighted = |weights: &[f64]| -> Vec<f64> {
-        (0..c)
-            .map(|ch| weights.iter().zip(&v).map(|(w, vj)| w * vj[ch]).sum())
-            .collect()
+    let apply = |w: &[Vec<f64>], b: &[f64]| -> Vec<Vec<f64>> {
+        tokens.iter().map(|t| project(w, b, t)).collect()
     };
-    let mixed: Vec<Vec<f64>> = match kind {
+    (
+        apply(&wts.wq, &wts.bq),
+        apply(&wts.wk, &wts.bk),
+        apply(&wts.wv, &wts.bv),
+    )
+}
+
+/// How much each query token takes from each value token, [query][key], as the kind defines
+/// it (the linear kinds' weights include their epsilon in the normaliser).
+fn mixing_weights(kind: AttentionKind, q: &[Vec<f64>], k: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (n, d) = (q.len(), q[0].len());
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    match kind {
         AttentionKind::Softmax => {
             let scale = (d as f64).powf(-0.5);
             q.iter()
-                .map(|qi| {
-                    weighted(&softmax(
-                        &k.iter().map(|kj| dot(qi, kj) * scale).collect::<Vec<_>>(),
-                    ))
-                })
+                .map(|qi| softmax(&k.iter().map(|kj| dot(qi, kj) * scale).collect::<Vec<_>>()))
                 .collect()
         }
         AttentionKind::Linear | AttentionKind::ReluLinear => {
@@ -141,7 +135,7 @@ fn reference(kind: AttentionKind, wts: &Weights, x: &[Vec<f64>]) -> Vec<Vec<f64>
                         .map(|kj| dot(&pq, &kj.iter().map(|&x| phi(x)).collect::<Vec<_>>()))
                         .collect();
                     let den: f64 = sims.iter().sum::<f64>() + eps;
-                    weighted(&sims).into_iter().map(|x| x / den).collect()
+                    sims.iter().map(|s| s / den).collect()
                 })
                 .collect()
         }
@@ -153,18 +147,72 @@ fn reference(kind: AttentionKind, wts: &Weights, x: &[Vec<f64>]) -> Vec<Vec<f64>
             q.iter()
                 .map(|qi| {
                     let sq = softmax(qi);
-                    let weights: Vec<f64> = (0..n)
+                    (0..n)
                         .map(|j| (0..d).map(|dd| sq[dd] * k_cols[dd][j]).sum())
-                        .collect();
-                    weighted(&weights)
+                        .collect()
                 })
                 .collect()
         }
-    };
+    }
+}
+
+/// The module's formula, one token at a time. `x` is [c][n] for one image.
+fn reference(kind: AttentionKind, wts: &Weights, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (c, n) = (x.len(), x[0].len());
+    let (q, k, v) = projections(wts, x);
+    let mixed: Vec<Vec<f64>> = mixing_weights(kind, &q, &k)
+        .iter()
+        .map(|weights| {
+            (0..c)
+                .map(|ch| weights.iter().zip(&v).map(|(w, vj)| w * vj[ch]).sum())
+                .collect()
+        })
+        .collect();
     let out: Vec<_> = mixed.iter().map(|m| project(&wts.wo, &wts.bo, m)).collect();
     (0..c)
         .map(|ch| (0..n).map(|i| x[ch][i] + out[i][ch]).collect())
         .collect()
+}
+
+#[test]
+fn attention_rows_are_the_weights_each_kind_mixes_with() {
+    let (c, h, w) = (16, 5, 7);
+    let input = values(c * h * w, 5);
+    let image: Vec<Vec<f64>> = (0..c)
+        .map(|ch| input[ch * h * w..(ch + 1) * h * w].to_vec())
+        .collect();
+    for kind in AttentionKind::ALL {
+        let config = AttentionConfig {
+            kind,
+            reduction: 4,
+            zero_init_out: false,
+        };
+        let wts = Weights::random(c, config.key_channels(c), 9);
+        let module = SpatialAttention::new(c, config, wts.var_builder(DType::F64)).unwrap();
+        let (q, k, _) = projections(&wts, &image);
+        let want = mixing_weights(kind, &q, &k);
+        let x = Tensor::from_vec(input.clone(), (1, c, h, w), &Device::Cpu).unwrap();
+        for query in [0, 17, h * w - 1] {
+            let row: Vec<f64> = module
+                .attention_row(&x, query)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(row.len(), h * w);
+            for (j, (got, want)) in row.iter().zip(&want[query]).enumerate() {
+                assert!(
+                    (got - want).abs() < 1e-12,
+                    "{kind} query {query} key {j}: {got} vs {want}"
+                );
+            }
+        }
+        assert!(
+            module.attention_row(&x, h * w).is_err(),
+            "{kind}: query outside the map"
+        );
+    }
 }
 
 #[test]

@@ -50,10 +50,11 @@ enum Command {
     /// Download data sets and describe them.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
-    /// Grad-CAM heat map of a class over an image (PNG).
+    /// Class-activation maps (Grad-CAM and six more) over an image, side by side, with
+    /// faithfulness scores (PNG).
     Gradcam(commands::gradcam::GradcamArgs),
-    /// Softmax attention weights of one query position over the image (PNG).
-    AttentionMap(commands::gradcam::AttentionMapArgs),
+    /// What one position attends to, for every attention module, in one grid (PNG).
+    AttentionMap(commands::attention_map::AttentionMapArgs),
     /// Check a device (a GPU) against the CPU: every op, a training step, a run, the benches.
     Selftest(commands::selftest::Args),
 }
@@ -95,7 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Data(command) => commands::data::run(command),
         Command::Gradcam(args) => commands::gradcam::run_gradcam(args),
-        Command::AttentionMap(args) => commands::gradcam::run_attention_map(args),
+        Command::AttentionMap(args) => commands::attention_map::run_attention_map(args),
         Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+use la_data::transforms::Resize;
 use la_data::{Image, Normalize, Pipeline};
+
+use crate::heatmap::Region;
 use la_vgg::Vgg;
 
 pub struct LoadedModel {
@@ -38,14 +41,14 @@ impl LoadedModel {
     }
 
     /// Decodes an image file and prepares it: Resize + CenterCrop to the input size (an image
-    /// of that size is only scaled and normalised). Returns the batch [1, 3, s, s] and the
-    /// RGB picture the model sees.
-    pub fn prepare(&self, path: &Path) -> Result<(Tensor, Image)> {
-        let image = la_data::folder::decode_image(path)?;
+    /// of that size is only scaled and normalised). Returns the batch [1, 3, s, s], the image
+    /// as decoded, and the part of it the model sees.
+    pub fn prepare(&self, path: &Path) -> Result<(Tensor, Image, Region)> {
+        let original = la_data::folder::decode_image(path)?;
         let pipeline = self.pipeline();
         // The evaluation transforms draw nothing at random; the generator only fills the slot.
         let mut rng = la_data::rng::sample_rng(0, 0, 0);
-        let seen = pipeline.augment(image, &mut rng)?;
+        let seen = pipeline.augment(original.clone(), &mut rng)?;
         let (chw, h, w) = (
             seen.to_chw(&pipeline.normalization()),
             seen.height,
@@ -53,6 +56,23 @@ impl LoadedModel {
         );
         let tensor = Tensor::from_vec(chw, (1, 3, h, w), &Device::Cpu)?.to_device(&self.device)?;
         self.model.check_input(&tensor)?;
-        Ok((tensor, seen))
+        let region = self.seen_region(original.height, original.width);
+        Ok((tensor, original, region))
+    }
+
+    /// Where the centre crop of the resized image lies in an image of height x width.
+    fn seen_region(&self, height: usize, width: usize) -> Region {
+        let size = self.input_size;
+        let (rh, rw) = Resize::shorter_side(size).target(height, width);
+        let (sy, sx) = (height as f64 / rh as f64, width as f64 / rw as f64);
+        // CenterCrop's offsets, rounded as torchvision (and la-data) do.
+        let top = ((rh as f64 - size as f64) / 2.0).round();
+        let left = ((rw as f64 - size as f64) / 2.0).round();
+        Region {
+            top: top * sy,
+            left: left * sx,
+            height: size as f64 * sy,
+            width: size as f64 * sx,
+        }
     }
 }

@@ -12,7 +12,8 @@ use crate::{Error, Result};
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-fn register_font() {
+/// Makes the compiled-in font plotters' "sans-serif" (for other pictures drawn with plotters).
+pub fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The font is a fixed, valid asset; a failure here would be a build defect.

@@ -13,7 +13,8 @@
 //! - [`io`]: weights files, written atomically.
 //! - [`params`]: trainable variables with seeded initialisation (Candle's CPU RNG has no seed).
 //! - [`summary`]: per-layer shapes, parameters and multiply-accumulates.
-//! - [`explain`]: Grad-CAM on any block's output.
+//! - [`explain`]: the CAM family (Grad-CAM and six more) on any block's output, and how
+//!   faithful a map is (confidence change, ROAD).
 
 pub mod config;
 pub mod conv;

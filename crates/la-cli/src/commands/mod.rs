@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod attention_map;
 pub mod bench;
 pub mod data;
 pub mod eval;

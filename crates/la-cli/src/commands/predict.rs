@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = load_model(&args.weights, args.size, &device)?;
     let mut results = Vec::new();
     for path in &args.images {
-        let (x, _) = loaded.prepare(path)?;
+        let (x, _, _) = loaded.prepare(path)?;
         let logits = loaded.model.forward_t(&x, false)?;
         let raw: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let probs: Vec<f32> = candle_nn::ops::softmax(&logits, D::Minus1)?
