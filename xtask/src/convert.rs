@@ -188,11 +188,10 @@ pub fn prepare(
         notes.push("the classifier is replaced by a CIFAR head (global pool, one Linear)".into());
     }
     let wanted = opts.attention.0.map(|kind| AttentionConfig {
-        kind,
-        reduction: 8,
         zero_init_out: opts
             .zero_init_attention
             .unwrap_or(opts.attention_init.zero_init_out()),
+        ..AttentionConfig::new(kind)
     });
     let (config, tensors, adapted) =
         la_vgg::import::adapt(config, tensors, wanted, opts.classes.map(|n| n as usize))?;

@@ -35,6 +35,8 @@ pub enum AttentionArg {
     Linear,
     Efficient,
     ReluLinear,
+    Performer,
+    Linformer,
 }
 
 impl AttentionArg {
@@ -45,6 +47,8 @@ impl AttentionArg {
             AttentionArg::Linear => Some(AttentionKind::Linear),
             AttentionArg::Efficient => Some(AttentionKind::Efficient),
             AttentionArg::ReluLinear => Some(AttentionKind::ReluLinear),
+            AttentionArg::Performer => Some(AttentionKind::Performer),
+            AttentionArg::Linformer => Some(AttentionKind::Linformer),
         }
     }
 }
@@ -95,21 +99,23 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn config(&self) -> Result<VggConfig> {
+    /// The model for inputs of `size` x `size` (which Linformer's modules are built for).
+    pub fn config(&self, size: usize) -> Result<VggConfig> {
         let head = match self.head {
             HeadArg::Imagenet => HeadConfig::imagenet(),
             HeadArg::Cifar => HeadConfig::cifar(self.hidden),
         };
         let attention = self.attention.kind().map(|kind| AttentionConfig {
-            kind,
             reduction: self.reduction,
             zero_init_out: self.attention_init.zero_init_out(),
+            ..AttentionConfig::new(kind)
         });
         let config = VggConfig::vgg(self.arch.depth(), self.classes)?
             .with_batch_norm(self.bn)
             .with_attention(attention)
             .with_head(head)
-            .with_width(self.width)?;
+            .with_width(self.width)?
+            .with_input_size(size);
         config
             .validate()
             .context("the model flags do not make a valid model")?;

@@ -295,6 +295,7 @@ fn layer_decay_scales_follow_the_layer_walk() {
         attention: Some(la_vgg::AttentionSites {
             config: la_attention::AttentionConfig::new(la_attention::AttentionKind::Softmax),
             blocks: vec![1],
+            input_size: None,
         }),
         head: la_vgg::HeadConfig::cifar(Some(6)),
         num_classes: 3,

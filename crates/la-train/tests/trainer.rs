@@ -22,6 +22,7 @@ fn tiny_model() -> VggConfig {
         attention: Some(la_vgg::AttentionSites {
             config: AttentionConfig::new(AttentionKind::Softmax),
             blocks: vec![0, 1, 2],
+            input_size: None,
         }),
         head: HeadConfig {
             pool: 1,

@@ -79,6 +79,10 @@ impl HeadConfig {
 pub struct AttentionSites {
     pub config: AttentionConfig,
     pub blocks: Vec<usize>,
+    /// The input side the modules are built for: needed by the kinds defined for one map
+    /// size (Linformer), whose module at block b sees a map of side `input_size >> b`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<usize>,
 }
 
 /// A whole model. Serialised as JSON into the metadata of every weights file the project
@@ -137,7 +141,11 @@ mod stored {
                     let mut blocks = blocks.unwrap_or_default();
                     blocks.sort_unstable();
                     blocks.dedup();
-                    Some(AttentionSites { config, blocks })
+                    Some(AttentionSites {
+                        config,
+                        blocks,
+                        input_size: None,
+                    })
                 }
                 (None, None) => None,
                 (None, Some(b)) if b.is_empty() => None,
@@ -185,8 +193,40 @@ impl VggConfig {
         self.attention = attention.map(|config| AttentionSites {
             config,
             blocks: (0..self.blocks.len()).collect(),
+            input_size: None,
         });
         self
+    }
+
+    /// Records the input side in the attention sites when their kind is defined for one map
+    /// size (Linformer); other kinds run at any size and are left as they are.
+    pub fn with_input_size(mut self, size: usize) -> Self {
+        if let Some(a) = &mut self.attention {
+            if a.config.kind == la_attention::AttentionKind::Linformer {
+                a.input_size = Some(size);
+            }
+        }
+        self
+    }
+
+    /// Keeps attention only in `blocks` (0-based); no blocks means no attention.
+    pub fn with_attention_blocks(mut self, blocks: &[usize]) -> Result<Self> {
+        if let Some(&b) = blocks.iter().find(|&&b| b >= self.blocks.len()) {
+            return Err(Error::Config(format!(
+                "attention block {} does not exist (the model has blocks 1 to {})",
+                b + 1,
+                self.blocks.len()
+            )));
+        }
+        let mut blocks = blocks.to_vec();
+        blocks.sort_unstable();
+        blocks.dedup();
+        if blocks.is_empty() {
+            self.attention = None;
+        } else if let Some(a) = &mut self.attention {
+            a.blocks = blocks;
+        }
+        Ok(self)
     }
 
     /// The attention module of every site, if the model has any.
@@ -224,12 +264,16 @@ impl VggConfig {
             .unwrap_or(self.in_channels)
     }
 
-    /// The module after block `block`'s convs, if it has one.
+    /// The module after block `block`'s convs, if it has one: the sites' config with the
+    /// block's own random-feature seed and, given an input size, its map's positions.
     pub fn attention_at(&self, block: usize) -> Option<AttentionConfig> {
         self.attention
             .as_ref()
             .filter(|a| a.blocks.contains(&block))
-            .map(|a| a.config)
+            .map(|a| {
+                let tokens = a.input_size.map(|s| (s >> block).pow(2));
+                a.config.for_module(block, tokens)
+            })
     }
 
     /// `vgg16`, `vgg11_bn`, ... when the convs per block are a standard depth's; else `vgg`.
@@ -284,6 +328,19 @@ impl VggConfig {
             }
             if a.config.reduction == 0 {
                 return fail("attention reduction must be at least 1".into());
+            }
+            if a.config.kind == la_attention::AttentionKind::Linformer {
+                match a.input_size {
+                    None => {
+                        return fail(
+                            "linformer attention is defined for one map size: give the attention sites an `input_size`".into(),
+                        )
+                    }
+                    Some(s) if a.blocks.iter().any(|&b| s >> b == 0) => {
+                        return fail(format!("input size {s} leaves an attention block an empty map"))
+                    }
+                    Some(_) => {}
+                }
             }
         }
         Ok(())

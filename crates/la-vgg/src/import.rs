@@ -131,6 +131,7 @@ pub fn import_state_dict(tensors: HashMap<String, Tensor>) -> Result<Imported> {
     let attention = attention.map(|config| AttentionSites {
         config,
         blocks: attention_sites(&out, blocks.len()),
+        input_size: None,
     });
     let config = VggConfig {
         blocks,
@@ -302,9 +303,8 @@ fn import_features(
         None
     } else {
         Some(AttentionConfig {
-            kind: AttentionKind::Softmax,
             reduction: shared_reduction(&attention_sites)?,
-            zero_init_out: false,
+            ..AttentionConfig::new(AttentionKind::Softmax)
         })
     };
     Ok((blocks, batch_norm.unwrap_or(false), attention, channels))

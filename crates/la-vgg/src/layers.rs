@@ -55,16 +55,7 @@ impl LayerSpec {
                 .into_iter()
                 .map(|leaf| (leaf.to_string(), vec![*channels]))
                 .collect(),
-            LayerKind::Attention { channels, config } => config
-                .projections(*channels)
-                .into_iter()
-                .flat_map(|(name, rows)| {
-                    [
-                        (format!("{name}.weight"), vec![rows, *channels]),
-                        (format!("{name}.bias"), vec![rows]),
-                    ]
-                })
-                .collect(),
+            LayerKind::Attention { channels, config } => config.tensors(*channels),
             LayerKind::Linear {
                 inputs, outputs, ..
             } => vec![
@@ -103,12 +94,9 @@ impl LayerSpec {
             (LayerKind::Conv { inputs, outputs }, [_, h, w]) => {
                 (h * w * outputs * inputs * 9) as u64
             }
-            (LayerKind::Attention { channels, config }, [_, h, w]) => la_attention::macs(
-                config.kind,
-                h * w,
-                *channels,
-                config.key_channels(*channels),
-            ),
+            (LayerKind::Attention { channels, config }, [_, h, w]) => {
+                la_attention::macs(config, h * w, *channels)
+            }
             (
                 LayerKind::Linear {
                     inputs, outputs, ..
@@ -122,12 +110,9 @@ impl LayerSpec {
     /// The part of [`LayerSpec::macs`] that grows as the square of the tokens.
     pub fn quadratic_macs(&self, shape: &[usize]) -> u64 {
         match (&self.kind, shape) {
-            (LayerKind::Attention { channels, config }, [_, h, w]) => la_attention::quadratic_macs(
-                config.kind,
-                h * w,
-                *channels,
-                config.key_channels(*channels),
-            ),
+            (LayerKind::Attention { channels, config }, [_, h, w]) => {
+                la_attention::quadratic_macs(config, h * w, *channels)
+            }
             _ => 0,
         }
     }

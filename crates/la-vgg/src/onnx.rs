@@ -157,6 +157,72 @@ impl GraphBuilder<'_> {
         self.constant(format!("{name}.{suffix}"), &t)
     }
 
+    /// phi(q)^T (phi(k) v^T) / (phi(q) . sum phi(k) + eps) for features [b, f, n] and
+    /// values transposed [b, n, c] -> [b, c, n].
+    fn kernel_attention(&mut self, layer: &str, q: &str, k: &str, vt: &str, eps: f64) -> String {
+        let context = self.node("MatMul", &[k, vt], vec![]); // [b, f, c]
+        let ct = self.transpose(&context);
+        let numerator = self.node("MatMul", &[&ct, q], vec![]); // [b, c, n]
+        let axis2 = self.ints(&format!("{layer}.axis2"), &[2]);
+        let axis1 = self.ints(&format!("{layer}.axis1"), &[1]);
+        let key_sum = self.node(
+            "ReduceSum",
+            &[k, &axis2],
+            vec![attribute_int("keepdims", 1)],
+        );
+        let weighted = self.node("Mul", &[q, &key_sum], vec![]);
+        let denominator = self.node(
+            "ReduceSum",
+            &[&weighted, &axis1],
+            vec![attribute_int("keepdims", 1)],
+        );
+        let eps = self.scalar(&format!("{layer}.eps"), eps as f32);
+        let denominator = self.node("Add", &[&denominator, &eps], vec![]);
+        self.node("Div", &[&numerator, &denominator], vec![])
+    }
+
+    /// Performer's phi of `x` [b, d, n] with `features` [m, d], stabilised as la-attention's.
+    fn positive_features(
+        &mut self,
+        layer: &str,
+        which: &str,
+        x: &str,
+        features: &str,
+        (m, d): (usize, usize),
+        query: bool,
+    ) -> String {
+        let name = format!("{layer}.{which}");
+        let scale = self.scalar(
+            &format!("{name}.feature_scale"),
+            (d as f64).powf(-0.25) as f32,
+        );
+        let x = self.node("Mul", &[x, &scale], vec![]);
+        let projected = self.node("MatMul", &[features, &x], vec![]); // [b, m, n]
+        let squares = self.node("Mul", &[&x, &x], vec![]);
+        let axis1 = self.ints(&format!("{name}.axis1"), &[1]);
+        let norm = self.node(
+            "ReduceSum",
+            &[&squares, &axis1],
+            vec![attribute_int("keepdims", 1)],
+        );
+        let half = self.scalar(&format!("{name}.half"), 0.5);
+        let half_norm = self.node("Mul", &[&norm, &half], vec![]);
+        let exponent = self.node("Sub", &[&projected, &half_norm], vec![]);
+        let axes: &[i64] = if query { &[1] } else { &[1, 2] };
+        let stabiliser = self.node(
+            "ReduceMax",
+            &[&exponent],
+            vec![attribute_ints("axes", axes), attribute_int("keepdims", 1)],
+        );
+        let shifted = self.node("Sub", &[&exponent, &stabiliser], vec![]);
+        let exp = self.node("Exp", &[&shifted], vec![]);
+        let norm = self.scalar(
+            &format!("{name}.feature_norm"),
+            (m as f64).powf(-0.5) as f32,
+        );
+        self.node("Mul", &[&exp, &norm], vec![])
+    }
+
     fn transpose(&mut self, x: &str) -> String {
         self.node("Transpose", &[x], vec![attribute_ints("perm", &[0, 2, 1])])
     }
@@ -234,25 +300,36 @@ impl GraphBuilder<'_> {
                         let k = self.node("Relu", &[&k], vec![]);
                         (q, k, la_kernels::linear::RELU_EPS)
                     };
-                    let context = self.node("MatMul", &[&k, &vt], vec![]); // [b, d, c]
-                    let ct = self.transpose(&context);
-                    let numerator = self.node("MatMul", &[&ct, &q], vec![]); // [b, c, n]
-                    let axis2 = self.ints(&format!("{layer}.axis2"), &[2]);
-                    let axis1 = self.ints(&format!("{layer}.axis1"), &[1]);
-                    let key_sum = self.node(
-                        "ReduceSum",
-                        &[&k, &axis2],
-                        vec![attribute_int("keepdims", 1)],
-                    );
-                    let weighted = self.node("Mul", &[&q, &key_sum], vec![]);
-                    let denominator = self.node(
-                        "ReduceSum",
-                        &[&weighted, &axis1],
-                        vec![attribute_int("keepdims", 1)],
-                    );
-                    let eps = self.scalar(&format!("{layer}.eps"), eps as f32);
-                    let denominator = self.node("Add", &[&denominator, &eps], vec![]);
-                    self.node("Div", &[&numerator, &denominator], vec![])
+                    self.kernel_attention(layer, &q, &k, &vt, eps)
+                }
+                AttentionKind::Performer => {
+                    let features = la_attention::performer::features_tensor(
+                        config.random_features,
+                        d,
+                        config.feature_seed,
+                        DType::F32,
+                        &Device::Cpu,
+                    )?;
+                    let features = self.constant(format!("{layer}.random_features"), &features)?;
+                    let m = config.random_features;
+                    let phi_q = self.positive_features(layer, "query", &q, &features, (m, d), true);
+                    let phi_k = self.positive_features(layer, "key", &k, &features, (m, d), false);
+                    self.kernel_attention(layer, &phi_q, &phi_k, &vt, la_attention::performer::EPS)
+                }
+                AttentionKind::Linformer => {
+                    let e = self.derived(&format!("{layer}.key_tokens.weight"), "t", |t| t.t())?;
+                    let f =
+                        self.derived(&format!("{layer}.value_tokens.weight"), "t", |t| t.t())?;
+                    let keys = self.node("MatMul", &[&k, &e], vec![]); // [b, d, k]
+                    let values = self.node("MatMul", &[&v, &f], vec![]); // [b, c, k]
+                    let qt = self.transpose(&q);
+                    let scores = self.node("MatMul", &[&qt, &keys], vec![]); // [b, n, k]
+                    let scale =
+                        self.scalar(&format!("{layer}.scale"), (d as f64).powf(-0.5) as f32);
+                    let scores = self.node("Mul", &[&scores, &scale], vec![]);
+                    let weights = self.node("Softmax", &[&scores], vec![attribute_int("axis", -1)]);
+                    let wt = self.transpose(&weights);
+                    self.node("MatMul", &[&values, &wt], vec![]) // [b, c, n]
                 }
                 AttentionKind::Softmax => unreachable!("written token-major above"),
             };

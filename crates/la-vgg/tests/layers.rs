@@ -63,6 +63,7 @@ fn files_written_before_attention_sites_were_one_field_still_read() {
     with_sites.attention = Some(AttentionSites {
         config: AttentionConfig::new(AttentionKind::Linear),
         blocks: vec![1, 3],
+        input_size: None,
     });
     // The current form round-trips.
     let json = serde_json::to_string(&with_sites).unwrap();

@@ -75,11 +75,14 @@ fn linear_kinds_cost_linear_time() {
         AttentionKind::Linear,
         AttentionKind::Efficient,
         AttentionKind::ReluLinear,
+        AttentionKind::Performer,
+        AttentionKind::Linformer,
     ] {
         let s = summarize(
             &base
                 .clone()
-                .with_attention(Some(AttentionConfig::new(kind))),
+                .with_attention(Some(AttentionConfig::new(kind)))
+                .with_input_size(224),
             224,
         );
         assert_eq!(s.attention_quadratic_macs, 0);
@@ -123,19 +126,15 @@ fn small_config(bn: bool, kind: Option<AttentionKind>) -> VggConfig {
         .with_head(HeadConfig::cifar(Some(32)))
         .with_width(0.125)
         .unwrap()
+        .with_input_size(32)
 }
 
 #[test]
 fn every_kind_and_batch_norm_build_train_and_evaluate() {
     let dev = Device::Cpu;
     for bn in [false, true] {
-        for kind in [
-            None,
-            Some(AttentionKind::Softmax),
-            Some(AttentionKind::Linear),
-            Some(AttentionKind::Efficient),
-            Some(AttentionKind::ReluLinear),
-        ] {
+        let kinds = AttentionKind::ALL.map(Some);
+        for kind in std::iter::once(None).chain(kinds) {
             let config = small_config(bn, kind);
             let varmap = VarMap::new();
             let vgg = Vgg::new(
@@ -483,6 +482,7 @@ fn whole_model_gradients_match_finite_differences() {
         attention: Some(AttentionSites {
             config: AttentionConfig::new(AttentionKind::Softmax),
             blocks: vec![0, 2],
+            input_size: None,
         }),
         head: HeadConfig {
             pool: 2,

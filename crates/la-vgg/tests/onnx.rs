@@ -96,17 +96,14 @@ fn onnxruntime_gives_our_logits_for_every_attention_kind() {
             .with_head(HeadConfig::cifar(Some(24)))
             .with_width(0.125)
             .unwrap()
+            .with_input_size(32)
     };
-    let kinds = [
-        None,
-        Some(AttentionKind::Softmax),
-        Some(AttentionKind::Linear),
-        Some(AttentionKind::Efficient),
-        Some(AttentionKind::ReluLinear),
-    ];
+    let kinds: Vec<Option<AttentionKind>> = std::iter::once(None)
+        .chain(AttentionKind::ALL.map(Some))
+        .collect();
     let mut cases = 0;
     for bn in [false, true] {
-        for kind in kinds {
+        for &kind in &kinds {
             let name = format!("{}-bn{bn}", kind.map_or("none", |k| k.name()));
             let _ = write_case(tmp.path(), &name, small(bn, kind), 32);
             cases += 1;

@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
-    let config = args.model.config()?;
+    let config = args.model.config(args.size)?;
     let min = 1usize << config.blocks.len();
     if args.size < min {
         bail!(

@@ -22,7 +22,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let config = match &args.weights {
         Some(path) => la_vgg::load_weights(path, &Device::Cpu)?.metadata.config,
-        None => args.model.config()?,
+        None => args.model.config(args.size)?,
     };
     let min = 1usize << config.blocks.len();
     if args.size < min {

@@ -14,7 +14,7 @@ use la_data::{AutoAugment, Loader, LoaderConfig, Mix, Pipeline};
 use la_train::{OptimizerConfig, RunInfo, Schedule, TrainConfig, Trainer};
 use la_vgg::Normalize;
 
-use crate::data_args::{open_data, DataKind};
+use crate::data_args::{open_data, Data, DataKind};
 use crate::device::{parse_device, set_threads};
 use crate::model_args::HeadArg;
 use crate::progress::BarObserver;
@@ -30,6 +30,10 @@ pub use defaults::document_defaults;
 use options::{merge, write_options, AugmentArg, AutoAugmentArg};
 pub use options::{read_options, Options, ScheduleArg};
 use presets::preset_options;
+
+/// The seed of `--train-subset`'s draw: fixed, so that runs with different seeds see the same
+/// images.
+const TRAIN_SUBSET_SEED: u64 = 0;
 pub use presets::Preset;
 
 #[derive(clap::Args)]
@@ -301,6 +305,24 @@ pub fn run(args: Args) -> Result<()> {
         r.seed(),
         need(&r.o.skip_bad),
     )?;
+    let data = match r.o.train_subset {
+        Some(n) if n > data.train.len() => bail!(
+            "--train-subset {n}: the training set has only {} images",
+            data.train.len()
+        ),
+        Some(n) => Data {
+            train: Arc::new(
+                la_data::split(
+                    data.train.clone(),
+                    n as f64 / data.train.len() as f64,
+                    TRAIN_SUBSET_SEED,
+                )
+                .0,
+            ),
+            val: data.val,
+        },
+        None => data,
+    };
     let classes = data.train.classes().to_vec();
     let threads = r.o.threads.unwrap_or(0);
     let loader_config = |shuffle: bool, drop_last: bool| LoaderConfig {
@@ -444,6 +466,20 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// `--attention-blocks` (1-based) applied to `config`.
+fn with_attention_blocks(config: la_vgg::VggConfig, r: &Resolved) -> Result<la_vgg::VggConfig> {
+    let Some(blocks) = &r.o.attention_blocks else {
+        return Ok(config);
+    };
+    if blocks.contains(&0) {
+        bail!("--attention-blocks counts blocks from 1");
+    }
+    let zero_based: Vec<usize> = blocks.iter().map(|b| b - 1).collect();
+    config
+        .with_attention_blocks(&zero_based)
+        .context("--attention-blocks")
+}
+
 /// The model config and its starting tensors: from `--weights` (with the head replaced when
 /// the class count differs) or fresh.
 fn model_and_weights(
@@ -467,7 +503,8 @@ fn model_and_weights(
             width: need(&r.o.width),
         };
         let normalization = r.data().normalization();
-        return Ok((args.config()?, Default::default(), normalization));
+        let config = with_attention_blocks(args.config(need(&r.o.size))?, r)?;
+        return Ok((config, Default::default(), normalization));
     };
     let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
     let config = weights.config().clone();
@@ -512,9 +549,8 @@ fn model_and_weights(
     let zero_init_out = need(&r.o.attention_init).zero_init_out();
     let wanted = match r.given.attention {
         Some(arg) => arg.kind().map(|kind| la_attention::AttentionConfig {
-            kind,
-            reduction: la_attention::DEFAULT_REDUCTION,
             zero_init_out,
+            ..la_attention::AttentionConfig::new(kind)
         }),
         None => config.attention_config(),
     };
@@ -528,6 +564,7 @@ fn model_and_weights(
     }
     let (config, tensors, _) = la_vgg::import::adapt(config, weights.tensors, wanted, new_classes)
         .with_context(|| format!("{} does not fit the model", path.display()))?;
+    let config = with_attention_blocks(config.with_input_size(need(&r.o.size)), r)?;
     let normalization = weights
         .metadata
         .normalization

@@ -100,6 +100,10 @@ pub struct Options {
     /// Input side in pixels
     #[arg(long, help_heading = "Data")]
     pub size: Option<usize>,
+    /// Train on a fixed subset of this many training images, the same for every --seed
+    /// (drawn with seed 0), for quick studies
+    #[arg(long, value_name = "N", help_heading = "Data")]
+    pub train_subset: Option<usize>,
     /// Images per batch.
     #[arg(long, help_heading = "Data")]
     pub batch_size: Option<usize>,
@@ -115,6 +119,14 @@ pub struct Options {
     /// Attention module after the last conv of every block.
     #[arg(long, value_enum, help_heading = "Model")]
     pub attention: Option<AttentionArg>,
+    /// Blocks (1-based, comma-separated) that get the attention module [default: every block]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "BLOCKS",
+        help_heading = "Model"
+    )]
+    pub attention_blocks: Option<Vec<usize>>,
     /// How new attention modules start: `identity` (output projection at zero) or `kaiming`
     /// (the article's advice: every block then adds a large random residual at step 0, and
     /// VGG16 from scratch barely learns)
@@ -353,6 +365,7 @@ impl Options {
             ("size", self.size),
             ("max-steps", self.max_steps),
             ("ra-num-ops", self.ra_num_ops),
+            ("train-subset", self.train_subset),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
             bail!("--{name} 0{where_} must be at least 1");
