@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use image::{imageops, ImageBuffer, Luma, RgbImage};
 use la_data::Image;
 use plotters::prelude::*;
@@ -83,7 +83,9 @@ fn smooth(map: &[Vec<f32>], width: u32, height: u32) -> ImageBuffer<Luma<u16>, V
     imageops::resize(&grey, width, height, imageops::FilterType::Triangle)
 }
 
-/// One panel's pixels: the heat map blended over the region, the rest of the image dimmed
+/// One panel's pixels: the block's map resized bilinearly straight to the region of the
+/// displayed image (the scores use the map at the model's input size; both are smooth
+/// upsamplings of the same map) and blended over the region, the rest of the image dimmed
 /// (the model never saw it), and the marker.
 fn panel_pixels(
     base: &RgbImage,
@@ -193,14 +195,6 @@ pub fn draw(picture: &Picture, out: &Path) -> Result<()> {
         text("0", bar_x + 20, bar_top + ph - 14, 13)?;
         root.present().map_err(|e| fail(&e))?;
     }
-    let mut bytes = Vec::new();
-    RgbImage::from_raw(width, height, buffer)
-        .context("picture buffer")?
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .with_context(|| format!("{}: cannot encode PNG", out.display()))?;
-    la_core::write_atomically(out, &bytes)?;
+    la_train::plot::save_png(out, buffer, width, height)?;
     Ok(())
 }

@@ -37,6 +37,9 @@ struct Cli {
 enum Command {
     /// Train a model (with no flags: VGG16 + softmax attention on the built-in digits).
     Train(Box<commands::train::Args>),
+    /// A grid of training settings x seeds, resumable, summarised as mean ± std with each
+    /// setting's paired difference from no attention, and the curves.
+    Study(commands::study::Args),
     /// Top-1/top-5, per-class accuracy and a confusion matrix on a data set.
     Eval(commands::eval::Args),
     /// Classify image files.
@@ -95,6 +98,7 @@ fn main() -> std::process::ExitCode {
         Command::Summary(args) => commands::summary::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Data(command) => commands::data::run(command),
+        Command::Study(args) => commands::study::run(args),
         Command::Gradcam(args) => commands::gradcam::run_gradcam(args),
         Command::AttentionMap(args) => commands::attention_map::run_attention_map(args),
         Command::Selftest(args) => commands::selftest::run(args),

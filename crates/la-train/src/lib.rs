@@ -9,6 +9,7 @@
 //! - [`optim`], [`schedule`], [`loss`]: the pieces of a step; [`parity`]: one step in both
 //!   kernel forms, for tests and the selftest.
 //! - [`ema`]: the weights' moving average; [`tensorboard`]: event files for TensorBoard.
+//! - [`study`]: a grid of runs over seeds summarised as mean ± std and paired differences.
 
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod parity;
 pub mod plot;
 pub mod record;
 pub mod schedule;
+pub mod study;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -51,3 +51,61 @@ pub fn write_csv(dir: &Path, history: &[EpochRecord]) -> Result<()> {
     la_core::write_atomically(&dir.join("epochs.csv"), text.as_bytes())?;
     Ok(())
 }
+
+/// Reads `dir/epochs.csv` back: the history [`write_csv`] wrote.
+pub fn read_csv(dir: &Path) -> Result<Vec<EpochRecord>> {
+    let path = dir.join("epochs.csv");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::File {
+        path: path.clone(),
+        what: "cannot read",
+        source,
+    })?;
+    let bad = |line: usize, reason: String| Error::Io {
+        path: path.clone(),
+        reason: format!("line {line}: {reason}"),
+    };
+    let mut lines = text.lines().enumerate();
+    let header: Vec<&str> = match lines.next() {
+        Some((_, h)) => h.split(',').collect(),
+        None => return Err(bad(1, "empty file".into())),
+    };
+    let mut history = Vec::new();
+    for (i, line) in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != header.len() {
+            return Err(bad(
+                i + 1,
+                format!("{} fields, the header has {}", fields.len(), header.len()),
+            ));
+        }
+        let value = |name: &str| -> Result<Option<f64>> {
+            let Some(k) = header.iter().position(|h| *h == name) else {
+                return Err(bad(1, format!("no column `{name}`")));
+            };
+            match fields[k] {
+                "" => Ok(None),
+                v => v
+                    .parse::<f64>()
+                    .map(Some)
+                    .map_err(|_| bad(i + 1, format!("`{name}` is `{v}`, not a number"))),
+            }
+        };
+        let need = |name: &str| -> Result<f64> {
+            value(name)?.ok_or_else(|| bad(i + 1, format!("`{name}` is empty")))
+        };
+        history.push(EpochRecord {
+            epoch: need("epoch")? as usize,
+            lr: need("lr")?,
+            train_loss: need("train_loss")?,
+            train_top1: need("train_top1")?,
+            val_loss: value("val_loss")?,
+            val_top1: value("val_top1")?,
+            val_top5: value("val_top5")?,
+            ema_val_loss: value("ema_val_loss")?,
+            ema_val_top1: value("ema_val_top1")?,
+            seconds: need("seconds")?,
+            images_per_s: need("images_per_s")?,
+        });
+    }
+    Ok(history)
+}

@@ -8,6 +8,7 @@ use std::sync::Once;
 use plotters::prelude::*;
 
 use crate::record::EpochRecord;
+use crate::study::CurvePoint;
 use crate::{Error, Result};
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -28,7 +29,8 @@ fn draw_error<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> Error + '_ {
     }
 }
 
-fn save_png(path: &Path, buffer: Vec<u8>, width: u32, height: u32) -> Result<()> {
+/// Writes an RGB buffer as a PNG, atomically.
+pub fn save_png(path: &Path, buffer: Vec<u8>, width: u32, height: u32) -> Result<()> {
     let mut bytes = Vec::new();
     image::codecs::png::PngEncoder::new(&mut bytes)
         .write_image(&buffer, width, height, image::ExtendedColorType::Rgb8)
@@ -122,6 +124,81 @@ pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
                 .draw()
                 .map_err(draw_error(path))?;
         }
+        root.present().map_err(draw_error(path))?;
+    }
+    save_png(path, buffer, width, height)
+}
+
+/// A study's validation curves: per setting, the mean top-1 (%) over its seeds as a line
+/// and one standard deviation either side as a band. `curves` holds (label, points of
+/// (epoch, mean, std)).
+pub fn study_curves(path: &Path, curves: &[(String, Vec<CurvePoint>)]) -> Result<()> {
+    register_font();
+    let (width, height) = (1000u32, 620u32);
+    let mut buffer = vec![255u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_error(path))?;
+        let points = curves.iter().flat_map(|(_, p)| p.iter());
+        let x_max = points.clone().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+        let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1 - p.2), b.max(p.1 + p.2))
+        });
+        let (lo, hi) = if lo.is_finite() {
+            let pad = ((hi - lo) * 0.05).max(0.5);
+            (lo - pad, hi + pad)
+        } else {
+            (0.0, 100.0)
+        };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "validation top-1 (%): mean and one standard deviation over seeds",
+                ("sans-serif", 20),
+            )
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.8f64..x_max + 0.2, lo..hi)
+            .map_err(draw_error(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(draw_error(path))?;
+        for (i, (label, points)) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let band: Vec<(f64, f64)> = points
+                .iter()
+                .map(|&(e, m, s)| (e as f64, m + s))
+                .chain(points.iter().rev().map(|&(e, m, s)| (e as f64, m - s)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(
+                    band,
+                    color.mix(0.15).filled(),
+                )))
+                .map_err(draw_error(path))?;
+            let line: Vec<(f64, f64)> = points.iter().map(|&(e, m, _)| (e as f64, m)).collect();
+            chart
+                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+                .map_err(draw_error(path))?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(draw_error(path))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(draw_error(path))?;
         root.present().map_err(draw_error(path))?;
     }
     save_png(path, buffer, width, height)

@@ -8,5 +8,6 @@ pub mod export;
 pub mod gradcam;
 pub mod predict;
 pub mod selftest;
+pub mod study;
 pub mod summary;
 pub mod train;
