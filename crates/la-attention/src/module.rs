@@ -58,6 +58,13 @@ impl SpatialAttention {
                 reason: "a feature map needs at least one channel",
             });
         }
+        if config.kind == AttentionKind::Performer && config.random_features == 0 {
+            return Err(Error::InvalidConfig {
+                channels,
+                reduction: config.reduction,
+                reason: "performer attention needs at least one random feature",
+            });
+        }
         let d = config.key_channels(channels);
         let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         let out_init = if config.zero_init_out {
@@ -104,13 +111,6 @@ impl SpatialAttention {
             }
             _ => KindParams::None,
         };
-        if config.kind == AttentionKind::Performer && config.random_features == 0 {
-            return Err(Error::InvalidConfig {
-                channels,
-                reduction: config.reduction,
-                reason: "performer attention needs at least one random feature",
-            });
-        }
         Ok(Self {
             kind: config.kind,
             query: query?,
@@ -122,7 +122,9 @@ impl SpatialAttention {
         })
     }
 
-    /// Draws Performer's random features afresh from `seed` (the only way they change).
+    /// Draws Performer's random features afresh from `seed` (the only way they change). A
+    /// model saved afterwards rebuilds its features from the config's `feature_seed`, so a
+    /// caller that keeps a redraw records `seed` there.
     pub fn redraw_features(&mut self, seed: u64) -> candle_core::Result<()> {
         if let KindParams::Performer { features } = &mut self.own {
             let (m, d) = features.dims2()?;

@@ -237,6 +237,13 @@ impl GraphBuilder<'_> {
         side: usize,
     ) -> Result<String> {
         let (kind, d, h, w) = (config.kind, config.key_channels(c), side, side);
+        if kind == AttentionKind::Linformer && config.tokens != Some(side * side) {
+            return Err(Error::Config(format!(
+                "{layer}: linformer attention is built for {} positions, the export's {side}x{side} map has {}: export at the input size the model was built for",
+                config.tokens.map_or("an unknown number of".into(), |t| t.to_string()),
+                side * side
+            )));
+        }
         let tokens_shape = self.ints(&format!("{layer}.shape_bcn"), &[0, c as i64, -1]);
         let map_shape = self.ints(
             &format!("{layer}.shape_bchw"),

@@ -207,6 +207,17 @@ fn scores_are_probability_changes_of_the_perturbed_images() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("upsample the map"), "{err}");
+    let two = Tensor::cat(&[&image, &image], 0).unwrap();
+    let err = vgg
+        .cam_metric(&two, &map, class, CamMetric::ConfidenceChange, 0)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("one image at a time"), "{err}");
+    let err = vgg
+        .cam_metric(&image, &map, 10, CamMetric::RoadCombined, 0)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("class 10 does not exist"), "{err}");
 }
 
 #[test]

@@ -56,11 +56,14 @@ pub fn run_attention_map(args: AttentionMapArgs) -> Result<()> {
         let weights = module
             .attention_row(&tap.attention_input, index)?
             .reshape((h, w))?;
-        let max = weights
-            .max_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        let map = (weights / max.max(f64::MIN_POSITIVE))?;
+        let scalar = |t: candle_core::Tensor| -> Result<f64> {
+            Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+        };
+        let max = scalar(weights.max_all()?)?;
+        // Linformer's weights (taken back through F) may be negative: scale by the largest
+        // magnitude, so the picture shows where the position takes most from.
+        let largest = scalar(weights.abs()?.max_all()?)?;
+        let map = (weights / largest.max(f64::MIN_POSITIVE))?;
         println!(
             "block {}: {} attention ({h}x{w} map), query at pixel ({row}, {col}) = token {index}: max weight {max:.4}",
             block + 1,

@@ -466,11 +466,32 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `--attention-blocks` (1-based) applied to `config`.
-fn with_attention_blocks(config: la_vgg::VggConfig, r: &Resolved) -> Result<la_vgg::VggConfig> {
+/// The attention flags applied to `config`: `--attention-blocks` (1-based), the input size
+/// (Linformer's modules are built for it) and, for fresh Performer modules, random features
+/// drawn from the run's seed, so that seeds differ in their features as in their weights.
+fn attention_options(
+    config: la_vgg::VggConfig,
+    r: &Resolved,
+    fresh_modules: bool,
+) -> Result<la_vgg::VggConfig> {
+    let size = need(&r.o.size);
+    if let Some(built) = config.attention.as_ref().and_then(|a| a.input_size) {
+        if !fresh_modules && built != size {
+            bail!("the weights' linformer modules are built for {built}x{built} inputs; --size {size} cannot use them (give --size {built}, or --attention to start new modules)");
+        }
+    }
+    let mut config = config.with_input_size(size);
+    if let (true, Some(sites)) = (fresh_modules, config.attention.as_mut()) {
+        if sites.config.kind == la_attention::AttentionKind::Performer {
+            sites.config.feature_seed = r.seed();
+        }
+    }
     let Some(blocks) = &r.o.attention_blocks else {
         return Ok(config);
     };
+    if config.attention.is_none() {
+        bail!("--attention-blocks: the model has no attention modules to place");
+    }
     if blocks.contains(&0) {
         bail!("--attention-blocks counts blocks from 1");
     }
@@ -503,7 +524,7 @@ fn model_and_weights(
             width: need(&r.o.width),
         };
         let normalization = r.data().normalization();
-        let config = with_attention_blocks(args.config(need(&r.o.size))?, r)?;
+        let config = attention_options(args.config(need(&r.o.size))?, r, true)?;
         return Ok((config, Default::default(), normalization));
     };
     let weights = la_vgg::load_weights(path, &candle_core::Device::Cpu)?;
@@ -564,7 +585,20 @@ fn model_and_weights(
     }
     let (config, tensors, _) = la_vgg::import::adapt(config, weights.tensors, wanted, new_classes)
         .with_context(|| format!("{} does not fit the model", path.display()))?;
-    let config = with_attention_blocks(config.with_input_size(need(&r.o.size)), r)?;
+    let config = attention_options(config, r, r.given.attention.is_some())?;
+    // The modules of the blocks --attention-blocks leaves out go with them.
+    let mut tensors = tensors;
+    tensors.retain(|name, _| {
+        match name
+            .strip_prefix("blocks.")
+            .and_then(|n| n.split_once(".attention."))
+        {
+            Some((block, _)) => block
+                .parse::<usize>()
+                .is_ok_and(|b| config.attention_at(b).is_some()),
+            None => true,
+        }
+    });
     let normalization = weights
         .metadata
         .normalization

@@ -1,5 +1,7 @@
 //! The class-activation-map family on a block's output (after its attention module, before
 //! its pool), as pytorch-grad-cam defines each method for a classifier's raw class score.
+//! One difference: EigenCAM's projection is sign-corrected (pytorch-grad-cam's
+//! `get_2d_projection_with_sign_correction`), since a plain SVD's sign is arbitrary.
 
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::ModuleT;

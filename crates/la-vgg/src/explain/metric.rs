@@ -93,6 +93,15 @@ impl Vgg {
         metric: CamMetric,
         seed: u64,
     ) -> Result<f64> {
+        if image.dim(0)? != 1 {
+            return Err(Error::Input("a metric scores one image at a time".into()));
+        }
+        let classes = self.config().num_classes;
+        if class >= classes {
+            return Err(Error::Input(format!(
+                "class {class} does not exist (the model has {classes})"
+            )));
+        }
         let before = self.confidence(image, class)?;
         let after = |perturbed: Tensor| -> Result<f64> { self.confidence(&perturbed, class) };
         let mut rng = la_core::rng::labelled(seed, "road");

@@ -100,8 +100,8 @@ pub struct Options {
     /// Input side in pixels
     #[arg(long, help_heading = "Data")]
     pub size: Option<usize>,
-    /// Train on a fixed subset of this many training images, the same for every --seed
-    /// (drawn with seed 0), for quick studies
+    /// Train on a subset of this many training images, drawn with seed 0 from the training
+    /// split (the same images for every --seed where the data set has its own test split)
     #[arg(long, value_name = "N", help_heading = "Data")]
     pub train_subset: Option<usize>,
     /// Images per batch.
