@@ -144,16 +144,23 @@ impl SpatialAttention {
         }
     }
 
-    /// Linformer's map size check: its projections are defined for `tokens` positions.
-    fn check_tokens(&self, h: usize, w: usize) -> candle_core::Result<()> {
-        if let KindParams::Linformer { tokens, .. } = &self.own {
-            if h * w != *tokens {
-                candle_core::bail!(
-                    "linformer attention is built for maps of {tokens} positions (the model's input size), got a {h}x{w} map: run it at the size it was built for"
-                )
-            }
+    /// Linformer's E and F, for an h x w map: they are defined for the positions the module
+    /// was built for, and no other.
+    fn token_projections(&self, h: usize, w: usize) -> candle_core::Result<(&Tensor, &Tensor)> {
+        let KindParams::Linformer {
+            key_tokens,
+            value_tokens,
+            tokens,
+        } = &self.own
+        else {
+            candle_core::bail!("{} attention has no token projections", self.kind)
+        };
+        if h * w != *tokens {
+            candle_core::bail!(
+                "linformer attention is built for maps of {tokens} positions (the model's input size), got a {h}x{w} map: run it at the size it was built for"
+            )
         }
-        Ok(())
+        Ok((key_tokens, value_tokens))
     }
 
     pub fn kind(&self) -> AttentionKind {
@@ -204,16 +211,8 @@ impl SpatialAttention {
                 similarity.broadcast_div(&(similarity.sum_keepdim(2)? + performer::EPS)?)?
             }
             AttentionKind::Linformer => {
-                let KindParams::Linformer {
-                    key_tokens,
-                    value_tokens,
-                    ..
-                } = &self.own
-                else {
-                    unreachable!("a linformer has token projections")
-                };
                 let (_, _, h, w) = x.dims4()?;
-                self.check_tokens(h, w)?;
+                let (key_tokens, value_tokens) = self.token_projections(h, w)?;
                 let keys = k.t()?.broadcast_matmul(&key_tokens.t()?)?; // [b, d, k]
                 let weights = activation::softmax(&(q.matmul(&keys)? * self.scale)?, 2)?;
                 weights.broadcast_matmul(value_tokens)? // [b, 1, n]
@@ -382,15 +381,7 @@ impl Module for SpatialAttention {
                 self.random_features().expect("a performer has features"),
             )?,
             AttentionKind::Linformer => {
-                let KindParams::Linformer {
-                    key_tokens,
-                    value_tokens,
-                    ..
-                } = &self.own
-                else {
-                    unreachable!("a linformer has token projections")
-                };
-                self.check_tokens(h, w)?;
+                let (key_tokens, value_tokens) = self.token_projections(h, w)?;
                 linformer::linformer_attention(
                     &qkv.narrow(1, 0, d)?,
                     &qkv.narrow(1, d, d)?,
