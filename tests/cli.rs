@@ -5,7 +5,7 @@ mod support;
 use la_testing::fixture;
 use std::path::PathBuf;
 use std::process::Command;
-use support::{la_cli, stderr, stdout};
+use support::{la_cli, stderr, stdout, train_tiny_digits};
 
 #[test]
 fn summary_prints_the_true_cost_of_vgg16_with_softmax_attention() {
@@ -91,19 +91,7 @@ fn train_eval_predict_explain_and_resume_on_digits() {
     let tmp = la_testing::tempdir("cli-digits");
     let dir = tmp.path().to_path_buf();
     let runs = dir.join("runs");
-    let out = la_cli(&[
-        "train",
-        "--epochs",
-        "1",
-        "--width",
-        "0.125",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--name",
-        "tiny",
-        "--threads",
-        "2",
-    ]);
+    let out = train_tiny_digits(&runs);
     assert!(out.status.success(), "{}", stderr(&out));
     let run = runs.join("tiny");
     assert!(

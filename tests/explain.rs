@@ -6,7 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::{la_cli, stderr, stdout};
+use support::{la_cli, stderr, stdout, train_tiny_digits};
 
 /// A 300x200 picture with some structure (a bright disc on a gradient).
 fn wide_png(dir: &Path) -> PathBuf {
@@ -25,19 +25,7 @@ fn wide_png(dir: &Path) -> PathBuf {
 }
 
 fn train_tiny(runs: &Path) -> PathBuf {
-    let out = la_cli(&[
-        "train",
-        "--epochs",
-        "1",
-        "--width",
-        "0.125",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--name",
-        "tiny",
-        "--threads",
-        "2",
-    ]);
+    let out = train_tiny_digits(runs);
     assert!(out.status.success(), "{}", stderr(&out));
     runs.join("tiny/best.safetensors")
 }

@@ -3,22 +3,13 @@
 //! finite differences of the class score through `forward_from_block`), EigenCAM against a
 //! power iteration, Score-CAM against a loop over masked images.
 
-use std::path::PathBuf;
+mod support;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::ModuleT;
 use la_vgg::explain::{Cam, CamMethod};
-use la_vgg::{load_weights, Vgg};
-
-fn tiny() -> (Vgg, Tensor) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
-    let weights = load_weights(&dir.join("vgg16_la_tiny.safetensors"), &Device::Cpu).unwrap();
-    let vgg = Vgg::from_weights(&weights, DType::F64, &Device::Cpu).unwrap();
-    let io = candle_core::safetensors::load(dir.join("vgg16_la_tiny_io.safetensors"), &Device::Cpu)
-        .unwrap();
-    let image = io["input"].narrow(0, 0, 1).unwrap();
-    (vgg, image.to_dtype(DType::F64).unwrap())
-}
+use la_vgg::Vgg;
+use support::tiny_golden_vgg;
 
 fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1().unwrap()
@@ -132,7 +123,7 @@ fn assert_scaled(cam: &Cam) {
 
 #[test]
 fn gradient_methods_match_their_formulas_on_finite_difference_gradients() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     let gradient_methods: Vec<CamMethod> = CamMethod::ALL
         .into_iter()
         .filter(|m| m.uses_gradients())
@@ -176,7 +167,7 @@ fn gradient_methods_match_their_formulas_on_finite_difference_gradients() {
 
 #[test]
 fn eigen_cam_is_the_activation_first_principal_component() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     for block in [2usize, 3, 4] {
         let (a, c, h, w) = activation(&vgg, &image, block);
         let n = h * w;
@@ -249,7 +240,7 @@ fn upsample_aligned(plane: &[f64], h: usize, w: usize, size: usize) -> Vec<f64> 
 
 #[test]
 fn score_cam_matches_a_loop_over_masked_images() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     let size = image.dim(3).unwrap();
     let pixels = values(&image);
     for block in [3usize, 4] {
@@ -306,7 +297,7 @@ fn score_cam_matches_a_loop_over_masked_images() {
 
 #[test]
 fn upsampled_maps_span_zero_to_one_at_the_input_size() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     let cam = vgg.cam(&image, 4, None, CamMethod::LayerCam).unwrap();
     let up = cam.upsampled(32, 32).unwrap();
     assert_eq!(up.dims(), [32, 32]);
@@ -331,7 +322,7 @@ fn upsampled_maps_span_zero_to_one_at_the_input_size() {
 
 #[test]
 fn bad_requests_are_errors_that_say_what_is_wrong() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     let err = vgg
         .cam(&image, 5, None, CamMethod::GradCam)
         .err()

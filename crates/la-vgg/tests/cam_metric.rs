@@ -2,14 +2,15 @@
 //! solve of the equations it stands for, the perturbations against their definitions, and the
 //! scores against the model's own probabilities.
 
-use std::path::PathBuf;
+mod support;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::ModuleT;
 use la_vgg::explain::metric::{percentile_of, road_perturbed, CamMetric};
 use la_vgg::explain::{CamMethod, NoisyLinearImputer};
-use la_vgg::{load_weights, Vgg};
+use la_vgg::Vgg;
 use rand::{Rng, SeedableRng};
+use support::tiny_golden_vgg;
 
 /// Solves the imputation's equations by Gaussian elimination: each removed pixel times the
 /// weight of its in-image neighbours equals the weighted sum of those neighbours.
@@ -123,22 +124,6 @@ fn percentiles_interpolate_as_numpy() {
     assert!((percentile_of(&v, 10.0) - 1.4).abs() < 1e-12);
 }
 
-fn tiny() -> (Vgg, Tensor) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
-    let weights = load_weights(&dir.join("vgg16_la_tiny.safetensors"), &Device::Cpu).unwrap();
-    let vgg = Vgg::from_weights(&weights, DType::F64, &Device::Cpu).unwrap();
-    let io = candle_core::safetensors::load(dir.join("vgg16_la_tiny_io.safetensors"), &Device::Cpu)
-        .unwrap();
-    (
-        vgg,
-        io["input"]
-            .narrow(0, 0, 1)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap(),
-    )
-}
-
 fn probability(vgg: &Vgg, x: &Tensor, class: usize) -> f64 {
     let p = candle_nn::ops::softmax(&vgg.forward_t(x, false).unwrap(), 1).unwrap();
     p.get(0).unwrap().get(class).unwrap().to_scalar().unwrap()
@@ -146,7 +131,7 @@ fn probability(vgg: &Vgg, x: &Tensor, class: usize) -> f64 {
 
 #[test]
 fn road_removes_the_ranked_pixels_and_keeps_the_rest() {
-    let (_, image) = tiny();
+    let (_, image) = tiny_golden_vgg();
     let map = Tensor::arange(0f64, 1024.0, &Device::Cpu)
         .unwrap()
         .affine(1.0 / 1023.0, 0.0)
@@ -170,7 +155,7 @@ fn road_removes_the_ranked_pixels_and_keeps_the_rest() {
 
 #[test]
 fn scores_are_probability_changes_of_the_perturbed_images() {
-    let (vgg, image) = tiny();
+    let (vgg, image) = tiny_golden_vgg();
     let cam = vgg.cam(&image, 3, None, CamMethod::GradCam).unwrap();
     let map = cam.upsampled(32, 32).unwrap();
     let class = cam.class;
