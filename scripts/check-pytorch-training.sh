@@ -12,7 +12,7 @@
 # also says why the rate is small. Prints markdown tables (docs/results.md has them).
 # Usage: scripts/check-pytorch-training.sh [python]   (default: .venv-torch/bin/python,
 # made here if missing; THREADS (default 2) and FASHION_MNIST (default
-# /usr/share/datasets/fashion-mnist, installed with apt-get if missing) from the environment)
+# /usr/share/datasets/fashion-mnist, installed there with apt-get if missing) from the environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-.venv-torch/bin/python}
@@ -22,10 +22,11 @@ if [ ! -x "$py" ]; then
     py=.venv-torch/bin/python
 fi
 data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
-if [ ! -e "$data/train-images-idx3-ubyte.gz" ]; then
+if [ ! -e "$data/train-images-idx3-ubyte.gz" ] && [ -z "${FASHION_MNIST:-}" ]; then
     sudo=$(command -v sudo || true)
-    $sudo apt-get install -y -q dataset-fashion-mnist > /dev/null
+    ($sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist) > /dev/null
 fi
+[ -e "$data/train-images-idx3-ubyte.gz" ] || { echo "error: no Fashion-MNIST in $data (train-images-idx3-ubyte.gz missing)" >&2; exit 1; }
 threads=${THREADS:-2}
 cargo build --release -q -p la-cli
 la=target/release/la-cli
