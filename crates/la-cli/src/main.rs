@@ -7,6 +7,7 @@ mod heatmap;
 mod model_args;
 mod model_file;
 mod progress;
+mod ranks;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

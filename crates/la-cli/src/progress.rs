@@ -14,6 +14,9 @@ pub struct BarObserver {
     last_logged: std::time::Instant,
     /// Set by Ctrl-C: the run stops after the current step with a resumable checkpoint.
     interrupted: Arc<AtomicBool>,
+    /// Shows nothing (the ranks other than 0 of a data-parallel run), but still stops on
+    /// Ctrl-C.
+    quiet: bool,
 }
 
 impl BarObserver {
@@ -23,7 +26,14 @@ impl BarObserver {
             terminal: std::io::stderr().is_terminal(),
             last_logged: std::time::Instant::now(),
             interrupted: Arc::new(AtomicBool::new(false)),
+            quiet: false,
         }
+    }
+
+    /// An observer that shows nothing when `quiet`.
+    pub fn quiet(mut self, quiet: bool) -> Self {
+        self.quiet = quiet;
+        self
     }
 
     /// Whether Ctrl-C stopped the run.
@@ -49,6 +59,9 @@ impl BarObserver {
 
 impl Observer for BarObserver {
     fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize) {
+        if self.quiet {
+            return;
+        }
         if self.terminal {
             let bar = ProgressBar::new(batches as u64);
             bar.set_style(
@@ -79,6 +92,7 @@ impl Observer for BarObserver {
                 bar.set_position(s.batch as u64);
                 bar.set_message(msg);
             }
+            None if self.quiet => {}
             None => {
                 if self.last_logged.elapsed().as_secs() >= 10 || s.batch == s.batches {
                     eprintln!("  batch {}/{} {msg}", s.batch, s.batches);
@@ -102,6 +116,9 @@ impl Observer for BarObserver {
     fn epoch_end(&mut self, r: &EpochRecord) -> Control {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
+        }
+        if self.quiet {
+            return Control::Continue;
         }
         let val = match (r.val_loss, r.val_top1, r.val_top5) {
             (Some(l), Some(t1), Some(t5)) => format!(
@@ -128,6 +145,9 @@ impl Observer for BarObserver {
     }
 
     fn message(&mut self, text: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(text),
             None => eprintln!("{text}"),

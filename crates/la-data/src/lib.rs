@@ -12,7 +12,8 @@
 //!   is applied by [`Image::to_chw`]; [`AutoAugment`]: torchvision's TrivialAugmentWide
 //!   and RandAugment over the operations of [`augment_ops`].
 //! - [`Pipeline`]: transforms, then normalisation, then an optional batch-level [`Mix`].
-//! - [`Loader`]: shuffled, prefetched, parallel batches of `[b, 3, h, w]` `f32` tensors.
+//! - [`Loader`]: shuffled, prefetched, parallel batches of `[b, 3, h, w]` `f32` tensors;
+//!   [`Shard`]: one rank's slice of each of them in data-parallel training.
 //! - [`fetch`]: downloads the CIFAR archives with an MD5 check and a safe extraction.
 //! - [`info()`]: counts, classes, sizes and a label histogram of any data set.
 
@@ -48,7 +49,7 @@ pub use info::{info, DataInfo, ImageSizes};
 pub use la_core::Normalize;
 pub use loader::{
     bench_cifar_pipeline, bench_pipeline, bench_trivial_augment_pipeline, Batch, Loader,
-    LoaderConfig, Targets,
+    LoaderConfig, Shard, Targets,
 };
 pub use pipeline::{Mix, Pipeline, Preset};
 pub use sample::{Image, Sample};

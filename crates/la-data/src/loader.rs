@@ -3,7 +3,9 @@
 //!
 //! Every random choice is keyed by (seed, epoch, sample index) or (seed, epoch, batch
 //! index) rather than drawn from a shared generator, so the batches are the same
-//! whatever the number of threads.
+//! whatever the number of threads. A loader of one rank of a data-parallel run
+//! ([`Loader::with_shard`]) yields its slice of each of those batches, so N ranks together
+//! see exactly the batches one process sees.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +39,28 @@ pub struct Batch {
     pub targets: Targets,
     /// Hard labels; with soft targets, the label with the larger weight.
     pub labels: Vec<usize>,
+    /// Samples in the whole batch this one is a shard of (all ranks together); in one
+    /// process, `labels.len()`.
+    pub global_size: usize,
+}
+
+/// One rank's part of every batch in a data-parallel run: rank `index` of `count` takes
+/// the samples `[len index / count, len (index + 1) / count)` of each batch of `len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole batch: one process.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// This shard's range of a batch of `len` samples (as even as can be; empty when
+    /// `len` is smaller than the rank count and this rank is left over).
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        len * self.index / self.count..len * (self.index + 1) / self.count
+    }
 }
 
 /// How the loader batches.
@@ -79,6 +103,7 @@ struct Shared {
     pipeline: Pipeline,
     config: LoaderConfig,
     device: Device,
+    shard: Shard,
 }
 
 impl Loader {
@@ -110,9 +135,44 @@ impl Loader {
                 pipeline,
                 config,
                 device,
+                shard: Shard::WHOLE,
             }),
             pool: Arc::new(pool),
         })
+    }
+
+    /// This loader as rank `shard.index` of `shard.count`: the same batches (count, order,
+    /// augmentation), each cut to this rank's slice. Fails on a rank outside the count, or
+    /// on a batch size smaller than the rank count (a rank would get no sample).
+    pub fn with_shard(self, shard: Shard) -> Result<Self> {
+        if shard.count == 0 || shard.index >= shard.count {
+            return Err(Error::Config(format!(
+                "rank {} of {} does not exist",
+                shard.index, shard.count
+            )));
+        }
+        if self.shared.config.batch_size < shard.count {
+            return Err(Error::Config(format!(
+                "batch size {} is smaller than the {} ranks it is shared among; each rank needs a sample",
+                self.shared.config.batch_size, shard.count
+            )));
+        }
+        let shared = Shared {
+            dataset: Arc::clone(&self.shared.dataset),
+            pipeline: self.shared.pipeline.clone(),
+            config: self.shared.config.clone(),
+            device: self.shared.device.clone(),
+            shard,
+        };
+        Ok(Loader {
+            shared: Arc::new(shared),
+            pool: self.pool,
+        })
+    }
+
+    /// Which part of each batch this loader yields.
+    pub fn shard(&self) -> Shard {
+        self.shared.shard
     }
 
     /// Batches per epoch.
@@ -249,7 +309,8 @@ impl Shared {
 
     fn build(&self, epoch: usize, b: usize, order: &[usize]) -> Result<Batch> {
         let bs = self.config.batch_size;
-        let indices = &order[b * bs..((b + 1) * bs).min(order.len())];
+        let whole = &order[b * bs..((b + 1) * bs).min(order.len())];
+        let indices = &whole[self.shard.range(whole.len())];
         let num_classes = self.dataset.classes().len();
         let seed = self.config.seed;
         let processed: Vec<Result<Processed>> = indices
@@ -324,6 +385,7 @@ impl Shared {
             images,
             targets,
             labels,
+            global_size: whole.len(),
         })
     }
 }

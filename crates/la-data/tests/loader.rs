@@ -351,3 +351,53 @@ fn bench_pipeline_reports_a_rate() {
         assert!(rate.is_finite() && rate > 100.0, "{rate}");
     }
 }
+
+#[test]
+fn shards_put_together_are_the_whole_batches() {
+    // 70 samples in batches of 16: the last batch has 6, split 2 + 2 + 2 over three ranks.
+    let ds = synthetic(70);
+    let pipeline = Pipeline::train_preset(Preset::ArticleRecipe, 24);
+    let whole = Loader::new(ds.clone(), pipeline.clone(), config(2), Device::Cpu).unwrap();
+    let ranks: Vec<Loader> = (0..3)
+        .map(|index| {
+            Loader::new(ds.clone(), pipeline.clone(), config(1), Device::Cpu)
+                .unwrap()
+                .with_shard(la_data::Shard { index, count: 3 })
+                .unwrap()
+        })
+        .collect();
+    let expected = collect(&whole, 2);
+    let shards: Vec<Vec<Batch>> = ranks.iter().map(|l| collect(l, 2)).collect();
+    for (b, batch) in expected.iter().enumerate() {
+        let parts: Vec<&Batch> = shards.iter().map(|s| &s[b]).collect();
+        let sizes: Vec<usize> = parts.iter().map(|p| p.labels.len()).collect();
+        let n = batch.labels.len();
+        assert_eq!(sizes, vec![n / 3, 2 * n / 3 - n / 3, n - 2 * n / 3]);
+        assert!(parts.iter().all(|p| p.global_size == n));
+        let labels: Vec<usize> = parts.iter().flat_map(|p| p.labels.clone()).collect();
+        assert_eq!(labels, batch.labels);
+        let values_joined: Vec<f32> = parts.iter().flat_map(|p| values(p)).collect();
+        assert_eq!(values_joined, values(batch));
+    }
+    assert_eq!(expected[0].global_size, 16);
+}
+
+#[test]
+fn a_shard_needs_a_sample_of_every_batch() {
+    let loader = || {
+        Loader::new(
+            synthetic(8),
+            Pipeline::eval(32, la_data::Normalize::UNIT),
+            config(1),
+            Device::Cpu,
+        )
+        .unwrap()
+    };
+    let too_many = loader().with_shard(la_data::Shard {
+        index: 0,
+        count: 17,
+    });
+    assert!(matches!(too_many, Err(Error::Config(m)) if m.contains("smaller than the 17 ranks")));
+    let no_such_rank = loader().with_shard(la_data::Shard { index: 2, count: 2 });
+    assert!(matches!(no_such_rank, Err(Error::Config(m)) if m.contains("rank 2 of 2")));
+}

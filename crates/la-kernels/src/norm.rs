@@ -7,7 +7,9 @@
 //! ReLU are one pass each, forward and backward. The parameters and running statistics stay
 //! in candle-nn's `BatchNorm` (same names, same checkpoints); evaluation mode uses
 //! candle-nn's own forward, and other devices the composition of Candle ops
-//! ([`batch_norm_relu_train_generic`]).
+//! ([`batch_norm_relu_train_generic`]). [`batch_norm_relu_train_synced`] is the same
+//! composition with the statistics taken over every replica of a data-parallel run
+//! (PyTorch's `SyncBatchNorm`).
 
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +18,13 @@ use crate::kernel::{apply, Grad, Input, Kernel};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
+
+/// Sums a tensor element-wise over the replicas of a data-parallel run: every replica calls
+/// it with a tensor of the same shape, in the same order, and gets the same sum back.
+/// [`batch_norm_relu_train_synced`] sends its statistics and their gradients through it.
+pub trait ReplicaSum: Send + Sync + std::fmt::Debug {
+    fn sum(&self, t: &Tensor) -> Result<Tensor>;
+}
 
 /// Per channel: (mean, biased variance) of the batch.
 type Stats = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
@@ -48,9 +57,10 @@ pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
             Tensor::from_vec(var, channels, x.device())?,
         )
     } else {
-        normalise_relu(x, weight, bias, bn.eps())?
+        let (y, mean, var, _) = normalise_relu(x, weight, bias, bn.eps(), None)?;
+        (y, mean, var)
     };
-    update_running_stats(bn, x, &mean, &var)?;
+    update_running_stats(bn, local_count(x)?, &mean, &var)?;
     Ok(y)
 }
 
@@ -60,15 +70,40 @@ pub fn batch_norm_relu_train_generic(bn: &BatchNorm, x: &Tensor) -> Result<Tenso
     let Some((weight, bias)) = bn.weight_and_bias() else {
         return candle_nn::ModuleT::forward_t(bn, x, true)?.relu();
     };
-    let (y, mean, var) = normalise_relu(x, weight, bias, bn.eps())?;
-    update_running_stats(bn, x, &mean, &var)?;
+    let (y, mean, var, count) = normalise_relu(x, weight, bias, bn.eps(), None)?;
+    update_running_stats(bn, count, &mean, &var)?;
     Ok(y)
 }
 
+/// [`batch_norm_relu_train_generic`] with the batch statistics of all replicas together:
+/// the mean and variance of the union of their batches, and in the backward pass the sums
+/// the input gradient needs, all summed through `replicas`. N replicas each given a shard
+/// of a batch compute what one process computes on the whole batch (up to rounding); the
+/// parameters' gradients stay each replica's own, to be summed with the other gradients.
+pub fn batch_norm_relu_train_synced(
+    bn: &BatchNorm,
+    x: &Tensor,
+    replicas: Arc<dyn ReplicaSum>,
+) -> Result<Tensor> {
+    let Some((weight, bias)) = bn.weight_and_bias() else {
+        candle_core::bail!("a synchronised BatchNorm needs its affine weight and bias")
+    };
+    let (y, mean, var, count) = normalise_relu(x, weight, bias, bn.eps(), Some(replicas))?;
+    update_running_stats(bn, count, &mean, &var)?;
+    Ok(y)
+}
+
+/// Values per channel of an NCHW map: b h w.
+fn local_count(x: &Tensor) -> Result<f64> {
+    Ok((x.elem_count() / x.dim(1)?.max(1)) as f64)
+}
+
 /// `relu((x - mean) / sqrt(var + eps) * weight + bias)` with the batch's per-channel mean and
-/// biased variance (returned beside it, [c], detached), from Candle ops with the fast
-/// kernel's backward: dx = w r / n (n g' - sum g' - x_hat sum g' x_hat), g' the gradient
-/// masked by the ReLU.
+/// biased variance (returned beside it, [c], detached, with the count of values per channel
+/// they were taken over), from Candle ops with the fast kernel's backward:
+/// dx = w r / n (n g' - sum g' - x_hat sum g' x_hat), g' the gradient masked by the ReLU.
+/// With `replicas`, the statistics and the two sums of the backward are those of every
+/// replica's batch together.
 ///
 /// Why not Candle's autograd over the same ops: its f32 sums run in sequence, and the
 /// normalisation's backward subtracts nearly equal sums; in a VGG16_bn step that moved block
@@ -79,7 +114,8 @@ fn normalise_relu(
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    replicas: Option<Arc<dyn ReplicaSum>>,
+) -> Result<(Tensor, Tensor, Tensor, f64)> {
     let c = x.dim(1)?;
     let dtype = x.dtype();
     let acc = if x.device().is_metal() {
@@ -89,8 +125,25 @@ fn normalise_relu(
     };
     let per_channel = |t: &Tensor| t.detach().reshape((1, c, 1, 1));
     let x64 = x.detach().to_dtype(acc)?;
-    let mean = x64.mean_keepdim((0, 2, 3))?;
-    let var = x64.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+    let (mean, var, n) = match &replicas {
+        None => {
+            let mean = x64.mean_keepdim((0, 2, 3))?;
+            let var = x64.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+            (mean, var, local_count(x)?)
+        }
+        Some(replicas) => {
+            // One sum for the channel sums and the count, a second for the squared
+            // deviations from the common mean (two passes, as the unsynchronised form).
+            let count = Tensor::new(&[local_count(x)? as f32], x.device())?.to_dtype(acc)?;
+            let sums = Tensor::cat(&[&x64.sum_keepdim((0, 2, 3))?.flatten_all()?, &count], 0)?;
+            let sums = replicas.sum(&sums)?;
+            let n = sums.get(c)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let mean = (sums.narrow(0, 0, c)? / n)?.reshape((1, c, 1, 1))?;
+            let squares = x64.broadcast_sub(&mean)?.sqr()?.sum_keepdim((0, 2, 3))?;
+            let var = (replicas.sum(&squares)? / n)?;
+            (mean, var, n)
+        }
+    };
     drop(x64);
     let inv_std = (&var + eps)?.sqrt()?.recip()?;
     let (m, r) = (mean.to_dtype(dtype)?, inv_std.to_dtype(dtype)?);
@@ -105,28 +158,36 @@ fn normalise_relu(
         [x, weight, bias],
         y,
         move |[x, weight, _], y, grad| {
-            let n = (x.elem_count() / c.max(1)) as f64;
             let x_hat = x.broadcast_sub(&m)?.broadcast_mul(&r)?;
             let g = grad.mul(&y.gt(0.0)?.to_dtype(dtype)?)?;
             let sum = |t: &Tensor| t.to_dtype(acc)?.sum_keepdim((0, 2, 3));
             let dbias = sum(&g)?;
             let dweight = sum(&(&g * &x_hat)?)?;
+            // The input's gradient needs the sums over every replica's batch; the
+            // parameters' gradients are this replica's share.
+            let (dbias_all, dweight_all) = match &replicas {
+                None => (dbias.clone(), dweight.clone()),
+                Some(replicas) => {
+                    let both = replicas.sum(&Tensor::cat(&[&dbias, &dweight], 1)?)?;
+                    (both.narrow(1, 0, c)?, both.narrow(1, c, c)?)
+                }
+            };
             let k = (weight.reshape((1, c, 1, 1))?.to_dtype(acc)? * r.to_dtype(acc)?)?;
             let k = (k / n)?.to_dtype(dtype)?;
             let dx = (g * n)?
-                .broadcast_sub(&dbias.to_dtype(dtype)?)?
-                .sub(&x_hat.broadcast_mul(&dweight.to_dtype(dtype)?)?)?
+                .broadcast_sub(&dbias_all.to_dtype(dtype)?)?
+                .sub(&x_hat.broadcast_mul(&dweight_all.to_dtype(dtype)?)?)?
                 .broadcast_mul(&k)?;
             let flat = |t: Tensor| t.flatten_all()?.to_dtype(dtype);
             Ok([Some(dx), Some(flat(dweight)?), Some(flat(dbias)?)])
         },
     )?;
-    Ok((y, mean.flatten_all()?, var.flatten_all()?))
+    Ok((y, mean.flatten_all()?, var.flatten_all()?, n))
 }
 
 /// Running statistics: (1 - m) r + m s, with the unbiased variance (PyTorch's update).
-fn update_running_stats(bn: &BatchNorm, x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<()> {
-    let n = (x.elem_count() / x.dim(1)?.max(1)) as f64;
+/// `n` is the count of values per channel the batch statistics were taken over.
+fn update_running_stats(bn: &BatchNorm, n: f64, mean: &Tensor, var: &Tensor) -> Result<()> {
     let m = bn.momentum();
     let update = |running: &Tensor, batch: &Tensor, scale: f64| -> Result<()> {
         let batch = batch

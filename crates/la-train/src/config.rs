@@ -44,6 +44,9 @@ pub struct TrainConfig {
     pub ema: Option<EmaConfig>,
     /// No weight decay on biases and BatchNorm parameters.
     pub no_decay_bias_norm: bool,
+    /// In data-parallel training, BatchNorm's batch statistics over every rank's shard
+    /// together (PyTorch's `SyncBatchNorm`) instead of each rank's own.
+    pub sync_bn: bool,
     pub seed: u64,
 }
 
@@ -73,6 +76,7 @@ impl Default for TrainConfig {
             ema: None,
             tensorboard: false,
             no_decay_bias_norm: true,
+            sync_bn: false,
             seed: 0,
         }
     }

@@ -10,9 +10,14 @@
 //!   kernel forms, for tests and the selftest.
 //! - [`ema`]: the weights' moving average; [`tensorboard`]: event files for TensorBoard.
 //! - [`study`]: a grid of runs over seeds summarised as mean ± std and paired differences.
+//! - [`collective`]: all-reduce, broadcast and abort across the ranks of a data-parallel
+//!   run (one process, threads, MPI); [`data_parallel`]: the gradient buckets and the
+//!   weight checks that make N ranks train as one process.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
+pub mod data_parallel;
 pub mod ema;
 pub mod loss;
 pub mod metrics;
@@ -28,6 +33,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use checkpoint::{RunInfo, TrainState};
+pub use collective::{Collective, SingleProcess, ThreadGroup};
 pub use config::{EarlyStop, StopMetric, TrainConfig};
 pub use ema::EmaConfig;
 pub use optim::{Optimizer, OptimizerConfig};
@@ -71,6 +77,12 @@ pub enum Error {
         #[source]
         source: la_vgg::Error,
     },
+    /// Another rank of a data-parallel run failed with this message; this one stops too.
+    #[error("rank {rank} failed: {message}")]
+    Rank { rank: usize, message: String },
+    /// The ranks of a data-parallel run do not fit together (models, loaders, options).
+    #[error("data-parallel training: {0}")]
+    Collective(String),
     #[error(transparent)]
     Write(#[from] la_core::fs::WriteError),
     #[error(transparent)]

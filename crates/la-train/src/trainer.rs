@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -12,6 +13,8 @@ use la_vgg::{Vgg, VggConfig};
 use rand::RngCore;
 
 use crate::checkpoint::{self, EpochProgress, RunInfo, TrainState};
+use crate::collective::{agree, any, Collective, ReplicaSum, SingleProcess};
+use crate::data_parallel::{broadcast_running_stats, check_same_weights, GradBuckets};
 use crate::ema::ModelEma;
 use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
 use crate::optim::{layer_decay_scales, param_groups, GroupRules, Optimizer};
@@ -91,25 +94,63 @@ pub fn evaluate(
     model: &Vgg,
     loader: &Loader,
     classes: usize,
+    on_batch: impl FnMut(usize),
+) -> Result<EvalReport> {
+    evaluate_on(&SingleProcess, model, loader, classes, on_batch)
+}
+
+/// [`evaluate`] by every rank of `c` together, each over its shard of every batch of
+/// `loader` (a loader sharded for this rank): the figures are those of the whole set, on
+/// every rank.
+pub fn evaluate_on(
+    c: &dyn Collective,
+    model: &Vgg,
+    loader: &Loader,
+    classes: usize,
     mut on_batch: impl FnMut(usize),
 ) -> Result<EvalReport> {
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut loss_sum, mut top1, mut top5, mut count) = (0.0, 0usize, 0usize, 0usize);
-    for (i, batch) in loader.epoch(0).enumerate() {
-        let batch = batch?;
-        let logits = model.forward_t(&batch.images, false)?;
-        let b = batch.labels.len();
-        loss_sum +=
-            cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()? as f64 * b as f64;
-        let ranks = label_ranks(&logits, &batch.labels)?;
-        top1 += ranks.iter().filter(|&&r| r == 0).count();
-        top5 += ranks.iter().filter(|&&r| r < 5).count();
-        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
-        for (&l, &p) in batch.labels.iter().zip(&predicted) {
-            confusion[l][p as usize] += 1;
+    let local = (|| -> Result<()> {
+        check_shard(c, loader, "validation")?;
+        for (i, batch) in loader.epoch(0).enumerate() {
+            let batch = batch?;
+            let b = batch.labels.len();
+            // A batch smaller than the rank count leaves some ranks without a sample.
+            if b > 0 {
+                let logits = model.forward_t(&batch.images, false)?;
+                loss_sum += cross_entropy(&logits, &batch.labels, 0.0)?.to_scalar::<f32>()? as f64
+                    * b as f64;
+                let ranks = label_ranks(&logits, &batch.labels)?;
+                top1 += ranks.iter().filter(|&&r| r == 0).count();
+                top5 += ranks.iter().filter(|&&r| r < 5).count();
+                let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+                for (&l, &p) in batch.labels.iter().zip(&predicted) {
+                    confusion[l][p as usize] += 1;
+                }
+                count += b;
+            }
+            on_batch(i + 1);
         }
-        count += b;
-        on_batch(i + 1);
+        Ok(())
+    })();
+    if c.size() > 1 {
+        // Every figure summed over the ranks: the sums, then the confusion matrix.
+        let mut figures = vec![loss_sum, top1 as f64, top5 as f64, count as f64];
+        figures.extend(confusion.iter().flatten().map(|&v| v as f64));
+        let len = figures.len();
+        let (_, sums) = agree(c, local.map(|()| ((), figures)), len)?;
+        (loss_sum, top1, top5, count) = (
+            sums[0],
+            sums[1] as usize,
+            sums[2] as usize,
+            sums[3] as usize,
+        );
+        for (cell, v) in confusion.iter_mut().flatten().zip(&sums[4..]) {
+            *cell = *v as u64;
+        }
+    } else {
+        local?;
     }
     if count == 0 {
         return Err(Error::Data("the evaluation set is empty".into()));
@@ -121,6 +162,31 @@ pub fn evaluate(
         count,
         confusion,
     })
+}
+
+/// A loader that gives this rank its own shard of every batch: the ranks together must see
+/// each batch once.
+fn check_shard(c: &dyn Collective, loader: &Loader, what: &str) -> Result<()> {
+    let shard = loader.shard();
+    if (shard.index, shard.count) != (c.rank(), c.size()) {
+        return Err(Error::Collective(format!(
+            "the {what} loader gives shard {} of {}, but this is rank {} of {}",
+            shard.index,
+            shard.count,
+            c.rank(),
+            c.size()
+        )));
+    }
+    Ok(())
+}
+
+/// One micro-batch's outcome on this rank.
+struct MicroBatch {
+    grads: candle_core::backprop::GradStore,
+    /// Mean loss over the samples.
+    loss: f64,
+    correct: usize,
+    samples: usize,
 }
 
 /// A model being trained, with its optimiser and run directory.
@@ -135,6 +201,10 @@ pub struct Trainer {
     events: Option<EventWriter>,
     run_dir: PathBuf,
     device: Device,
+    /// The ranks training together; [`SingleProcess`] for one.
+    collective: Arc<dyn Collective>,
+    /// How the gradients travel between ranks (with more than one).
+    buckets: Option<GradBuckets>,
 }
 
 impl Trainer {
@@ -146,13 +216,33 @@ impl Trainer {
         initial: HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        let run_dir = checkpoint::prepare_run_dir(run_dir)?;
-        if run_dir.join(checkpoint::CHECKPOINT).exists() {
-            return Err(Error::Io {
-                path: run_dir.clone(),
-                reason: "already holds a run; resume it or choose another run name".into(),
-            });
-        }
+        Self::new_on(run_dir, info, initial, device, Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel run: every rank builds the model
+    /// (and rank 0's weights are checked on every rank); rank 0 alone writes `run_dir`.
+    pub fn new_on(
+        run_dir: &Path,
+        info: RunInfo,
+        initial: HashMap<String, Tensor>,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let writer = collective.rank() == 0;
+        let prepared = if writer {
+            checkpoint::prepare_run_dir(run_dir).and_then(|dir| {
+                if dir.join(checkpoint::CHECKPOINT).exists() {
+                    return Err(Error::Io {
+                        path: dir.clone(),
+                        reason: "already holds a run; resume it or choose another run name".into(),
+                    });
+                }
+                Ok(dir)
+            })
+        } else {
+            Ok(run_dir.to_path_buf())
+        };
+        let (run_dir, _) = agree(&*collective, prepared.map(|d| (d, Vec::new())), 0)?;
         let mut names: Vec<String> = initial.keys().cloned().collect();
         names.sort();
         let state = TrainState {
@@ -173,31 +263,79 @@ impl Trainer {
             None => None,
         };
         let info_tensorboard = info.train.tensorboard;
-        // A directory without a checkpoint may hold the log of a run that never finished an epoch.
-        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        Ok(Self {
+        if writer {
+            // A directory without a checkpoint may hold the log of a run that never finished
+            // an epoch.
+            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        }
+        let events = EventWriter::create_if(info_tensorboard && writer, &run_dir)?;
+        Self {
             info,
             state,
             model,
             varmap,
             optimizer,
             ema,
-            events: EventWriter::create_if(info_tensorboard, &run_dir)?,
+            events,
             run_dir,
             device: device.clone(),
-        })
+            collective,
+            buckets: None,
+        }
+        .joined()
+    }
+
+    /// With more than one rank: the weights checked against rank 0's, the gradient buckets
+    /// laid out, and BatchNorm synchronised if the run asks for it.
+    fn joined(mut self) -> Result<Self> {
+        let c = Arc::clone(&self.collective);
+        if c.size() == 1 {
+            return Ok(self);
+        }
+        check_same_weights(&*c, &self.varmap)?;
+        self.buckets = Some(GradBuckets::new(
+            self.optimizer.params(),
+            GradBuckets::DEFAULT_BYTES,
+        ));
+        if self.info.train.sync_bn {
+            self.model
+                .set_batch_norm_replicas(Some(Arc::new(ReplicaSum(Arc::clone(&c)))));
+        }
+        Ok(self)
+    }
+
+    /// The ranks this trainer trains with.
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
+
+    /// Whether this rank writes the run's files (rank 0).
+    fn writes(&self) -> bool {
+        self.collective.rank() == 0
     }
 
     /// Continues the run saved in `run_dir`.
     /// `from` is a run directory (its latest checkpoint, at an epoch's end or mid-epoch) or
     /// one of its kept `checkpoint-{epoch}.safetensors`.
     pub fn resume(from: &Path, device: &Device) -> Result<Self> {
-        let (run_dir, ckpt) = if from.is_file() {
+        Self::resume_on(from, device, Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::resume`] as one rank of a data-parallel run: every rank reads the same
+    /// checkpoint (checked against rank 0's); rank 0 alone writes.
+    pub fn resume_on(
+        from: &Path,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let loaded = if from.is_file() {
             let dir = from.parent().unwrap_or(Path::new("."));
-            (dir, checkpoint::load_checkpoint_file(from, device)?)
+            checkpoint::load_checkpoint_file(from, device).map(|c| (dir, c))
         } else {
-            (from, checkpoint::load_checkpoint(from, device)?)
+            checkpoint::load_checkpoint(from, device).map(|c| (from, c))
         };
+        let ((run_dir, ckpt), _) = agree(&*collective, loaded.map(|l| (l, Vec::new())), 0)?;
+        let writer = collective.rank() == 0;
         let (model, varmap) = la_vgg::trainable(
             ckpt.info.model.clone(),
             ckpt.model,
@@ -208,18 +346,20 @@ impl Trainer {
         let pretrained: HashSet<String> = ckpt.state.pretrained.iter().cloned().collect();
         let mut optimizer = Self::optimizer(&ckpt.info, &varmap, pretrained);
         optimizer.load_state(ckpt.optimizer, ckpt.optimizer_steps)?;
-        let events = EventWriter::create_if(ckpt.info.train.tensorboard, run_dir)?;
+        let events = EventWriter::create_if(ckpt.info.train.tensorboard && writer, run_dir)?;
         let ema = match ckpt.info.train.ema {
             Some(config) => Some(ModelEma::new(config, &varmap, ckpt.ema)?),
             None => None,
         };
-        // Steps of an epoch cut short are in metrics.jsonl already and will be redone: mark
-        // where the log resumes.
-        metrics::append_jsonl(
-            run_dir,
-            &serde_json::json!({"type": "resume", "epoch": ckpt.state.epoch, "step": ckpt.state.step}),
-        )?;
-        Ok(Self {
+        if writer {
+            // Steps of an epoch cut short are in metrics.jsonl already and will be redone:
+            // mark where the log resumes.
+            metrics::append_jsonl(
+                run_dir,
+                &serde_json::json!({"type": "resume", "epoch": ckpt.state.epoch, "step": ckpt.state.step}),
+            )?;
+        }
+        Self {
             info: ckpt.info,
             state: ckpt.state,
             model,
@@ -229,7 +369,10 @@ impl Trainer {
             events,
             run_dir: run_dir.to_path_buf(),
             device: device.clone(),
-        })
+            collective,
+            buckets: None,
+        }
+        .joined()
     }
 
     fn optimizer(info: &RunInfo, varmap: &VarMap, pretrained: HashSet<String>) -> Optimizer {
@@ -286,6 +429,10 @@ impl Trainer {
         let accum = self.info.train.grad_accum_steps.max(1);
         let steps_per_epoch = batches.div_ceil(accum);
         let classes = self.info.model.num_classes;
+        let collective = Arc::clone(&self.collective);
+        let c = &*collective;
+        let world = c.size();
+        check_shard(c, train, "training")?;
         while self.state.epoch < self.info.train.epochs {
             // Checked before each epoch, so a resumed run that had stopped stays stopped.
             if let Some(rule) = self.info.train.early_stop {
@@ -316,43 +463,55 @@ impl Trainer {
             let mut accumulated: Option<candle_core::backprop::GradStore> = None;
             for (k, batch) in train.epoch_from(epoch, first).enumerate() {
                 let i = first + k;
-                let batch = batch?;
-                observer.batch(epoch + 1, i, &batch);
                 let step = self.state.step;
                 lr = schedule.lr_at(step, steps_per_epoch);
                 // This micro-batch's place in its group; the last group of an epoch may be short.
                 let (micro, group) = (i % accum, accum.min(batches - i / accum * accum));
-                let label = match micro {
-                    0 => format!("step.{step}"),
-                    m => format!("step.{step}.{m}"),
-                };
-                let mut step_rng = la_core::rng::labelled(self.info.train.seed, &label);
-                self.model.set_dropout_seed(step_rng.next_u64());
-                let logits = self.model.forward_t(&batch.images, true)?;
-                let smoothing = self.info.train.label_smoothing;
-                let loss = match &batch.targets {
-                    Targets::Labels(_) => cross_entropy(&logits, &batch.labels, smoothing)?,
-                    Targets::Soft(t) => cross_entropy_soft(&logits, t, smoothing)?,
-                };
-                let loss_value = loss.to_scalar::<f32>()? as f64;
-                if !loss_value.is_finite() {
-                    return Err(self.non_finite(step, "the loss", None));
-                }
-                let grads = if group > 1 {
-                    (&loss / group as f64)?.backward()?
+                let local = batch.map_err(Error::from).and_then(|batch| {
+                    observer.batch(epoch + 1, i, &batch);
+                    self.micro_batch(&batch, train, step, micro, group)
+                });
+                // Every rank goes on only if every rank could; the figures are the whole
+                // batch's.
+                let done = if world == 1 {
+                    local?
                 } else {
-                    loss.backward()?
+                    let figures = |m: &MicroBatch| {
+                        let n = m.samples as f64;
+                        vec![m.loss * n, m.correct as f64, n]
+                    };
+                    let (m, sums) = agree(
+                        c,
+                        local.map(|m| {
+                            let f = figures(&m);
+                            (m, f)
+                        }),
+                        3,
+                    )?;
+                    MicroBatch {
+                        loss: sums[0] / sums[2],
+                        correct: sums[1] as usize,
+                        samples: sums[2] as usize,
+                        ..m
+                    }
                 };
+                let loss_value = done.loss;
                 let mut grads = match accumulated.take() {
                     Some(mut sum) => {
-                        sum.extend(grads)?;
+                        sum.extend(done.grads)?;
                         sum
                     }
-                    None => grads,
+                    None => done.grads,
                 };
                 if micro + 1 == group {
+                    if let Some(buckets) = &self.buckets {
+                        buckets.all_reduce(c, self.optimizer.params(), &mut grads)?;
+                    }
                     self.clip_and_check(&mut grads, step)?;
                     self.optimizer.step(&grads, lr)?;
+                    if world > 1 && !self.info.train.sync_bn {
+                        broadcast_running_stats(c, &self.varmap)?;
+                    }
                     if let Some(ema) = &mut self.ema {
                         ema.update(&self.varmap, step)?;
                     }
@@ -361,9 +520,7 @@ impl Trainer {
                     accumulated = Some(grads);
                 }
 
-                let ranks = label_ranks(&logits, &batch.labels)?;
-                let correct = ranks.iter().filter(|&&r| r == 0).count();
-                sums.add(loss_value, correct, batch.labels.len());
+                sums.add(loss_value, done.correct, done.samples);
                 let info = StepInfo {
                     epoch: epoch + 1,
                     batch: i + 1,
@@ -376,16 +533,20 @@ impl Trainer {
                     images_per_s: (sums.seen - progress.sums.seen) as f64
                         / started.elapsed().as_secs_f64().max(1e-9),
                 };
-                metrics::append_jsonl(
-                    &self.run_dir,
-                    &serde_json::json!({"type": "step", "epoch": info.epoch, "step": info.step, "loss": loss_value, "lr": lr}),
-                )?;
+                if self.writes() {
+                    metrics::append_jsonl(
+                        &self.run_dir,
+                        &serde_json::json!({"type": "step", "epoch": info.epoch, "step": info.step, "loss": loss_value, "lr": lr}),
+                    )?;
+                }
                 if let Some(events) = &mut self.events {
                     let step = self.state.step as u64;
                     events.scalar("train/loss", loss_value, step)?;
                     events.scalar("train/lr", lr, step)?;
                 }
                 stop |= observer.step(&info) == Control::Stop;
+                // A stop asked for on any rank (Ctrl-C reaches them one by one) stops all.
+                stop = any(c, stop)?;
                 let limit = micro + 1 == group && self.step_limit_reached();
                 let recovery = self.info.train.recovery_interval;
                 let due = recovery.is_some_and(|n| self.state.step.is_multiple_of(n));
@@ -396,7 +557,8 @@ impl Trainer {
                         sums,
                         seconds: elapsed(),
                     });
-                    self.save_checkpoint(&self.tensors()?, &[])?;
+                    let saved = self.tensors().and_then(|t| self.save_checkpoint(&t, &[]));
+                    agree(c, saved.map(|()| ((), Vec::new())), 0)?;
                     self.state.epoch_progress = None;
                     if stop || limit {
                         let why = if stop {
@@ -418,14 +580,14 @@ impl Trainer {
             let report = match val {
                 Some(loader) => {
                     observer.evaluating(loader.len());
-                    Some(evaluate(&self.model, loader, classes, |_| {})?)
+                    Some(evaluate_on(c, &self.model, loader, classes, |_| {})?)
                 }
                 None => None,
             };
             let ema_report = match (val, &self.ema) {
                 (Some(loader), Some(ema)) => {
                     let model = ema.model(&self.info.model, &self.device)?;
-                    Some(evaluate(&model, loader, classes, |_| {})?)
+                    Some(evaluate_on(c, &model, loader, classes, |_| {})?)
                 }
                 _ => None,
             };
@@ -454,14 +616,20 @@ impl Trainer {
                 self.state.best_ema_top1 = record.ema_val_top1;
                 self.state.best_ema_epoch = Some(record.epoch);
             }
-            self.save(is_best, is_best_ema)?;
-            if let Some(keep) = self.info.train.checkpoint_hist {
-                checkpoint::keep_best(&self.run_dir, &self.state.history, keep)?;
-            }
-            metrics::append_jsonl(
-                &self.run_dir,
-                &serde_json::json!({"type": "epoch", "record": record}),
-            )?;
+            let written = (|| -> Result<()> {
+                if !self.writes() {
+                    return Ok(());
+                }
+                self.save(is_best, is_best_ema)?;
+                if let Some(keep) = self.info.train.checkpoint_hist {
+                    checkpoint::keep_best(&self.run_dir, &self.state.history, keep)?;
+                }
+                metrics::append_jsonl(
+                    &self.run_dir,
+                    &serde_json::json!({"type": "epoch", "record": record}),
+                )
+            })();
+            agree(c, written.map(|()| ((), Vec::new())), 0)?;
             if let Some(events) = &mut self.events {
                 let step = self.state.step as u64;
                 let figures = [
@@ -479,7 +647,7 @@ impl Trainer {
                     }
                 }
             }
-            if observer.epoch_end(&record) == Control::Stop || stop {
+            if any(c, observer.epoch_end(&record) == Control::Stop)? || stop {
                 break;
             }
         }
@@ -514,8 +682,12 @@ impl Trainer {
         self.save_checkpoint(&tensors, &copies)
     }
 
-    /// Writes checkpoint.safetensors, what `--resume` continues from (and `copies` of it).
+    /// Writes checkpoint.safetensors, what `--resume` continues from (and `copies` of it);
+    /// on rank 0 only.
     fn save_checkpoint(&self, tensors: &HashMap<String, Tensor>, copies: &[PathBuf]) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         checkpoint::save_checkpoint(
             &self.run_dir,
             &self.info,
@@ -526,6 +698,56 @@ impl Trainer {
             copies,
         )?;
         Ok(())
+    }
+
+    /// Forward and backward of one micro-batch (this rank's shard of it): the gradients of
+    /// this rank's share of the step's mean loss.
+    fn micro_batch(
+        &self,
+        batch: &Batch,
+        train: &Loader,
+        step: usize,
+        micro: usize,
+        group: usize,
+    ) -> Result<MicroBatch> {
+        let label = match micro {
+            0 => format!("step.{step}"),
+            m => format!("step.{step}.{m}"),
+        };
+        let mut step_rng = la_core::rng::labelled(self.info.train.seed, &label);
+        self.model.set_dropout_seed(step_rng.next_u64());
+        let samples = batch.labels.len();
+        let first_row = train.shard().range(batch.global_size).start;
+        self.model.set_dropout_first_row(first_row);
+        let logits = self.model.forward_t(&batch.images, true)?;
+        let smoothing = self.info.train.label_smoothing;
+        let loss = match &batch.targets {
+            Targets::Labels(_) => cross_entropy(&logits, &batch.labels, smoothing)?,
+            Targets::Soft(t) => cross_entropy_soft(&logits, t, smoothing)?,
+        };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(self.non_finite(step, "the loss", None));
+        }
+        // The gradients of all ranks are summed: each contributes its share of the whole
+        // batch's mean loss (all of it in one process).
+        let grads = if samples == batch.global_size {
+            if group > 1 {
+                (&loss / group as f64)?.backward()?
+            } else {
+                loss.backward()?
+            }
+        } else {
+            let share = samples as f64 / batch.global_size as f64;
+            (&loss * (share / group as f64))?.backward()?
+        };
+        let ranks = label_ranks(&logits, &batch.labels)?;
+        Ok(MicroBatch {
+            grads,
+            loss: loss_value,
+            correct: ranks.iter().filter(|&&r| r == 0).count(),
+            samples,
+        })
     }
 
     /// Clips the global gradient norm (if configured) and stops on a non-finite gradient,

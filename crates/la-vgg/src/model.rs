@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{BatchNorm, Init, Linear, VarBuilder};
 use la_attention::SpatialAttention;
+use la_kernels::norm::ReplicaSum;
 use rand::Rng;
 
 use crate::config::VggConfig;
@@ -19,6 +20,26 @@ use crate::{Error, Result};
 pub struct ConvBnRelu {
     conv: Conv3x3,
     norm: Option<BatchNorm>,
+}
+
+impl ConvBnRelu {
+    /// `forward_t`, with the training-mode BatchNorm statistics taken over every replica
+    /// when `replicas` is given.
+    fn forward_synced(
+        &self,
+        x: &Tensor,
+        train: bool,
+        replicas: Option<&Arc<dyn ReplicaSum>>,
+    ) -> candle_core::Result<Tensor> {
+        match (&self.norm, replicas) {
+            (Some(bn), Some(replicas)) if train => la_kernels::norm::batch_norm_relu_train_synced(
+                bn,
+                &self.conv.forward(x)?,
+                Arc::clone(replicas),
+            ),
+            _ => self.forward_t(x, train),
+        }
+    }
 }
 
 impl ModuleT for ConvBnRelu {
@@ -51,6 +72,12 @@ pub struct Vgg {
     logits: Linear,
     /// Seed of the next dropout masks; see [`Vgg::set_dropout_seed`].
     dropout_seed: Arc<AtomicU64>,
+    /// The row of the whole batch a replica's shard starts at; see
+    /// [`Vgg::set_dropout_first_row`].
+    dropout_first_row: Arc<AtomicU64>,
+    /// Where training-mode BatchNorm takes its statistics over every replica of a
+    /// data-parallel run (`--sync-bn`); `None`: each its own batch.
+    batch_norm_replicas: Option<Arc<dyn ReplicaSum>>,
 }
 
 /// One block's intermediate maps, both before its pool.
@@ -146,6 +173,8 @@ impl Vgg {
             hidden,
             logits,
             dropout_seed: Arc::new(AtomicU64::new(0)),
+            dropout_first_row: Arc::new(AtomicU64::new(0)),
+            batch_norm_replicas: None,
         })
     }
 
@@ -168,7 +197,7 @@ impl Vgg {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let block = &self.blocks[i];
         for (j, unit) in block.units.iter().enumerate() {
-            x = unit.forward_t(&x, train)?;
+            x = unit.forward_synced(&x, train, self.batch_norm_replicas.as_ref())?;
             observe(&format!("blocks.{i}.convs.{j}"), &x)?;
         }
         match &block.attention {
@@ -280,11 +309,28 @@ impl Vgg {
         Ok(self.forward_head(&features, false)?)
     }
 
+    /// Synchronises training-mode BatchNorm over the replicas of a data-parallel run (PyTorch's
+    /// `SyncBatchNorm`): the batch statistics and their gradients are summed through
+    /// `replicas`, so N replicas fed shards of a batch normalise as one process fed the whole
+    /// batch. `None` returns to per-replica statistics.
+    pub fn set_batch_norm_replicas(&mut self, replicas: Option<Arc<dyn ReplicaSum>>) {
+        self.batch_norm_replicas = replicas;
+    }
+
     /// Seeds the dropout masks of the next training forward passes. Candle's CPU generator
     /// has no seed, so the masks come from our own; a trainer sets this once per step to make
     /// runs (and resumed runs) reproducible.
     pub fn set_dropout_seed(&self, seed: u64) {
         self.dropout_seed.store(seed, Ordering::Relaxed);
+    }
+
+    /// Tells the next training forward passes where the input starts in a batch split over
+    /// the replicas of a data-parallel run: its first row is row `first` of the whole batch.
+    /// The dropout masks are drawn as for the whole batch from that row on, so N replicas
+    /// drop what one process given the whole batch drops.
+    pub fn set_dropout_first_row(&self, first: usize) {
+        self.dropout_first_row
+            .store(first as u64, Ordering::Relaxed);
     }
 
     /// Inverted dropout with a mask drawn from (dropout seed, layer).
@@ -293,6 +339,12 @@ impl Vgg {
         let seed = self.dropout_seed.load(Ordering::Relaxed);
         let mut rng = la_core::rng::labelled(seed, &format!("dropout.{layer}"));
         let keep = (1.0 / (1.0 - p)) as f32;
+        // The draws of the rows before this replica's shard are skipped, not left out.
+        let first_row = self.dropout_first_row.load(Ordering::Relaxed) as usize;
+        let per_row = x.elem_count() / x.dim(0)?.max(1);
+        for _ in 0..first_row * per_row {
+            rng.random::<f64>();
+        }
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
             .collect();

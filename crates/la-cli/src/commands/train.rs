@@ -170,6 +170,7 @@ impl Resolved {
             }),
             tensorboard: need(&self.o.tensorboard),
             no_decay_bias_norm: TrainConfig::default().no_decay_bias_norm,
+            sync_bn: need(&self.o.sync_bn),
             seed: self.seed(),
         };
         if config.epochs == 0 {
@@ -247,6 +248,18 @@ fn run_dir_of(resume: &std::path::Path) -> &std::path::Path {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let collective = crate::ranks::join()?;
+    let result = run_on(args, &collective);
+    if let Err(e) = &result {
+        crate::ranks::end_on_error(&*collective, e);
+    }
+    result
+}
+
+/// `la-cli train` as one of the ranks of `collective` (rank 0 of 1 without a launcher).
+fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> {
+    let leader = collective.rank() == 0;
+    let ranks = collective.size();
     let (options, resume) = match &args.resume {
         Some(dir) => {
             // Anything but a longer run or other machine settings would change the run.
@@ -348,21 +361,32 @@ pub fn run(args: Args) -> Result<()> {
         bail!("the validation split is empty (raise --val-fraction, or give --val-dir)");
     }
     let policy = r.auto_augment()?;
+    if ranks > 1 && r.o.dump_batches.is_some() {
+        bail!("--dump-batches writes the batches of one process; run it without mpirun");
+    }
+    if r.batch_size() < ranks {
+        bail!(
+            "--batch-size {} is the batch of all {ranks} ranks together: it needs at least one image per rank",
+            r.batch_size()
+        );
+    }
 
     let mut trainer = match &resume {
         Some(dir) => {
-            let mut t = Trainer::resume(dir, &device)?;
+            let mut t = Trainer::resume_on(dir, &device, Arc::clone(collective))?;
             t.info.train.epochs = need(&r.o.epochs);
             // A run stopped by --max-steps goes on when resumed with a larger one.
             t.info.train.max_steps = r.o.max_steps;
-            // The options file is what the next --resume reads: keep it current.
-            write_options(run_dir_of(dir), &r.o)?;
-            eprintln!(
-                "resuming {} after epoch {} (step {})",
-                dir.display(),
-                t.state.epoch,
-                t.state.step
-            );
+            if leader {
+                // The options file is what the next --resume reads: keep it current.
+                write_options(run_dir_of(dir), &r.o)?;
+                eprintln!(
+                    "resuming {} after epoch {} (step {})",
+                    dir.display(),
+                    t.state.epoch,
+                    t.state.step
+                );
+            }
             t
         }
         None => {
@@ -374,11 +398,20 @@ pub fn run(args: Args) -> Result<()> {
                 input_size: size,
                 classes: classes.clone(),
             };
-            let run_dir = need(&r.o.runs_dir).join(r.run_name());
-            let t = Trainer::new(&run_dir, info, initial, &device)?;
-            write_options(&run_dir, &r.o)?;
+            // Every rank names the run as rank 0 does (the name holds the time).
+            let mut name = r.run_name().into_bytes();
+            collective.broadcast_bytes(&mut name, 0)?;
+            let run_dir = need(&r.o.runs_dir).join(String::from_utf8_lossy(&name).as_ref());
+            let t = Trainer::new_on(&run_dir, info, initial, &device, Arc::clone(collective))?;
+            if leader {
+                write_options(&run_dir, &r.o)?;
+            }
             t
         }
+    };
+    let shard = la_data::Shard {
+        index: collective.rank(),
+        count: ranks,
     };
     let norm = trainer.info.normalization;
     let reprob = need(&r.o.reprob);
@@ -393,15 +426,18 @@ pub fn run(args: Args) -> Result<()> {
         train_pipeline,
         loader_config(need(&r.o.shuffle), true),
         device.clone(),
-    )?;
+    )?
+    .with_shard(shard)?;
     let val_loader = Loader::new(
         Arc::clone(&data.val),
         Pipeline::eval(size, norm),
         loader_config(false, false),
         device.clone(),
-    )?;
+    )?
+    .with_shard(shard)?;
     let summary = la_vgg::summary::summarize(trainer.config(), size);
-    eprintln!(
+    if leader {
+        eprintln!(
         "{} with {} attention: {} parameters, {:.3} GMAC per {size}x{size} image; {} training / {} validation images, {} classes, on {}",
         trainer.config().arch_name(),
         trainer.config().attention_config().map_or("no".to_string(), |a| a.kind.to_string()),
@@ -412,8 +448,27 @@ pub fn run(args: Args) -> Result<()> {
         classes.len(),
         crate::device::describe(&device),
     );
-    eprintln!("run directory: {}", trainer.run_dir().display());
-    let mut observer = BarObserver::new().stop_on_ctrl_c();
+        if ranks > 1 {
+            eprintln!(
+                "data-parallel over {} ranks ({}): each trains on {} of every batch of {}{}",
+                ranks,
+                collective.transport(),
+                if r.batch_size() % ranks == 0 {
+                    format!("{}", r.batch_size() / ranks)
+                } else {
+                    format!("about {}", r.batch_size() / ranks)
+                },
+                r.batch_size(),
+                if need(&r.o.sync_bn) {
+                    ", BatchNorm synchronised"
+                } else {
+                    ""
+                }
+            );
+        }
+        eprintln!("run directory: {}", trainer.run_dir().display());
+    }
+    let mut observer = BarObserver::new().quiet(!leader).stop_on_ctrl_c();
     match &r.o.dump_batches {
         Some(path) => {
             let mut dump = BatchDump::new(&mut observer, path);
@@ -424,11 +479,15 @@ pub fn run(args: Args) -> Result<()> {
         None => trainer.fit(&train_loader, Some(&val_loader), &mut observer)?,
     }
     if observer.was_interrupted() {
-        bail!(
+        return Err(crate::ranks::Interrupted(format!(
             "interrupted after step {}; continue with `la-cli train --resume {}`",
             trainer.state.step,
             trainer.run_dir().display()
-        );
+        ))
+        .into());
+    }
+    if !leader {
+        return Ok(());
     }
     let Some(best_epoch) = trainer.state.best_epoch else {
         println!(

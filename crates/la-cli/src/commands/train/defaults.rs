@@ -77,6 +77,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         seed: Some(train.seed),
         runs_dir: Some("runs".into()),
         tensorboard: Some(train.tensorboard),
+        sync_bn: Some(train.sync_bn),
         // No default: each is absent unless given.
         data_dir: None,
         val_dir: None,

@@ -281,6 +281,11 @@ pub struct Options {
     /// Write TensorBoard event files into the run directory (`tensorboard --logdir runs`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Run")]
     pub tensorboard: Option<bool>,
+    /// Under `mpirun`: BatchNorm's batch statistics over every rank's shard together
+    /// (PyTorch's SyncBatchNorm), so N ranks train as one process; otherwise each rank's own
+    /// (as PyTorch DDP). See docs/distributed.md.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help_heading = "Run")]
+    pub sync_bn: Option<bool>,
 }
 
 /// Where a numeric option's value must lie.
