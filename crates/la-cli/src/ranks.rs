@@ -45,7 +45,7 @@ pub fn end_on_error(collective: &dyn Collective, error: &anyhow::Error) {
         e.is::<Interrupted>()
             || matches!(
                 e.downcast_ref::<la_train::Error>(),
-                Some(la_train::Error::Rank { .. })
+                Some(la_train::Error::Rank { .. } | la_train::Error::Reported(_))
             )
     });
     if !known_to_all {

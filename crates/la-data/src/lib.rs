@@ -78,7 +78,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// An image file that the `image` crate cannot decode.
-    #[error("{}: cannot decode image: {source}", path.display())]
+    #[error("{}: cannot decode image", path.display())]
     Decode {
         path: PathBuf,
         #[source]

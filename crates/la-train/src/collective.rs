@@ -221,8 +221,8 @@ impl Collective for ThreadGroup {
 
 /// The outcome of a step on every rank, made common. When every rank succeeded, each gets
 /// its own value and the element-wise sum of every rank's `len` figures. When any failed,
-/// every rank fails: the first failing rank with its own error, the others with
-/// [`Error::Rank`] carrying that error's text.
+/// every rank fails: a failing rank with its own error (as [`Error::Reported`]), the others
+/// with [`Error::Rank`] carrying the first failing rank's error text.
 pub fn agree<T>(
     c: &dyn Collective,
     local: Result<(T, Vec<f64>)>,
@@ -256,7 +256,7 @@ pub fn agree<T>(
     };
     c.broadcast_bytes(&mut message, failed)?;
     match local {
-        Err(e) => Err(e),
+        Err(e) => Err(Error::Reported(Box::new(e))),
         Ok(_) => Err(Error::Rank {
             rank: failed,
             message: String::from_utf8_lossy(&message).into_owned(),

@@ -80,6 +80,10 @@ pub enum Error {
     /// Another rank of a data-parallel run failed with this message; this one stops too.
     #[error("rank {rank} failed: {message}")]
     Rank { rank: usize, message: String },
+    /// This rank's own error, which every other rank of the run has been told of (they stop
+    /// with [`Error::Rank`]).
+    #[error(transparent)]
+    Reported(Box<Error>),
     /// The ranks of a data-parallel run do not fit together (models, loaders, options).
     #[error("data-parallel training: {0}")]
     Collective(String),

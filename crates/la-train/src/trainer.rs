@@ -205,6 +205,8 @@ pub struct Trainer {
     collective: Arc<dyn Collective>,
     /// How the gradients travel between ranks (with more than one).
     buckets: Option<GradBuckets>,
+    /// Time spent summing gradients over the ranks since this trainer was made.
+    reduce_seconds: f64,
 }
 
 impl Trainer {
@@ -281,6 +283,7 @@ impl Trainer {
             device: device.clone(),
             collective,
             buckets: None,
+            reduce_seconds: 0.0,
         }
         .joined()
     }
@@ -307,6 +310,12 @@ impl Trainer {
     /// The ranks this trainer trains with.
     pub fn collective(&self) -> &Arc<dyn Collective> {
         &self.collective
+    }
+
+    /// Seconds this rank spent summing gradients over the ranks (waiting for the others
+    /// included) since it was made: the communication's share of the run.
+    pub fn reduce_seconds(&self) -> f64 {
+        self.reduce_seconds
     }
 
     /// Whether this rank writes the run's files (rank 0).
@@ -371,6 +380,7 @@ impl Trainer {
             device: device.clone(),
             collective,
             buckets: None,
+            reduce_seconds: 0.0,
         }
         .joined()
     }
@@ -505,7 +515,9 @@ impl Trainer {
                 };
                 if micro + 1 == group {
                     if let Some(buckets) = &self.buckets {
+                        let started = Instant::now();
                         buckets.all_reduce(c, self.optimizer.params(), &mut grads)?;
+                        self.reduce_seconds += started.elapsed().as_secs_f64();
                     }
                     self.clip_and_check(&mut grads, step)?;
                     self.optimizer.step(&grads, lr)?;

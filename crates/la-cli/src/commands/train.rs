@@ -469,6 +469,7 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
         eprintln!("run directory: {}", trainer.run_dir().display());
     }
     let mut observer = BarObserver::new().quiet(!leader).stop_on_ctrl_c();
+    let training = std::time::Instant::now();
     match &r.o.dump_batches {
         Some(path) => {
             let mut dump = BatchDump::new(&mut observer, path);
@@ -488,6 +489,14 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
     }
     if !leader {
         return Ok(());
+    }
+    if ranks > 1 {
+        let total = training.elapsed().as_secs_f64();
+        eprintln!(
+            "gradient all-reduce on rank 0: {:.1} s of {total:.1} s ({:.1} %, waiting for the other ranks included)",
+            trainer.reduce_seconds(),
+            100.0 * trainer.reduce_seconds() / total.max(1e-9)
+        );
     }
     let Some(best_epoch) = trainer.state.best_epoch else {
         println!(
