@@ -393,3 +393,37 @@ fn without_mpirun_the_same_binary_trains_in_one_process() {
     succeeded(&out, "one process");
     assert!(!stderr(&out).contains("data-parallel"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_study_trains_every_run_data_parallel_through_its_launcher() {
+    let tmp = la_testing::tempdir("mpi-study");
+    let config = tmp.path().join("grid.toml");
+    std::fs::write(
+        &config,
+        "seeds = [0]\n[base]\nwidth = 0.125\ntrain-subset = 64\nbatch-size = 32\nepochs = 1\nthreads = 1\n[grid]\nattention = [\"none\"]\n",
+    )
+    .unwrap();
+    let launcher = "mpirun --oversubscribe --bind-to none --mca btl self,vader -n 2";
+    let study = |extra: &[&str]| {
+        Command::new(LA_CLI)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .args(["study", "--config", config.to_str().unwrap(), "--dir"])
+            .arg(tmp.path().join("study"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = study(&["--launcher", launcher]);
+    succeeded(&out, "study");
+    assert!(stderr(&out).contains("data-parallel over 2 ranks (MPI)"), "{}", stderr(&out));
+    assert!(tmp.path().join("study/study.md").exists());
+    // Under mpirun itself, the study says how to do it instead of running the grid twice.
+    let nested = mpirun()
+        .args(["-n", "2", LA_CLI, "study", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!nested.status.success());
+    assert!(stderr(&nested).contains("--launcher"), "{}", stderr(&nested));
+}

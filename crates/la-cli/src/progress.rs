@@ -8,6 +8,15 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 use la_train::{Control, EpochRecord, Observer, StepInfo};
 
+/// Set by SIGUSR1: as Ctrl-C, a stop after the current step with a resumable checkpoint.
+/// Under `mpirun`, Ctrl-C ends the ranks at once, but Open MPI forwards SIGUSR1 to every rank
+/// (`kill -USR1 <mpirun's pid>`, or Slurm's `scancel --signal=USR1`).
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::SeqCst);
+}
+
 pub struct BarObserver {
     bar: Option<ProgressBar>,
     terminal: bool,
@@ -36,7 +45,7 @@ impl BarObserver {
         self
     }
 
-    /// Whether Ctrl-C stopped the run.
+    /// Whether Ctrl-C (or SIGUSR1) stopped the run.
     pub fn was_interrupted(&self) -> bool {
         self.interrupted.load(Ordering::SeqCst)
     }
@@ -52,6 +61,13 @@ impl BarObserver {
         });
         if let Err(e) = installed {
             eprintln!("note: Ctrl-C will not stop the run cleanly: {e}");
+        }
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR1,
+                on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
         self
     }
@@ -99,6 +115,12 @@ impl Observer for BarObserver {
                     self.last_logged = std::time::Instant::now();
                 }
             }
+        }
+        if STOP_SIGNAL.load(Ordering::SeqCst)
+            && !self.interrupted.swap(true, Ordering::SeqCst)
+            && !self.quiet
+        {
+            self.message("SIGUSR1: stopping after this step");
         }
         if self.interrupted.load(Ordering::SeqCst) {
             Control::Stop

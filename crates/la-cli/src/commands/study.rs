@@ -30,6 +30,11 @@ pub struct Args {
     /// The study's directory [default: runs/<the file's name>].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Start every run through this command, to train each data-parallel: for example
+    /// "mpirun -n 4" or "srun" (words split at spaces). The study itself runs once, not
+    /// under mpirun.
+    #[arg(long, value_name = "COMMAND")]
+    launcher: Option<String>,
 }
 
 /// A study file.
@@ -171,14 +176,27 @@ fn expand(grid: &toml::Table) -> Result<Vec<Setting>> {
 /// Marks a run the study saw finish.
 const DONE: &str = "study-done.json";
 
-fn la_cli(args: &[&str]) -> Result<()> {
+/// Runs `la-cli args` (through `launcher`'s words first, when given).
+fn la_cli(launcher: &[String], args: &[&str]) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find la-cli itself")?;
-    let status = Command::new(exe)
+    let mut command = match launcher.split_first() {
+        Some((program, launcher_args)) => {
+            let mut c = Command::new(program);
+            c.args(launcher_args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let status = command
         .args(args)
         .status()
-        .context("cannot start la-cli train")?;
+        .with_context(|| match launcher.first() {
+            Some(program) => format!("cannot start la-cli train through `{program}`"),
+            None => "cannot start la-cli train".into(),
+        })?;
     if !status.success() {
-        bail!("`la-cli {}` failed ({status})", args.join(" "));
+        let prefix: String = launcher.iter().map(|w| format!("{w} ")).collect();
+        bail!("`{prefix}la-cli {}` failed ({status})", args.join(" "));
     }
     Ok(())
 }
@@ -189,6 +207,7 @@ fn run_one(
     preset: Option<&str>,
     setting_dir: &Path,
     seed: u64,
+    launcher: &[String],
 ) -> Result<bool> {
     let name = format!("seed-{seed}");
     let run = setting_dir.join(&name);
@@ -216,7 +235,10 @@ fn run_one(
         return Ok(false);
     }
     if run.join("checkpoint.safetensors").exists() {
-        la_cli(&["train", "--resume", run.to_str().context("non-UTF-8 path")?])?;
+        la_cli(
+            launcher,
+            &["train", "--resume", run.to_str().context("non-UTF-8 path")?],
+        )?;
     } else {
         if run.exists() {
             // Killed before its first checkpoint: nothing to keep.
@@ -238,7 +260,7 @@ fn run_one(
         if let Some(preset) = preset {
             args.extend(["--preset", preset]);
         }
-        la_cli(&args)?;
+        la_cli(launcher, &args)?;
     }
     la_core::write_atomically(
         &run.join(DONE),
@@ -258,6 +280,16 @@ fn minutes(seconds: f64) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if la_train::collective::launched_ranks().is_some_and(|n| n > 1) {
+        bail!("la-cli study runs its grid once, not as MPI ranks: start it without mpirun and give --launcher \"mpirun -n N\" to train every run data-parallel");
+    }
+    let launcher: Vec<String> = args
+        .launcher
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("{}: cannot read", args.config.display()))?;
     let file: StudyFile = toml::from_str(&text)
@@ -304,7 +336,13 @@ pub fn run(args: Args) -> Result<()> {
                 setting.label(),
                 minutes(started.elapsed().as_secs_f64())
             );
-            if run_one(&options, file.preset.as_deref(), &setting_dir, seed)? {
+            if run_one(
+                &options,
+                file.preset.as_deref(),
+                &setting_dir,
+                seed,
+                &launcher,
+            )? {
                 trained += 1;
             } else {
                 eprintln!("study: already finished, skipped");

@@ -479,6 +479,10 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
         }
         None => trainer.fit(&train_loader, Some(&val_loader), &mut observer)?,
     }
+    // The other ranks stopped with rank 0, which reports.
+    if !leader {
+        return Ok(());
+    }
     if observer.was_interrupted() {
         return Err(crate::ranks::Interrupted(format!(
             "interrupted after step {}; continue with `la-cli train --resume {}`",
@@ -486,9 +490,6 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
             trainer.run_dir().display()
         ))
         .into());
-    }
-    if !leader {
-        return Ok(());
     }
     if ranks > 1 {
         let total = training.elapsed().as_secs_f64();
