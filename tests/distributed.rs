@@ -417,13 +417,28 @@ fn a_study_trains_every_run_data_parallel_through_its_launcher() {
     };
     let out = study(&["--launcher", launcher]);
     succeeded(&out, "study");
-    assert!(stderr(&out).contains("data-parallel over 2 ranks (MPI)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data-parallel over 2 ranks (MPI)"),
+        "{}",
+        stderr(&out)
+    );
     assert!(tmp.path().join("study/study.md").exists());
     // Under mpirun itself, the study says how to do it instead of running the grid twice.
     let nested = mpirun()
-        .args(["-n", "2", LA_CLI, "study", "--config", config.to_str().unwrap()])
+        .args([
+            "-n",
+            "2",
+            LA_CLI,
+            "study",
+            "--config",
+            config.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!nested.status.success());
-    assert!(stderr(&nested).contains("--launcher"), "{}", stderr(&nested));
+    assert!(
+        stderr(&nested).contains("--launcher"),
+        "{}",
+        stderr(&nested)
+    );
 }

@@ -15,6 +15,9 @@ use crate::{Error, Result};
 pub struct GradBuckets {
     /// Indices into the parameter list, bucket by bucket.
     buckets: Vec<Vec<usize>>,
+    /// One bucket's values in host memory, kept from step to step (a fresh buffer of the
+    /// size of VGG16's first linear layer, 411 MB, would be paged in again every step).
+    staging: Vec<f32>,
 }
 
 impl GradBuckets {
@@ -39,7 +42,10 @@ impl GradBuckets {
                 }
             }
         }
-        Self { buckets }
+        Self {
+            buckets,
+            staging: Vec::new(),
+        }
     }
 
     /// How many all-reduces a step makes.
@@ -57,32 +63,36 @@ impl GradBuckets {
     }
 
     /// Replaces each parameter's gradient in `grads` by its sum over the ranks. A parameter
-    /// without a gradient here adds zeros, and keeps having none.
+    /// without a gradient here adds zeros, and keeps having none. Each bucket is staged in
+    /// host memory: gradients on the CPU are copied straight from their storage.
     pub fn all_reduce(
-        &self,
+        &mut self,
         c: &dyn Collective,
         params: &[Param],
         grads: &mut GradStore,
     ) -> Result<()> {
         for bucket in &self.buckets {
-            let mut flat = Vec::with_capacity(bucket.len());
+            let total: usize = bucket.iter().map(|&i| params[i].var.elem_count()).sum();
+            self.staging.resize(total, 0.0);
+            let mut offset = 0;
             for &i in bucket {
                 let var = params[i].var.as_tensor();
-                let piece = match grads.get(var) {
-                    Some(g) => g.detach().flatten_all()?.to_dtype(DType::F32)?,
-                    None => Tensor::zeros(var.elem_count(), DType::F32, var.device())?,
-                };
-                flat.push(piece);
+                let n = var.elem_count();
+                let slot = &mut self.staging[offset..offset + n];
+                match grads.get(var) {
+                    Some(g) => copy_to_host(g, slot)?,
+                    None => slot.fill(0.0),
+                }
+                offset += n;
             }
-            let summed = c.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+            c.all_reduce_sum_f32(&mut self.staging[..total])?;
             let mut offset = 0;
             for &i in bucket {
                 let var = params[i].var.as_tensor();
                 let n = var.elem_count();
                 if grads.get(var).is_some() {
-                    let g = summed
-                        .narrow(0, offset, n)?
-                        .reshape(var.shape())?
+                    let summed = &self.staging[offset..offset + n];
+                    let g = Tensor::from_slice(summed, var.shape(), var.device())?
                         .to_dtype(var.dtype())?;
                     grads.insert(var, g);
                 }
@@ -91,6 +101,23 @@ impl GradBuckets {
         }
         Ok(())
     }
+}
+
+/// `t`'s values as f32 into `out` (of its element count): a slice copy for a contiguous f32
+/// tensor on the CPU, through a converted copy otherwise.
+fn copy_to_host(t: &Tensor, out: &mut [f32]) -> Result<()> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            out.copy_from_slice(&data[a..b]);
+            return Ok(());
+        }
+    }
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    out.copy_from_slice(&values);
+    Ok(())
 }
 
 /// Rank 0's tensors of `varmap` sent to every rank and compared with its own, bit for bit:

@@ -514,7 +514,7 @@ impl Trainer {
                     None => done.grads,
                 };
                 if micro + 1 == group {
-                    if let Some(buckets) = &self.buckets {
+                    if let Some(buckets) = &mut self.buckets {
                         let started = Instant::now();
                         buckets.all_reduce(c, self.optimizer.params(), &mut grads)?;
                         self.reduce_seconds += started.elapsed().as_secs_f64();
