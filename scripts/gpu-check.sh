@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in two halves (docs/gpu.md says when and how to call them):
 #
-#   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda`
+#   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda,nccl`
 #       against NVIDIA's CUDA 13.0 toolkit wheels from PyPI (the GPU machine's driver is CUDA
 #       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
 #       it, compresses it to gpu-check/la-cli.gz (ignored by git), the folder that travels.
@@ -9,7 +9,8 @@
 #       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs
 #       `la-cli selftest --device cuda`: every op's generic form on the GPU against the fast
 #       CPU kernels, a training step of VGG16_bn + each attention kind on both devices, the
-#       default digits run on both, and the `la-cli bench` rows on the GPU. Under 8 minutes.
+#       default digits run on both, a training step whose gradients NCCL sums over a
+#       one-rank communicator, and the `la-cli bench` rows on the GPU. Under 8 minutes.
 #       Logs go to $OUT (when set) or gpu-check/.
 #
 # ../shared/CUDA.md has the background (stub libcuda, unversioned library links).
@@ -64,7 +65,7 @@ prepare() {
     export LIBRARY_PATH="$home/lib64:$home/lib64/stubs:${LIBRARY_PATH:-}"
     export RUSTFLAGS="${RUSTFLAGS:-} -L $home/lib64 -L $home/lib64/stubs"
     nvcc --version | tail -n 2
-    cargo build --release -p la-cli --features cuda
+    cargo build --release -p la-cli --features cuda,nccl
     mkdir -p "$out_dir"
     cp "$CARGO_TARGET_DIR/release/la-cli" "$out_dir/la-cli"
     strip "$out_dir/la-cli"
@@ -87,7 +88,13 @@ run() {
     local nv
     nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null) \
         || { echo "error: this python3 has no NVIDIA CUDA wheels (nvidia/cu13/lib): is this the GPU machine?" >&2; exit 1; }
-    export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
+    # cudarc opens NCCL as `libnccl.so`, a link the nvidia-nccl wheel does not ship.
+    local links=/tmp/la-cli-gpu-libs
+    mkdir -p "$links"
+    local nccl
+    nccl=$(ls "$nv"/nccl/lib/libnccl.so.* 2>/dev/null | head -n 1 || true)
+    [ -n "$nccl" ] && ln -sf "$nccl" "$links/libnccl.so"
+    export LD_LIBRARY_PATH="$links:$nv/cu13/lib:$nv/cudnn/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     local status=0
     timeout 470 "$bin" selftest --device cuda 2>&1 | tee "$log_dir/selftest.log" || status=$?

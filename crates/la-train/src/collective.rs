@@ -5,6 +5,8 @@
 //! - [`ThreadGroup`]: N ranks as threads of one process, for tests and for trying the
 //!   distributed path without a launcher.
 //! - `mpi::MpiCollective` (feature `mpi`): processes started by `mpirun`/`srun`, CPU tensors.
+//! - `nccl::NcclCollective` (feature `nccl`): GPU tensors summed by NCCL, beside a host
+//!   collective (MPI, or one process).
 //!
 //! [`agree`] makes a step's outcome common: every rank learns whether any rank failed, and
 //! then fails too, with that rank's error, instead of waiting for it forever.
@@ -17,6 +19,8 @@ use crate::{Error, Result};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// The operations data-parallel training needs. Every rank calls the same operations in
 /// the same order with buffers of the same length; rank 0 is the one that writes files.
@@ -40,6 +44,11 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn abort(&self, code: i32) -> !;
     /// What carries the operations, for messages: "MPI", "threads".
     fn transport(&self) -> &'static str;
+    /// Whether [`Collective::all_reduce_sum`] takes whole tensors on `device` (NCCL on its
+    /// GPU): the gradient buckets are then built there, not staged in host memory.
+    fn reduces_tensors_on(&self, _device: &candle_core::Device) -> bool {
+        false
+    }
 
     /// The element-wise sum of `t` over every rank (f32 or f64, any device). The default
     /// goes through host memory; a transport that reduces device memory itself overrides it.
@@ -216,6 +225,10 @@ impl Collective for ThreadGroup {
     }
     fn transport(&self) -> &'static str {
         "threads"
+    }
+    /// The bucket tensors' path, which NCCL takes on a GPU, so the CPU tests run it too.
+    fn reduces_tensors_on(&self, device: &candle_core::Device) -> bool {
+        device.is_cpu()
     }
 }
 

@@ -63,8 +63,9 @@ impl GradBuckets {
     }
 
     /// Replaces each parameter's gradient in `grads` by its sum over the ranks. A parameter
-    /// without a gradient here adds zeros, and keeps having none. Each bucket is staged in
-    /// host memory: gradients on the CPU are copied straight from their storage.
+    /// without a gradient here adds zeros, and keeps having none. A collective that sums
+    /// tensors on the gradients' device gets each bucket as one tensor there; otherwise the
+    /// bucket is staged in host memory, CPU gradients copied straight from their storage.
     pub fn all_reduce(
         &mut self,
         c: &dyn Collective,
@@ -72,6 +73,11 @@ impl GradBuckets {
         grads: &mut GradStore,
     ) -> Result<()> {
         for bucket in &self.buckets {
+            let device = params[bucket[0]].var.device();
+            if c.reduces_tensors_on(device) {
+                Self::all_reduce_tensors(c, bucket, params, grads)?;
+                continue;
+            }
             let total: usize = bucket.iter().map(|&i| params[i].var.elem_count()).sum();
             self.staging.resize(total, 0.0);
             let mut offset = 0;
@@ -98,6 +104,41 @@ impl GradBuckets {
                 }
                 offset += n;
             }
+        }
+        Ok(())
+    }
+}
+
+impl GradBuckets {
+    /// One bucket as one flat tensor on the gradients' device, summed by the collective
+    /// itself (NCCL on a GPU): no host copy.
+    fn all_reduce_tensors(
+        c: &dyn Collective,
+        bucket: &[usize],
+        params: &[Param],
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let mut flat = Vec::with_capacity(bucket.len());
+        for &i in bucket {
+            let var = params[i].var.as_tensor();
+            flat.push(match grads.get(var) {
+                Some(g) => g.detach().flatten_all()?.to_dtype(DType::F32)?,
+                None => Tensor::zeros(var.elem_count(), DType::F32, var.device())?,
+            });
+        }
+        let summed = c.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let mut offset = 0;
+        for &i in bucket {
+            let var = params[i].var.as_tensor();
+            let n = var.elem_count();
+            if grads.get(var).is_some() {
+                let g = summed
+                    .narrow(0, offset, n)?
+                    .reshape(var.shape())?
+                    .to_dtype(var.dtype())?;
+                grads.insert(var, g);
+            }
+            offset += n;
         }
         Ok(())
     }
@@ -201,4 +242,50 @@ fn sorted_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
+}
+
+/// One SGD step of a small VGG_bn on `device` with its gradients summed through `c`, a
+/// collective of one rank, against the same step without it: the largest difference of
+/// the parameters after the two steps. A sum over one rank changes nothing, so anything but
+/// zero is a fault of the collective or the buckets (`la-cli selftest` runs it on NCCL).
+pub fn one_rank_step_difference(c: &dyn Collective, device: &candle_core::Device) -> Result<f64> {
+    use candle_core::ModuleT;
+    if c.size() != 1 {
+        return Err(Error::Collective(format!(
+            "the one-rank check needs a collective of one rank, not {}",
+            c.size()
+        )));
+    }
+    let config = la_vgg::VggConfig::vgg(11, 10)?
+        .with_batch_norm(true)
+        .with_head(la_vgg::HeadConfig::cifar(None))
+        .with_width(0.125)?;
+    let images = la_kernels::parity::uniform(&[4, 3, 32, 32], -1.0, 1.0, 7)?
+        .to_dtype(DType::F32)?
+        .to_device(device)?;
+    let labels = [1, 4, 7, 9];
+    let step = |through: Option<&dyn Collective>| -> Result<Vec<(String, Tensor)>> {
+        let (model, varmap) =
+            la_vgg::trainable(config.clone(), Default::default(), 0, DType::F32, device)?;
+        let logits = model.forward_t(&images, true)?;
+        let mut grads = crate::loss::cross_entropy(&logits, &labels, 0.0)?.backward()?;
+        let params = crate::optim::param_groups(&varmap, &crate::optim::GroupRules::default());
+        if let Some(c) = through {
+            GradBuckets::new(&params, GradBuckets::DEFAULT_BYTES)
+                .all_reduce(c, &params, &mut grads)?;
+        }
+        crate::Optimizer::new(crate::OptimizerConfig::sgd(), params).step(&grads, 0.1)?;
+        Ok(sorted_tensors(&varmap))
+    };
+    let (plain, reduced) = (step(None)?, step(Some(c))?);
+    let mut worst = 0.0f64;
+    for ((_, a), (_, b)) in plain.iter().zip(&reduced) {
+        let diff = (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?;
+        worst = worst.max(diff.to_scalar::<f64>()?);
+    }
+    Ok(worst)
 }

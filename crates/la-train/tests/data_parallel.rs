@@ -119,6 +119,7 @@ struct Outcome {
     record: Record,
     weights: HashMap<String, Tensor>,
     top1: Option<f64>,
+    ema_top1: Option<f64>,
 }
 
 /// Trains `info` for [`STEPS`] steps as every rank of `group`, each rank on its own thread
@@ -151,6 +152,7 @@ fn train_as(
                     record,
                     weights: t.tensors().map_err(failed)?,
                     top1: t.state.history.last().and_then(|r| r.val_top1),
+                    ema_top1: t.state.history.last().and_then(|r| r.ema_val_top1),
                 })
             })
         })
@@ -229,6 +231,35 @@ fn two_ranks_without_batch_norm_train_as_one_process() {
 #[test]
 fn two_ranks_with_synchronised_batch_norm_train_as_one_process() {
     assert_trains_as_one_process(true, true);
+}
+
+#[test]
+fn accumulated_gradients_and_the_weights_average_work_on_two_ranks() {
+    let mut info = info(false, false);
+    info.train.grad_accum_steps = 2;
+    info.train.ema = Some(la_train::EmaConfig {
+        decay: 0.9,
+        warmup: true,
+    });
+    info.train.max_steps = None;
+    info.train.epochs = 2;
+    let one = one_process(info.clone());
+    let ranks = two_ranks(info);
+    assert!(one.ema_top1.is_some());
+    for rank in &ranks {
+        let gap = weights_gap(&one.weights, &rank.weights);
+        assert!(gap < 1e-5, "final weights {gap:e} apart");
+        for (a, b) in one.record.losses.iter().zip(&rank.record.losses) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "loss {a} in one process, {b} over two ranks"
+            );
+        }
+        assert_eq!(
+            rank.ema_top1, one.ema_top1,
+            "the average's validation top-1"
+        );
+    }
 }
 
 #[test]
@@ -364,4 +395,17 @@ fn ranks_that_build_different_models_are_stopped_at_the_start() {
         let e = h.join().unwrap().unwrap_err();
         assert!(e.contains("differs from rank 0's"), "{e}");
     }
+}
+
+#[test]
+fn a_sum_over_one_rank_changes_no_step() {
+    // The bucket-tensor path (the one NCCL takes on a GPU) and the host-staging path (MPI's).
+    let threads = ThreadGroup::new(1).pop().unwrap();
+    let tensors =
+        la_train::data_parallel::one_rank_step_difference(&threads, &Device::Cpu).unwrap();
+    assert_eq!(tensors, 0.0);
+    let host =
+        la_train::data_parallel::one_rank_step_difference(&la_train::SingleProcess, &Device::Cpu)
+            .unwrap();
+    assert_eq!(host, 0.0);
 }

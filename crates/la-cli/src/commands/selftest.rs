@@ -68,6 +68,8 @@ pub fn run(args: Args) -> Result<()> {
         ops(&device, dtype, &mut tally);
     }
     training_steps(&device, &mut tally);
+    #[cfg(feature = "nccl")]
+    nccl_step(&device, &mut tally);
     if !args.quick {
         digits_runs(&args.device, &mut tally);
         benches(&args.device, &mut tally);
@@ -142,6 +144,31 @@ fn training_steps(device: &Device, tally: &mut Tally) {
                 Err(e) => tally.record(false, &label, &format!("{e:#}")),
             }
         }
+    }
+}
+
+/// A training step with its gradients summed by NCCL over one rank (the GPU machine has one
+/// GPU) must be the step without it.
+#[cfg(feature = "nccl")]
+fn nccl_step(device: &Device, tally: &mut Tally) {
+    if !device.is_cuda() {
+        return;
+    }
+    let label = "NCCL: a training step summed over a one-rank communicator";
+    let host = std::sync::Arc::new(la_train::SingleProcess);
+    let difference = || -> Result<f64> {
+        let nccl = la_train::collective::nccl::NcclCollective::init(host, device)?;
+        Ok(la_train::data_parallel::one_rank_step_difference(
+            &nccl, device,
+        )?)
+    };
+    match difference() {
+        Ok(d) => tally.record(
+            d == 0.0,
+            label,
+            &format!("parameters after the step {d:.1e} from the step without NCCL"),
+        ),
+        Err(e) => tally.record(false, label, &format!("{e:#}")),
     }
 }
 

@@ -303,7 +303,8 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
     };
     let r = Resolved::new(options)?;
     set_threads(r.o.threads)?;
-    let device = parse_device(&need(&r.o.device))?;
+    let device = parse_device(&crate::ranks::rank_device(&need(&r.o.device), ranks))?;
+    let collective = &crate::ranks::on_device(Arc::clone(collective), &device)?;
 
     // Data first: a missing data set fails before anything is written.
     let size = need(&r.o.size);
