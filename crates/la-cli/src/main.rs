@@ -1,6 +1,7 @@
 //! `la-cli`: VGG networks with spatial attention, from the command line.
 
 mod commands;
+mod cpu_peak;
 mod data_args;
 mod device;
 mod heatmap;

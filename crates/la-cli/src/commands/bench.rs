@@ -1,6 +1,7 @@
 //! `la-cli bench`: training-step or inference images/s of a model on random data, with a
-//! per-block breakdown of the forward pass. The last line printed is `images/s: X`, like the
-//! PyTorch reference scripts, so the two can be compared in one run.
+//! per-block breakdown of the forward pass and, on the CPU, the GFLOP/s achieved against the
+//! machine's peak. The last line printed is `images/s: X`, like the PyTorch reference
+//! scripts, so the two can be compared in one run.
 
 use std::time::Instant;
 
@@ -177,11 +178,34 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(gib) = peak_rss_gib() {
         println!("peak RSS: {gib:.2} GiB");
     }
-    println!(
-        "images/s: {:.2}",
-        args.batch as f64 * times.len() as f64 / total
-    );
+    let images_per_second = args.batch as f64 * times.len() as f64 / total;
+    let gflops = step_flops_per_image(summary.macs, args.mode) * images_per_second / 1e9;
+    let peak = if device.is_cpu() {
+        crate::cpu_peak::CpuPeak::of_this_machine(rayon::current_num_threads())
+    } else {
+        None
+    };
+    match peak {
+        Some(peak) => println!(
+            "GFLOP/s: {gflops:.1} ({:.0} % of the CPU's peak {}; direct-convolution FLOPs, \
+             which Winograd's savings can take past 100 %)",
+            100.0 * gflops / peak.gflops(),
+            peak.describe()
+        ),
+        None => println!("GFLOP/s: {gflops:.1} (direct-convolution FLOPs)"),
+    }
+    println!("images/s: {images_per_second:.2}");
     Ok(())
+}
+
+/// FLOPs of one image's step, counted as the direct algorithms do: a multiply-add is 2
+/// FLOPs; training adds the input and the weight gradients, each as large as the forward.
+fn step_flops_per_image(macs: u64, mode: Mode) -> f64 {
+    let passes = match mode {
+        Mode::Train => 3.0,
+        Mode::Infer => 1.0,
+    };
+    2.0 * macs as f64 * passes
 }
 
 /// Forward time of each block's convs, its attention module and its pool, and of the head,
@@ -247,4 +271,16 @@ fn breakdown(model: &la_vgg::Vgg, x: &Tensor) -> Result<()> {
         total * 1e3
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_training_step_counts_three_passes_of_two_flops_a_mac() {
+        // VGG16 at 224x224: 15.5 GMAC, 31 GFLOP forward, 93 GFLOP a training step.
+        assert_eq!(step_flops_per_image(15_500_000_000, Mode::Infer), 31e9);
+        assert_eq!(step_flops_per_image(15_500_000_000, Mode::Train), 93e9);
+    }
 }

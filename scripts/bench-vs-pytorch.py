@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Every benchmark row of docs/performance.md, each peer run in turn as interleaved pairs
+(PyTorch, la-cli, plain Candle, PyTorch, la-cli, plain Candle, ...) so that the machine's
+drift falls on all of them alike. Prints a markdown table: median images/s of each peer,
+the median of the per-pair ratios to PyTorch with the lowest and highest, la-cli's GFLOP/s
+and its share of the CPU's peak, and each peer's peak RSS.
+
+Run through scripts/bench-vs-pytorch.sh, which builds la-cli first. Reads PAIRS (default 5),
+THREADS (default 2) and ROWS (comma-separated row keys, default all) from the environment.
+
+Peers: PyTorch is bench/reference (fp32, the same model, batch and thread count); plain
+Candle is la-cli with LA_KERNELS=generic, what a Candle user gets without our kernels.
+"""
+import os
+import re
+import statistics as st
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+LA = "target/release/la-cli"
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    torch: list | None  # arguments after the Python interpreter
+    la: list  # arguments after la-cli
+    generic: bool = True  # also run plain Candle (LA_KERNELS=generic)
+    epoch: bool = False  # a whole run timed from process start to exit, not a bench
+
+
+def bench_row(key, name, script, torch_args, la_args, generic=True):
+    torch = None if script is None else [f"bench/reference/{script}", *torch_args.split()]
+    return Row(key, name, torch, ["bench", *la_args.split(), "--no-breakdown"], generic)
+
+
+ROWS = [
+    bench_row("train", "train VGG16, cifar head, 32x32, batch 64",
+              "bench_train.py", "--model vgg16 --head compact --size 32 --batch 64 --steps 5",
+              "--mode train --attention none --head cifar --classes 100 --size 32 --batch 64 --steps 5"),
+    bench_row("train-softmax", "train VGG16 + softmax attention, cifar head, 32x32, batch 64",
+              "bench_train.py", "--model vgg16_la --head compact --size 32 --batch 64 --steps 5",
+              "--mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 --steps 5"),
+    bench_row("infer", "inference VGG16, 224x224, batch 1",
+              "bench_infer.py", "--model vgg16 --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 5",
+              "--mode infer --attention none --head imagenet --classes 1000 --size 224 --batch 1 --steps 5"),
+    # The generic softmax at 224 holds 50,176 x 50,176 scores per block-1 image (10 GB): left out.
+    bench_row("infer-softmax", "inference VGG16 + softmax attention, 224x224, batch 1",
+              "bench_infer.py",
+              "--model vgg16_la --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 1 --warmup 0",
+              "--mode infer --attention softmax --head imagenet --classes 1000 --size 224 --batch 1 "
+              "--steps 1 --warmup 0", generic=False),
+    # PyTorch would need about 80 GiB for the block-1 scores of 8 images: la-cli only.
+    bench_row("train-softmax-224", "train VGG16 + softmax attention, cifar head, 224x224, batch 8",
+              None, "",
+              "--mode train --attention softmax --head cifar --classes 100 --size 224 --batch 8 "
+              "--steps 2 --warmup 1", generic=False),
+    Row("epoch", "one Fashion-MNIST epoch end to end: VGG16_bn width 0.25 + softmax attention, "
+        "batch 64, crop + flip, then validation (s, process start to exit)",
+        ["bench/reference/train_fashion_mnist.py", "--data-dir", "/usr/share/datasets/fashion-mnist",
+         "--batch", "64", "--epochs", "1"],
+        ["train", "--data", "fashion-mnist", "--data-dir", "/usr/share/datasets/fashion-mnist",
+         "--width", "0.25", "--attention", "softmax", "--batch-size", "64", "--epochs", "1"],
+        generic=False, epoch=True),
+]
+
+
+@dataclass
+class Run:
+    rate: float | None = None  # images/s, or 1 / seconds for an epoch row
+    seconds: float | None = None
+    rss_gib: float | None = None
+    gflops: float | None = None
+    peak_share: float | None = None  # percent
+    top1: float | None = None
+    why_not: str = ""
+
+
+@dataclass
+class Results:
+    runs: dict = field(default_factory=lambda: {"torch": [], "la": [], "generic": []})
+
+
+def run(cmd, env, cwd=None):
+    """Runs cmd; returns its output, exit code, wall seconds and peak RSS (GiB, from wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out, proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 2**20
+
+
+def last_float(pattern, text):
+    found = re.findall(pattern, text, re.M)
+    return float(found[-1]) if found else None
+
+
+def measure(row, peer, py, threads, workdir):
+    env = dict(os.environ)
+    env.pop("LA_KERNELS", None)
+    if peer == "torch":
+        cmd = [py, *row.torch, "--threads", str(threads)]
+    else:
+        cmd = [LA, *row.la, "--threads", str(threads)]
+        if peer == "generic":
+            env["LA_KERNELS"] = "generic"
+        if row.epoch:
+            cmd += ["--runs-dir", workdir]
+    out, code, seconds, rss = run(cmd, env)
+    result = Run(rss_gib=rss)
+    if code != 0:
+        if re.search(r"^refusing", out, re.M):
+            need = re.search(r"needs ~[^)]*GiB", out)
+            result.why_not = f"refuses ({need.group(0)})" if need else "refuses"
+        else:
+            tail = out.strip().splitlines()[-1:] or [""]
+            result.why_not = "fails"
+            print(f"  {peer} failed (exit {code}): {tail[0][:200]}", file=sys.stderr)
+        return result
+    if row.epoch:
+        result.seconds = seconds
+        result.rate = 1.0 / seconds
+        result.top1 = last_float(r"val(?:idation)? top-1 ([0-9.]+) ?%", out)
+    else:
+        result.rate = last_float(r"^images/s: ([0-9.]+)", out)
+        result.gflops = last_float(r"^GFLOP/s: ([0-9.]+)", out)
+        result.peak_share = last_float(r"^GFLOP/s: [0-9.]+ \(([0-9.]+) % of", out)
+        reported = last_float(r"^peak RSS: ([0-9.]+)", out)
+        result.rss_gib = reported if reported is not None else rss
+    return result
+
+
+def median_of(runs, attr):
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return st.median(values) if values else None
+
+
+def ratio_cell(mine, theirs):
+    """Median (lowest-highest) of the per-pair ratios mine/theirs, where both ran."""
+    ratios = [m.rate / t.rate for m, t in zip(mine, theirs) if m.rate and t.rate]
+    if not ratios:
+        return "-"
+    return f"{st.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def peer_cell(row, runs):
+    if not runs:
+        return "-"
+    if all(r.rate is None for r in runs):
+        return runs[0].why_not or "fails"
+    rss = median_of(runs, "rss_gib")
+    rss_text = f", {rss:.2f} GiB" if rss is not None else ""
+    if row.epoch:
+        top1 = median_of(runs, "top1")
+        top1_text = f", val {top1:.1f} %" if top1 is not None else ""
+        return f"{median_of(runs, 'seconds'):.1f} s{top1_text}{rss_text}"
+    rate = median_of(runs, "rate")
+    flops = median_of(runs, "gflops")
+    share = median_of(runs, "peak_share")
+    flops_text = ""
+    if flops is not None:
+        flops_text = f", {flops:.0f} GFLOP/s" + (f" = {share:.0f} % of peak" if share is not None else "")
+    return f"{rate:.2f}{flops_text}{rss_text}"
+
+
+def processor():
+    info = open("/proc/cpuinfo").read()
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    family = re.search(r"^cpu family\s*:\s*(.*)$", info, re.M)
+    number = re.search(r"^model\s*:\s*(.*)$", info, re.M)
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", info, re.M).group(1).split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return (f"{model.group(1) if model else '?'} (family {family.group(1) if family else '?'}, "
+            f"model {number.group(1) if number else '?'}), {os.cpu_count()} CPUs, {' '.join(wanted)}")
+
+
+def main():
+    py = sys.argv[1] if len(sys.argv) > 1 else ".venv-torch/bin/python"
+    pairs = int(os.environ.get("PAIRS", "5"))
+    threads = int(os.environ.get("THREADS", "2"))
+    keys = os.environ.get("ROWS")
+    rows = [r for r in ROWS if keys is None or r.key in keys.split(",")]
+    torch_version = subprocess.run([py, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip() or "not found"
+    print(f"{time.strftime('%Y-%m-%d')}, {processor()}; threads={threads}, pairs={pairs}, "
+          f"PyTorch {torch_version}, la-cli {LA}")
+    print(flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-vs-pytorch-") as workdir:
+        table = []
+        for row in rows:
+            peers = [p for p, on in (("torch", row.torch is not None), ("la", True), ("generic", row.generic)) if on]
+            results = Results()
+            for pair in range(pairs):
+                for peer in peers:
+                    r = measure(row, peer, py, threads, workdir)
+                    results.runs[peer].append(r)
+                    shown = f"{r.seconds:.1f} s" if r.seconds else (f"{r.rate:.2f}/s" if r.rate else r.why_not)
+                    print(f"  {row.key} pair {pair + 1}/{pairs} {peer}: {shown}", file=sys.stderr, flush=True)
+            torch_runs, la_runs, generic_runs = (results.runs[p] for p in ("torch", "la", "generic"))
+            table.append(f"| {row.name} | {peer_cell(row, torch_runs)} | {peer_cell(row, la_runs)} | "
+                         f"{peer_cell(row, generic_runs)} | {ratio_cell(la_runs, torch_runs)} | "
+                         f"{ratio_cell(generic_runs, torch_runs)} |")
+        print("| row | PyTorch fp32 | la-cli | plain Candle (LA_KERNELS=generic) | "
+              "la / PyTorch, median of pairs (lowest-highest) | plain Candle / PyTorch |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(table))
+        print()
+        print("Cells: median images/s (an epoch row: seconds and validation top-1), la-cli's GFLOP/s of "
+              "direct-convolution work and its share of the CPU's peak, peak RSS. Ratios are of rates "
+              "(for the epoch row, of 1/seconds).")
+        if "linear" in (keys or "linear").split(","):
+            print()
+            linear_against_plain(pairs, threads)
+
+
+def linear_against_plain(pairs, threads):
+    """VGG16 + linear attention against plain VGG16, la-cli inference at 224x224, batch 1."""
+    def median_step(attention):
+        out, code, _, _ = run([LA, "bench", "--mode", "infer", "--attention", attention, "--size", "224",
+                               "--batch", "1", "--steps", "10", "--threads", str(threads), "--no-breakdown"],
+                              dict(os.environ, LA_KERNELS="fast"))
+        return last_float(r"median ([0-9.]+)", out) if code == 0 else None
+
+    slowdowns = []
+    for pair in range(pairs):
+        plain, linear = median_step("none"), median_step("linear")
+        if plain and linear:
+            slowdowns.append(linear / plain - 1)
+            print(f"  linear pair {pair + 1}/{pairs}: plain {plain:.3f} s, linear {linear:.3f} s",
+                  file=sys.stderr, flush=True)
+    if slowdowns:
+        print(f"VGG16 + linear attention against plain VGG16 (la-cli, inference 224x224, batch 1, median step "
+              f"of 10, {len(slowdowns)} alternating pairs): {100 * st.median(slowdowns):.1f} % slower "
+              f"(lowest {100 * min(slowdowns):.1f} %, highest {100 * max(slowdowns):.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
