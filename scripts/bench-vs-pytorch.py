@@ -9,7 +9,9 @@ Run through scripts/bench-vs-pytorch.sh, which builds la-cli first. Reads PAIRS 
 THREADS (default 2) and ROWS (comma-separated row keys, default all) from the environment.
 
 Peers: PyTorch is bench/reference (fp32, the same model, batch and thread count); plain
-Candle is la-cli with LA_KERNELS=generic, what a Candle user gets without our kernels.
+Candle is la-cli with LA_KERNELS=generic, what a Candle user gets without our kernels; burn
+is bench/burn-vgg on burn's two CPU backends (ndarray and Flex), plain VGG16 only, and runs
+where it has been built (cargo build --release --manifest-path bench/burn-vgg/Cargo.toml).
 """
 import os
 import re
@@ -18,9 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LA = "target/release/la-cli"
+BURN = "bench/burn-vgg/target/release/burn-vgg"
+# A peer whose first run takes longer than this runs only once: burn ndarray's training step
+# alone takes over a minute, and a ratio of 0.01x needs no second pair to be believed.
+SLOW_S = 120
+# Column order of the table; PyTorch is the yardstick of every ratio.
+PEERS = {"torch": "PyTorch fp32", "la": "la-cli", "generic": "plain Candle (LA_KERNELS=generic)",
+         "burn-ndarray": "burn ndarray", "burn-flex": "burn Flex"}
 
 
 @dataclass
@@ -30,24 +39,33 @@ class Row:
     torch: list | None  # arguments after the Python interpreter
     la: list  # arguments after la-cli
     generic: bool = True  # also run plain Candle (LA_KERNELS=generic)
+    burn: list | None = None  # bench/burn-vgg's arguments, for plain VGG16 rows
     epoch: bool = False  # a whole run timed from process start to exit, not a bench
 
+    def peers(self):
+        burn = self.burn is not None and os.path.exists(BURN)
+        on = {"torch": self.torch is not None, "la": True, "generic": self.generic,
+              "burn-ndarray": burn, "burn-flex": burn}
+        return [p for p in PEERS if on[p]]
 
-def bench_row(key, name, script, torch_args, la_args, generic=True):
+
+def bench_row(key, name, script, torch_args, la_args, generic=True, burn=False):
     torch = None if script is None else [f"bench/reference/{script}", *torch_args.split()]
-    return Row(key, name, torch, ["bench", *la_args.split(), "--no-breakdown"], generic)
+    # burn-vgg reads the reference scripts' options.
+    return Row(key, name, torch, ["bench", *la_args.split(), "--no-breakdown"], generic,
+               torch[1:] if burn else None)
 
 
 ROWS = [
     bench_row("train", "train VGG16, cifar head, 32x32, batch 64",
               "bench_train.py", "--model vgg16 --head compact --size 32 --batch 64 --steps 5",
-              "--mode train --attention none --head cifar --classes 100 --size 32 --batch 64 --steps 5"),
+              "--mode train --attention none --head cifar --classes 100 --size 32 --batch 64 --steps 5", burn=True),
     bench_row("train-softmax", "train VGG16 + softmax attention, cifar head, 32x32, batch 64",
               "bench_train.py", "--model vgg16_la --head compact --size 32 --batch 64 --steps 5",
               "--mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 --steps 5"),
     bench_row("infer", "inference VGG16, 224x224, batch 1",
               "bench_infer.py", "--model vgg16 --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 5",
-              "--mode infer --attention none --head imagenet --classes 1000 --size 224 --batch 1 --steps 5"),
+              "--mode infer --attention none --head imagenet --classes 1000 --size 224 --batch 1 --steps 5", burn=True),
     # The generic softmax at 224 holds 50,176 x 50,176 scores per block-1 image (10 GB): left out.
     bench_row("infer-softmax", "inference VGG16 + softmax attention, 224x224, batch 1",
               "bench_infer.py",
@@ -58,7 +76,7 @@ ROWS = [
     bench_row("train-softmax-224", "train VGG16 + softmax attention, cifar head, 224x224, batch 8",
               None, "",
               "--mode train --attention softmax --head cifar --classes 100 --size 224 --batch 8 "
-              "--steps 2 --warmup 1", generic=False),
+              "--steps 1 --warmup 0", generic=False),
     Row("epoch", "one Fashion-MNIST epoch end to end: VGG16_bn width 0.25 + softmax attention, "
         "batch 64, crop + flip, then validation (s, process start to exit)",
         ["bench/reference/train_fashion_mnist.py", "--data-dir", "/usr/share/datasets/fashion-mnist",
@@ -78,11 +96,7 @@ class Run:
     peak_share: float | None = None  # percent
     top1: float | None = None
     why_not: str = ""
-
-
-@dataclass
-class Results:
-    runs: dict = field(default_factory=lambda: {"torch": [], "la": [], "generic": []})
+    wall: float = 0.0  # seconds from start to exit
 
 
 def run(cmd, env, cwd=None):
@@ -105,6 +119,13 @@ def measure(row, peer, py, threads, workdir):
     env.pop("LA_KERNELS", None)
     if peer == "torch":
         cmd = [py, *row.torch, "--threads", str(threads)]
+    elif peer.startswith("burn-"):
+        mode = "infer" if "bench_infer.py" in row.torch[0] else "train"
+        # Two timed steps after one warm-up: enough for burn, whose steps vary little.
+        args = row.burn[:]
+        args[args.index("--steps") + 1] = "2"
+        cmd = [BURN, "--mode", mode, *args, "--warmup", "1", "--backend", peer.removeprefix("burn-"),
+               "--threads", str(threads)]
     else:
         cmd = [LA, *row.la, "--threads", str(threads)]
         if peer == "generic":
@@ -112,7 +133,7 @@ def measure(row, peer, py, threads, workdir):
         if row.epoch:
             cmd += ["--runs-dir", workdir]
     out, code, seconds, rss = run(cmd, env)
-    result = Run(rss_gib=rss)
+    result = Run(rss_gib=rss, wall=seconds)
     if code != 0:
         if re.search(r"^refusing", out, re.M):
             need = re.search(r"needs ~[^)]*GiB", out)
@@ -193,26 +214,29 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-vs-pytorch-") as workdir:
         table = []
         for row in rows:
-            peers = [p for p, on in (("torch", row.torch is not None), ("la", True), ("generic", row.generic)) if on]
-            results = Results()
-            for pair in range(pairs):
+            peers = row.peers()
+            runs = {p: [] for p in PEERS}
+            # A row of one peer has no ratio to steady: it runs once.
+            for pair in range(pairs if len(peers) > 1 else 1):
                 for peer in peers:
+                    if pair > 0 and runs[peer] and runs[peer][0].wall > SLOW_S:
+                        continue
                     r = measure(row, peer, py, threads, workdir)
-                    results.runs[peer].append(r)
+                    runs[peer].append(r)
                     shown = f"{r.seconds:.1f} s" if r.seconds else (f"{r.rate:.2f}/s" if r.rate else r.why_not)
-                    print(f"  {row.key} pair {pair + 1}/{pairs} {peer}: {shown}", file=sys.stderr, flush=True)
-            torch_runs, la_runs, generic_runs = (results.runs[p] for p in ("torch", "la", "generic"))
-            table.append(f"| {row.name} | {peer_cell(row, torch_runs)} | {peer_cell(row, la_runs)} | "
-                         f"{peer_cell(row, generic_runs)} | {ratio_cell(la_runs, torch_runs)} | "
-                         f"{ratio_cell(generic_runs, torch_runs)} |")
-        print("| row | PyTorch fp32 | la-cli | plain Candle (LA_KERNELS=generic) | "
-              "la / PyTorch, median of pairs (lowest-highest) | plain Candle / PyTorch |")
-        print("|---|---|---|---|---|---|")
+                    print(f"  {row.key} pair {pair + 1} {peer}: {shown}", file=sys.stderr, flush=True)
+            cells = [peer_cell(row, runs[p]) for p in PEERS]
+            ratios = [ratio_cell(runs[p], runs["torch"]) for p in PEERS if p != "torch"]
+            table.append(f"| {row.name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+        others = [PEERS[p].split(" (")[0] for p in PEERS if p != "torch"]
+        print(f"| row | {' | '.join(PEERS.values())} | {' | '.join(f'{o} / PyTorch' for o in others)} |")
+        print("|---" * (1 + 2 * len(PEERS) - 1) + "|")
         print("\n".join(table))
         print()
         print("Cells: median images/s (an epoch row: seconds and validation top-1), la-cli's GFLOP/s of "
-              "direct-convolution work and its share of the CPU's peak, peak RSS. Ratios are of rates "
-              "(for the epoch row, of 1/seconds).")
+              "direct-convolution work and its share of the CPU's peak, peak RSS. Ratios: the median of "
+              "the per-pair ratios of rates (the epoch row: of 1/seconds), lowest-highest in brackets; "
+              "'-' where a peer does not run the row.")
         if "linear" in (keys or "linear").split(","):
             print()
             linear_against_plain(pairs, threads)
