@@ -4,12 +4,13 @@
 //! - `winograd.rs`: F(2x2, 3x3) for the forward and the input gradient, F(3x3, 2x2) for the
 //!   weight gradient: 2.25x fewer multiplies, when the pass's input has at least 32 channels
 //!   (c_in for the forward, c_out for the input gradient; the weight gradient runs this way
-//!   when the other two do) and the batch has at least one image per thread;
+//!   when the other two do) and the batch has at least one image per thread (the forward
+//!   also with fewer images, each cut into bands of rows that run in parallel);
 //! - `small.rs`: one dense product, for maps of at most 2x2 (skips the padding);
-//! - im2col/col2im + GEMM otherwise (the first conv, a batch smaller than the thread count,
-//!   the input gradient into fewer than 32 channels, and block 4's weight gradient at 32x32,
-//!   which runs as one whole-batch task), described below; its copies between layouts
-//!   (im2col, col2im, tiles, blocked transposes) are in `layout.rs`.
+//! - im2col/col2im + GEMM otherwise (the first conv, the backward of a batch smaller than
+//!   the thread count, the input gradient into fewer than 32 channels, and block 4's weight
+//!   gradient at 32x32, which runs as one whole-batch task), described below; its copies
+//!   between layouts (im2col, col2im, tiles, blocked transposes) are in `layout.rs`.
 //!
 //! Why: on the CPU, Candle 0.11's conv2d forward is already im2col + GEMM, but its backward
 //! computes the input gradient with a naive `conv_transpose2d` loop (about 40 % of a VGG16
@@ -302,6 +303,10 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
     if winograd::applies(g) {
         let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
         return winograd::conv(g, x, &u, Some(bias), relu);
+    }
+    if winograd::applies_by_bands(g) {
+        let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
+        return winograd::conv_by_bands(g, x, &u, Some(bias), relu);
     }
     let plan = Plan::new(g);
     let threads = rayon::current_num_threads();

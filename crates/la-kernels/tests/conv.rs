@@ -28,8 +28,12 @@ impl Conv3x3 {
 /// maps of at most 2x2 (the dense form: 1x1, 1x2, 2x1, 2x2); a whole batch in one task
 /// (batch * h * w <= 4 c_out, with more than one thread); Winograd (c_in >= 32 for the forward,
 /// c_out >= 32 for the input gradient, both and not a whole-batch task for the weight
-/// gradient): odd sizes, one of the three, several bands of tile rows.
+/// gradient): odd sizes, one of the three, several bands of tile rows; and fewer images than
+/// threads, whose forward runs those bands in parallel (on three threads: odd sizes, one band
+/// per tile row, and several rows a band).
 const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+    (1, 40, 33, 23, 17),
+    (2, 33, 32, 3, 5),
     (3, 32, 40, 5, 7),
     (4, 8, 33, 8, 8),
     (2, 40, 36, 9, 6),

@@ -34,7 +34,20 @@ const TILES_TIMES_CHANNELS: usize = 1 << 16;
 /// they stay efficient; maps larger than the dense form's 2x2; and a batch that gives every
 /// thread its own images.
 pub(super) fn applies(g: Geometry) -> bool {
-    g.c_in >= 32 && g.h > 2 && g.w > 2 && g.batch >= rayon::current_num_threads()
+    suits(g) && g.batch >= rayon::current_num_threads()
+}
+
+/// Whether [`conv_by_bands`] is the faster way for `g`'s forward: shapes as for [`applies`],
+/// but fewer images than threads (inference on one large image), and at least as many
+/// pixels as input channels. On smaller maps (VGG16's block 5 at 224x224: 14x14 pixels, 512
+/// channels) each band's few tiles cannot pay for reading the 16 transformed filters, 16 MB
+/// there: im2col was 30 % faster.
+pub(super) fn applies_by_bands(g: Geometry) -> bool {
+    suits(g) && g.batch < rayon::current_num_threads() && g.hw() >= g.c_in
+}
+
+fn suits(g: Geometry) -> bool {
+    g.c_in >= 32 && g.h > 2 && g.w > 2
 }
 
 /// `U = G g G^T` of one filter `g` (row-major 3x3), row-major 4x4. `G` has rows (1, 0, 0),
@@ -110,21 +123,7 @@ pub(super) fn conv<T: WithDType>(
                         let at = |xi: usize| (xi * tiles + first_tile) * g.c_in;
                         transform_input(g, x, rows.clone(), (s.pixels, s.cols), v, at);
                     }
-                    for (xi, (m, v)) in m
-                        .chunks_exact_mut(tiles * g.c_out)
-                        .zip(v.chunks_exact(tiles * g.c_in))
-                        .enumerate()
-                    {
-                        let v = Mat::row_major(v, tiles, g.c_in);
-                        let u = Mat {
-                            data: &u[xi * g.c_out..],
-                            rows: g.c_in,
-                            cols: g.c_out,
-                            rs: 16 * g.c_out,
-                            cs: 1,
-                        };
-                        matmul(m, false, v, u, gemm::Parallelism::None);
-                    }
+                    multiply(g, tiles, v, u, m);
                     for (i, out) in out.chunks_exact_mut(g.c_out * g.hw()).enumerate() {
                         let first_tile = i * rows.len() * tw;
                         let at = |xi: usize| (xi * tiles + first_tile) * g.c_out;
@@ -135,6 +134,104 @@ pub(super) fn conv<T: WithDType>(
             })
         });
     out
+}
+
+/// [`conv`] for a batch smaller than the thread count: the bands of tile rows of each image
+/// run in parallel, each into a buffer of its own output rows, which are then copied into
+/// place (a band's rows are not contiguous in `out`, one run of them per channel plane).
+/// [`conv`] would give each thread an image, leaving all but one idle.
+pub(super) fn conv_by_bands<T: WithDType>(
+    g: Geometry,
+    x: &[T],
+    u: &[T],
+    bias: Option<&[T]>,
+    relu: bool,
+) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut out = vec![zero; g.batch * g.c_out * g.hw()];
+    if out.is_empty() {
+        return out;
+    }
+    let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+    // Bands small enough for the cache, as many as a multiple of the threads and of even
+    // sizes, so that no thread is left with the last one alone.
+    let (_, cache_band) = blocks(Geometry { batch: 1, ..g });
+    let threads = rayon::current_num_threads();
+    let count = th.div_ceil(cache_band.max(1)).next_multiple_of(threads);
+    let band = th.div_ceil(count).max(1);
+    let sizes = Scratch::<T>::sizes(g, 1, band);
+    let bands: Vec<Range<usize>> = (0..th)
+        .step_by(band)
+        .map(|t0| t0..(t0 + band).min(th))
+        .collect();
+    for (x, out) in x
+        .chunks_exact(g.c_in * g.hw())
+        .zip(out.chunks_exact_mut(g.c_out * g.hw()))
+    {
+        let results: Vec<Vec<T>> = bands
+            .par_iter()
+            .map(|rows| {
+                // The band's output rows as a map of their own: [c_out, band_h, w].
+                let band_g = Geometry {
+                    batch: 1,
+                    h: (2 * rows.len()).min(g.h - 2 * rows.start),
+                    ..g
+                };
+                let mut band_out = vec![zero; g.c_out * band_g.hw()];
+                scratch::with(sizes.iter().sum(), |buffer: &mut [T]| {
+                    let s = Scratch::split(buffer, sizes);
+                    let tiles = rows.len() * tw;
+                    let v = &mut s.v[..16 * tiles * g.c_in];
+                    let m = &mut s.m[..16 * tiles * g.c_out];
+                    let at = |xi: usize| xi * tiles * g.c_in;
+                    transform_input(g, x, rows.clone(), (s.pixels, s.cols), v, at);
+                    multiply(g, tiles, v, u, m);
+                    let at = |xi: usize| xi * tiles * g.c_out;
+                    let band_rows = 0..rows.len();
+                    let pixels = &mut *s.pixels;
+                    transform_output(
+                        band_g,
+                        m,
+                        at,
+                        band_rows,
+                        (bias, relu),
+                        pixels,
+                        &mut band_out,
+                    );
+                });
+                band_out
+            })
+            .collect();
+        out.par_chunks_mut(g.hw())
+            .enumerate()
+            .for_each(|(c, plane)| {
+                for (rows, band_out) in bands.iter().zip(&results) {
+                    let n = band_out.len() / g.c_out;
+                    plane[2 * rows.start * g.w..][..n].copy_from_slice(&band_out[c * n..][..n]);
+                }
+            });
+    }
+    out
+}
+
+/// The 16 GEMMs `M[xi] [tiles, c_out] = V[xi] [tiles, c_in] x U[xi] [c_in, c_out]`, on this
+/// thread.
+fn multiply<T: WithDType>(g: Geometry, tiles: usize, v: &[T], u: &[T], m: &mut [T]) {
+    for (xi, (m, v)) in m
+        .chunks_exact_mut(tiles * g.c_out)
+        .zip(v.chunks_exact(tiles * g.c_in))
+        .enumerate()
+    {
+        let v = Mat::row_major(v, tiles, g.c_in);
+        let u = Mat {
+            data: &u[xi * g.c_out..],
+            rows: g.c_in,
+            cols: g.c_out,
+            rs: 16 * g.c_out,
+            cs: 1,
+        };
+        matmul(m, false, v, u, gemm::Parallelism::None);
+    }
 }
 
 /// How the work is cut: `(images, band)`, whole images per task while their tiles fit,
