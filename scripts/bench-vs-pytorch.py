@@ -99,13 +99,14 @@ class Run:
     wall: float = 0.0  # seconds from start to exit
 
 
-def run(cmd, env, cwd=None):
+def run(cmd, env):
     """Runs cmd; returns its output, exit code, wall seconds and peak RSS (GiB, from wait4)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     out = proc.stdout.read()
+    # wait4 rather than wait: it also gives this child's own peak RSS.
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so that Popen does not wait again
     return out, proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 2**20
 
 

@@ -300,13 +300,9 @@ fn forward<T: WithDType>(g: Geometry, relu: bool, x: &[T], weight: &[T], bias: &
     if small::applies(g) {
         return small::forward(g, relu, x, weight, bias);
     }
-    if winograd::applies(g) {
+    if winograd::applies_to_forward(g) {
         let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
         return winograd::conv(g, x, &u, Some(bias), relu);
-    }
-    if winograd::applies_by_bands(g) {
-        let u = winograd::transform_weight(weight, g.c_out, g.c_in, false);
-        return winograd::conv_by_bands(g, x, &u, Some(bias), relu);
     }
     let plan = Plan::new(g);
     let threads = rayon::current_num_threads();

@@ -37,13 +37,13 @@ pub(super) fn applies(g: Geometry) -> bool {
     suits(g) && g.batch >= rayon::current_num_threads()
 }
 
-/// Whether [`conv_by_bands`] is the faster way for `g`'s forward: shapes as for [`applies`],
-/// but fewer images than threads (inference on one large image), and at least as many
-/// pixels as input channels. On smaller maps (VGG16's block 5 at 224x224: 14x14 pixels, 512
-/// channels) each band's few tiles cannot pay for reading the 16 transformed filters, 16 MB
-/// there: im2col was 30 % faster.
-pub(super) fn applies_by_bands(g: Geometry) -> bool {
-    suits(g) && g.batch < rayon::current_num_threads() && g.hw() >= g.c_in
+/// Whether F(2x2, 3x3) is the faster way for `g`'s forward, which (unlike the input gradient)
+/// also runs fewer images than threads, by bands of rows: then where the map has at least
+/// as many pixels as input channels. On smaller maps (VGG16's block 5 at 224x224: 14x14
+/// pixels, 512 channels) each band's few tiles cannot pay for reading the 16 transformed
+/// filters, 16 MB there: im2col was 30 % faster.
+pub(super) fn applies_to_forward(g: Geometry) -> bool {
+    applies(g) || (suits(g) && g.hw() >= g.c_in)
 }
 
 fn suits(g: Geometry) -> bool {
@@ -92,7 +92,8 @@ pub(super) fn transform_weight<T: WithDType>(
 }
 
 /// `out [batch, c_out, h, w] = conv(x [batch, c_in, h, w])` with the filters `u` [c_in, 16,
-/// c_out] from [`transform_weight`], plus `bias` if given, through a ReLU if `relu`.
+/// c_out] from [`transform_weight`], plus `bias` if given, through a ReLU if `relu`: whole
+/// images per thread, or with fewer images than threads, bands of each image's rows.
 pub(super) fn conv<T: WithDType>(
     g: Geometry,
     x: &[T],
@@ -100,11 +101,26 @@ pub(super) fn conv<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
-    let zero = T::from_f64(0.0);
-    let mut out = vec![zero; g.batch * g.c_out * g.hw()];
+    let mut out = vec![T::from_f64(0.0); g.batch * g.c_out * g.hw()];
     if out.is_empty() {
         return out;
     }
+    if g.batch < rayon::current_num_threads() {
+        conv_by_bands(g, x, u, (bias, relu), &mut out);
+    } else {
+        conv_by_images(g, x, u, (bias, relu), &mut out);
+    }
+    out
+}
+
+/// [`conv`] with tasks of whole images (several while their tiles fit in the cache).
+fn conv_by_images<T: WithDType>(
+    g: Geometry,
+    x: &[T],
+    u: &[T],
+    (bias, relu): (Option<&[T]>, bool),
+    out: &mut [T],
+) {
     let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
     let (images, band) = blocks(g);
     let sizes = Scratch::<T>::sizes(g, images, band);
@@ -133,25 +149,20 @@ pub(super) fn conv<T: WithDType>(
                 }
             })
         });
-    out
 }
 
 /// [`conv`] for a batch smaller than the thread count: the bands of tile rows of each image
 /// run in parallel, each into a buffer of its own output rows, which are then copied into
 /// place (a band's rows are not contiguous in `out`, one run of them per channel plane).
-/// [`conv`] would give each thread an image, leaving all but one idle.
-pub(super) fn conv_by_bands<T: WithDType>(
+/// Whole images per task would leave all threads but one idle.
+fn conv_by_bands<T: WithDType>(
     g: Geometry,
     x: &[T],
     u: &[T],
-    bias: Option<&[T]>,
-    relu: bool,
-) -> Vec<T> {
+    (bias, relu): (Option<&[T]>, bool),
+    out: &mut [T],
+) {
     let zero = T::from_f64(0.0);
-    let mut out = vec![zero; g.batch * g.c_out * g.hw()];
-    if out.is_empty() {
-        return out;
-    }
     let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
     // Bands small enough for the cache, as many as a multiple of the threads and of even
     // sizes, so that no thread is left with the last one alone.
@@ -211,7 +222,6 @@ pub(super) fn conv_by_bands<T: WithDType>(
                 }
             });
     }
-    out
 }
 
 /// The 16 GEMMs `M[xi] [tiles, c_out] = V[xi] [tiles, c_in] x U[xi] [c_in, c_out]`, on this
