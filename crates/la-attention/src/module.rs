@@ -3,9 +3,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use la_kernels::activation;
-use la_kernels::bias::add_bias;
 use la_kernels::efficient;
 use la_kernels::linear;
+use la_kernels::projection::{project, Order};
 use la_kernels::softmax_attention::softmax_attention;
 
 use crate::{linformer, performer, AttentionConfig, AttentionKind, Error, Result};
@@ -234,32 +234,14 @@ fn bias_of(lin: &Linear) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n]:
-/// W x + b as one batched product, without moving the channels last.
-fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    let b = x.dim(0)?;
-    let y = lin.weight().broadcast_left(b)?.matmul(x)?;
-    match lin.bias() {
-        Some(bias) => add_bias(&y, bias, 1),
-        None => Ok(y),
-    }
+/// `lin` applied to every position of a batch of maps, read in order `from`, written in `to`.
+fn project_with(lin: &Linear, x: &Tensor, from: Order, to: Order) -> candle_core::Result<Tensor> {
+    project(x, lin.weight(), &bias_of(lin)?, from, to)
 }
 
-/// `lin` on tokens [b, n, c_in] -> [b, n, c_out], as candle-nn's `Linear::forward` but with
-/// [`add_bias`], whose gradient is far cheaper than `broadcast_add`'s.
-fn project_tokens(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, n, c_in) = x.dims3()?;
-    // One [b n, c_in] x [c_in, c_out] product: a batched product with a broadcast weight
-    // is slower, and its weight gradient is a slow sum over the batch.
-    let y = x
-        .contiguous()?
-        .reshape((b * n, c_in))?
-        .matmul(&lin.weight().t()?)?;
-    let y = match lin.bias() {
-        Some(bias) => add_bias(&y, bias, 1)?,
-        None => y,
-    };
-    y.reshape((b, n, ()))
+/// `lin` applied to every position of a channel-first map [b, c_in, n] -> [b, c_out, n].
+fn project_channels(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    project_with(lin, x, Order::Channels, Order::Channels)
 }
 
 impl SpatialAttention {
@@ -317,18 +299,16 @@ impl SpatialAttention {
 impl Module for SpatialAttention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        if self.kind == AttentionKind::Softmax {
-            // The fused kernel works on token-major rows.
-            let tokens = Self::tokens(x)?;
-            let q = project_tokens(&self.query, &tokens)?;
-            let k = project_tokens(&self.key, &tokens)?;
-            let v = project_tokens(&self.value, &tokens)?;
-            let mixed = softmax_attention(&q, &k, &v, self.scale)?;
-            let out = project_tokens(&self.out, &mixed)?; // [b, n, c]
-            return x + out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        }
-        // The linear kinds stay channel-first: a [b, c, h, w] map is already [b, c, n].
         let map = x.reshape((b, c, h * w))?;
+        if self.kind == AttentionKind::Softmax {
+            // The fused kernel works on token-major rows: the projections write them.
+            let [q, k, v] = [&self.query, &self.key, &self.value]
+                .map(|lin| project_with(lin, &map, Order::Channels, Order::Tokens));
+            let mixed = softmax_attention(&q?, &k?, &v?, self.scale)?;
+            let out = project_with(&self.out, &mixed, Order::Tokens, Order::Channels)?;
+            return x + out.reshape((b, c, h, w))?;
+        }
+        // The other kinds stay channel-first: a [b, c, h, w] map is already [b, c, n].
         let folded = match self.kind {
             AttentionKind::Linear => Some((linear::FeatureMap::EluPlusOne, linear::ELU_EPS)),
             AttentionKind::ReluLinear => Some((linear::FeatureMap::Relu, linear::RELU_EPS)),

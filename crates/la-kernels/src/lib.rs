@@ -4,7 +4,8 @@
 //! generic form everywhere, so the code a GPU runs is tested on the CPU.
 //!
 //! - [`conv`]: the 3x3 conv (im2col, Winograd, dense forms); [`norm`]: BatchNorm + ReLU;
-//!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis.
+//!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis;
+//!   [`projection`]: a Linear layer at every position, between channel-first maps and tokens.
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
@@ -27,6 +28,7 @@ pub mod norm;
 pub mod parity;
 pub mod pool;
 mod precomputed;
+pub mod projection;
 mod simd;
 pub mod softmax_attention;
 

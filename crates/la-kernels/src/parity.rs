@@ -240,6 +240,29 @@ pub fn cases() -> Result<Vec<Case>> {
         ));
     }
 
+    // A projection between every pair of orders: a batch of maps per thread and more, and
+    // one map (the gemm's own threads).
+    use crate::projection::{project, Order};
+    for (from, to) in [
+        (Order::Channels, Order::Tokens),
+        (Order::Tokens, Order::Channels),
+        (Order::Channels, Order::Channels),
+        (Order::Tokens, Order::Tokens),
+    ] {
+        for batch in [1, threads + 1] {
+            let (c_in, c_out, n) = (7, 5, 37);
+            let x = match from {
+                Order::Channels => u(&[batch, c_in, n], 40)?,
+                Order::Tokens => u(&[batch, n, c_in], 40)?,
+            };
+            cases.push(Case::new(
+                format!("project {from:?} -> {to:?}, batch {batch}"),
+                vec![x, u(&[c_out, c_in], 41)?, u(&[c_out], 42)?],
+                move |t| Ok(vec![project(&t[0], &t[1], &t[2], from, to)?]),
+            ));
+        }
+    }
+
     // Softmax attention: one chunk, and many chunks of the generic form.
     let qkv = |n: usize, d: usize, c: usize| -> Result<Vec<Tensor>> {
         Ok(vec![
