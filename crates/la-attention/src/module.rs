@@ -314,8 +314,12 @@ impl Module for SpatialAttention {
             AttentionKind::ReluLinear => Some((linear::FeatureMap::Relu, linear::RELU_EPS)),
             _ => None,
         };
+        // Folding the value and output projections costs 2 c^2 d per image where projecting
+        // the tokens costs 2 n c^2: it pays where the map has more positions than the keys
+        // have channels (VGG16's blocks 4 and 5 at 32x32 have 16 and 4 against 64).
+        let d = self.query.weight().dim(0)?;
         if let Some((phi, eps)) = folded {
-            if la_kernels::fast_path(&[x])? {
+            if h * w > d && la_kernels::fast_path(&[x])? {
                 return self.linear_folded(&map, phi, eps)?.reshape((b, c, h, w));
             }
         }
@@ -335,7 +339,6 @@ impl Module for SpatialAttention {
             )?),
         );
         let qkv = project_channels(&fused, &map)?;
-        let d = self.query.weight().dim(0)?;
         let mixed = match self.kind {
             AttentionKind::Linear => linear::linear_attention_packed(
                 &qkv,

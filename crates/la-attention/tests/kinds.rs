@@ -325,7 +325,15 @@ fn attention_rows_are_the_weights_each_kind_mixes_with() {
 
 #[test]
 fn every_kind_matches_the_plain_reference() {
-    let (b, c, h, w) = (2, 16, 5, 7);
+    // A 5x7 map, and a 1x3 map with fewer positions than the keys' 4 channels (where the
+    // linear kinds project the tokens rather than fold the projections).
+    for (h, w) in [(5, 7), (1, 3)] {
+        matches_the_plain_reference_on(h, w);
+    }
+}
+
+fn matches_the_plain_reference_on(h: usize, w: usize) {
+    let (b, c) = (2, 16);
     let input = values(b * c * h * w, 11);
     for kind in AttentionKind::ALL {
         let config = config(kind, 4, h * w);
