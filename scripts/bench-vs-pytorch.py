@@ -8,7 +8,8 @@ and its share of the CPU's peak, and each peer's peak RSS.
 Run through scripts/bench-vs-pytorch.sh, which builds la-cli first. Reads PAIRS (default 5),
 THREADS (default 2) and ROWS (comma-separated row keys, default all) from the environment.
 
-Peers: PyTorch is bench/reference (fp32, the same model, batch and thread count); plain
+Peers: PyTorch is bench/reference (fp32, the same model, batch and thread count; the bf16
+rows run it under bf16 autocast with channels-last tensors, and la-cli with --precision bf16); plain
 Candle is la-cli with LA_KERNELS=generic, what a Candle user gets without our kernels; burn
 is bench/burn-vgg on burn's two CPU backends (ndarray and Flex), plain VGG16 only, and runs
 where it has been built (cargo build --release --manifest-path bench/burn-vgg/Cargo.toml).
@@ -28,7 +29,7 @@ BURN = "bench/burn-vgg/target/release/burn-vgg"
 # alone takes over a minute, and a ratio of 0.01x needs no second pair to be believed.
 SLOW_S = 120
 # Column order of the table; PyTorch is the yardstick of every ratio.
-PEERS = {"torch": "PyTorch fp32", "la": "la-cli", "generic": "plain Candle (LA_KERNELS=generic)",
+PEERS = {"torch": "PyTorch", "la": "la-cli", "generic": "plain Candle (LA_KERNELS=generic)",
          "burn-ndarray": "burn ndarray", "burn-flex": "burn Flex"}
 
 
@@ -63,6 +64,15 @@ ROWS = [
     bench_row("train-softmax", "train VGG16 + softmax attention, cifar head, 32x32, batch 64",
               "bench_train.py", "--model vgg16_la --head compact --size 32 --batch 64 --steps 5",
               "--mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 --steps 5"),
+    # bf16 on both sides: PyTorch's autocast + channels-last (oneDNN) against --precision bf16.
+    bench_row("train-bf16", "train VGG16, cifar head, 32x32, batch 64, bf16",
+              "bench_train.py", "--model vgg16 --head compact --size 32 --batch 64 --steps 5 --precision bf16",
+              "--mode train --attention none --head cifar --classes 100 --size 32 --batch 64 --steps 5 "
+              "--precision bf16", generic=False),
+    bench_row("train-softmax-bf16", "train VGG16 + softmax attention, cifar head, 32x32, batch 64, bf16",
+              "bench_train.py", "--model vgg16_la --head compact --size 32 --batch 64 --steps 5 --precision bf16",
+              "--mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 --steps 5 "
+              "--precision bf16", generic=False),
     bench_row("infer", "inference VGG16, 224x224, batch 1",
               "bench_infer.py", "--model vgg16 --head imagenet --num-classes 1000 --size 224 --batch 1 --steps 5",
               "--mode infer --attention none --head imagenet --classes 1000 --size 224 --batch 1 --steps 5", burn=True),

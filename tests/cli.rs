@@ -573,6 +573,44 @@ fn an_unknown_kernel_form_is_an_error_not_a_guess() {
 }
 
 #[test]
+fn bf16_precision_runs_where_the_cpu_has_it_and_says_why_not_elsewhere() {
+    let run = |env: Option<&str>| {
+        let mut args = TINY_BENCH.to_vec();
+        args.extend(["--precision", "bf16"]);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_la-cli"));
+        command.args(&args).env_remove("LA_KERNELS");
+        if let Some(form) = env {
+            command.env("LA_KERNELS", form);
+        }
+        command.output().expect("la-cli runs")
+    };
+    let out = run(None);
+    if la_kernels::precision::bf16_supported() {
+        assert!(out.status.success(), "{}", stderr(&out));
+        let header = stdout(&out).lines().next().unwrap_or("").to_string();
+        assert!(header.ends_with(" precision=bf16"), "{header}");
+        let rate = stdout(&out)
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("images/s: "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(rate.is_some_and(|r| r > 0.0), "{}", stdout(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("AVX512_BF16"), "{}", stderr(&out));
+    }
+    // The generic form has no bf16 products: an error, not a silent f32 run.
+    let generic = run(Some("generic"));
+    assert_eq!(generic.status.code(), Some(1));
+    let err = stderr(&generic);
+    assert!(
+        err.contains("--precision bf16") && err.contains("LA_KERNELS=generic"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn boolean_options_take_the_same_forms_in_every_command() {
     // `--bn` alone, `--bn true` and `--bn false`, whether the command is bench, summary or train.
     let bench = |bn: &[&str]| {

@@ -7,6 +7,7 @@ mod device;
 mod heatmap;
 mod model_args;
 mod model_file;
+mod precision;
 mod progress;
 mod ranks;
 

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, WithDType};
 
+use crate::precision::Precision;
+
 /// A strided view of a matrix in a slice: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a, T> {
@@ -143,6 +145,19 @@ pub(crate) fn matmul_strided<T: WithDType>(
         matches!(T::DTYPE, DType::F32 | DType::F64),
         "matmul: f32/f64 only"
     );
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == DType::F32 && crate::precision::precision() == Precision::Bf16 {
+        let threads = match par {
+            gemm::Parallelism::None => 1,
+            gemm::Parallelism::Rayon(0) => rayon::current_num_threads(),
+            gemm::Parallelism::Rayon(n) => n,
+        };
+        // SAFETY: T is f32 (checked just above), so these are the same slices as f32.
+        let (dst, lhs, rhs) = unsafe { (as_f32_mut(dst), as_f32(lhs), as_f32(rhs)) };
+        let scale = scale.to_f64() as f32;
+        crate::gemm_bf16::matmul(dst, (dst_rs, dst_cs), accumulate, scale, lhs, rhs, threads);
+        return;
+    }
     // SAFETY: gemm reads lhs (i, l) at lhs + i*lhs_rs + l*lhs_cs for i < m, l < k, rhs alike
     // for l < k, j < n, and writes dst (i, j) at dst + i*dst_rs + j*dst_cs; the asserts above
     // keep all of these inside their slices, `dst` is borrowed mutably so it aliases neither
@@ -173,4 +188,26 @@ pub(crate) fn matmul_strided<T: WithDType>(
             par,
         );
     }
+}
+
+/// # Safety
+/// `T` is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
+    Mat {
+        // SAFETY: T is f32 (the caller's promise): same size, alignment and bits.
+        data: unsafe { std::slice::from_raw_parts(m.data.as_ptr().cast(), m.data.len()) },
+        rows: m.rows,
+        cols: m.cols,
+        rs: m.rs,
+        cs: m.cs,
+    }
+}
+
+/// # Safety
+/// `T` is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32_mut<T>(data: &mut [T]) -> &mut [f32] {
+    // SAFETY: T is f32 (the caller's promise).
+    unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len()) }
 }

@@ -9,10 +9,11 @@
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
-//! - Plumbing: [`form`] (which form runs), [`cpu`] (CPU slices, float trait, lane sums),
-//!   `gemm` (strided views into the gemm crate), `simd` (AVX-512/AVX2 dispatch), `kernel`
-//!   (the one bridge to Candle's custom-op traits),
-//!   `precomputed` (generic ops whose backward is a closure of tensor ops).
+//! - Plumbing: [`form`] (which form runs), [`precision`] (f32 or bf16 products), [`cpu`]
+//!   (CPU slices, float trait, lane sums), `gemm` (strided views into the gemm crate) and
+//!   `gemm_bf16` (the bf16 products), `simd` (AVX-512/AVX2 dispatch), `kernel` (the one
+//!   bridge to Candle's custom-op traits), `precomputed` (generic ops whose backward is a
+//!   closure of tensor ops).
 //! - [`parity`]: each op's generic form against its fast CPU form, for tests and selftests.
 
 pub mod activation;
@@ -22,14 +23,17 @@ pub mod cpu;
 pub mod efficient;
 pub mod form;
 mod gemm;
+mod gemm_bf16;
 mod kernel;
 pub mod linear;
 pub mod norm;
 pub mod parity;
 pub mod pool;
+pub mod precision;
 mod precomputed;
 pub mod projection;
 mod simd;
 pub mod softmax_attention;
 
 pub use form::{fast_path, form, set_form, with_form, Form};
+pub use precision::{precision, set_precision, Precision};

@@ -10,6 +10,7 @@ use candle_core::{DType, ModuleT, Tensor};
 
 use crate::device::{parse_device, set_threads};
 use crate::model_args::ModelArgs;
+use crate::precision::{apply_precision, PrecisionArg};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -41,6 +42,9 @@ pub struct Args {
     threads: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 operands in the convs' and matmuls' products (CPU with AVX512_BF16).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
     /// Skip the per-block breakdown.
     #[arg(long)]
     no_breakdown: bool,
@@ -65,6 +69,7 @@ fn sync(t: &Tensor) -> Result<()> {
 pub fn run(args: Args) -> Result<()> {
     set_threads(args.threads)?;
     let device = parse_device(&args.device)?;
+    apply_precision(args.precision, &device)?;
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
@@ -111,7 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let summary = la_vgg::summary::summarize(&config, args.size);
     println!(
-        "model={} attention={} head={} params={} size={} batch={} classes={} mode={:?} threads={} device={}",
+        "model={} attention={} head={} params={} size={} batch={} classes={} mode={:?} threads={} device={} precision={}",
         config.arch_name(),
         config.attention_config().map_or("none".into(), |a| a.kind.to_string()),
         config.head.name(),
@@ -122,6 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         args.mode,
         rayon::current_num_threads(),
         crate::device::describe(&device),
+        args.precision.precision(),
     );
 
     // One step; in training mode, the seconds of its forward, backward and optimiser phases.

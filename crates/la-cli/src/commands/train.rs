@@ -17,6 +17,7 @@ use la_vgg::Normalize;
 use crate::data_args::{open_data, Data, DataKind};
 use crate::device::{parse_device, set_threads};
 use crate::model_args::HeadArg;
+use crate::precision::apply_precision;
 use crate::progress::BarObserver;
 
 mod batch_dump;
@@ -304,6 +305,7 @@ fn run_on(args: Args, collective: &Arc<dyn la_train::Collective>) -> Result<()> 
     let r = Resolved::new(options)?;
     set_threads(r.o.threads)?;
     let device = parse_device(&crate::ranks::rank_device(&need(&r.o.device), ranks))?;
+    apply_precision(need(&r.o.precision), &device)?;
     let collective = &crate::ranks::on_device(Arc::clone(collective), &device)?;
 
     // Data first: a missing data set fails before anything is written.

@@ -10,6 +10,7 @@ use la_train::{EmaConfig, OptimizerConfig, Schedule, TrainConfig};
 use super::options::{AugmentArg, OptimizerArg, Options, ScheduleArg, StopMetricArg};
 use crate::data_args::DataKind;
 use crate::model_args::{HeadArg, DEFAULT_ARCH, DEFAULT_ATTENTION};
+use crate::precision::PrecisionArg;
 
 /// The defaults for a run whose options so far are `given`: fine-tuning (`--weights`) keeps
 /// the file's full-width, BatchNorm-free VGG and lowers the pretrained layers' rate, and
@@ -74,6 +75,7 @@ pub(super) fn defaults(given: &Options) -> Options {
         model_ema_decay: Some(train.ema.map_or(EmaConfig::DEFAULT_DECAY, |e| e.decay)),
         model_ema_warmup: Some(train.ema.is_some_and(|e| e.warmup)),
         device: Some("cpu".into()),
+        precision: Some(PrecisionArg::default()),
         seed: Some(train.seed),
         runs_dir: Some("runs".into()),
         tensorboard: Some(train.tensorboard),

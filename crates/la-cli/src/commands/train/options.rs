@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data_args::DataKind;
 use crate::model_args::{Arch, AttentionArg, HeadArg};
+use crate::precision::PrecisionArg;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -257,6 +258,11 @@ pub struct Options {
     /// cpu, cuda, cuda:N or auto
     #[arg(long, help_heading = "Run")]
     pub device: Option<String>,
+    /// Precision of the convs' and matmuls' products: f32, or bf16 operands with f32 sums
+    /// (weights, gradients, BatchNorm statistics and the optimiser state stay f32, as under
+    /// PyTorch's bf16 autocast). bf16 needs a CPU with AVX512_BF16.
+    #[arg(long, value_enum, help_heading = "Run")]
+    pub precision: Option<PrecisionArg>,
     /// Seed of the initialisation, the data order and augmentation, and dropout.
     #[arg(long, help_heading = "Run")]
     pub seed: Option<u64>,
