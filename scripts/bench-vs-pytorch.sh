@@ -4,7 +4,8 @@
 # of medians and per-pair ratios (scripts/bench-vs-pytorch.py says what each cell holds).
 # Usage: scripts/bench-vs-pytorch.sh [python]   (default: .venv-torch/bin/python)
 # Environment: PAIRS (default 5), THREADS (default 2), ROWS (comma-separated keys of
-# train, train-softmax, infer, infer-softmax, train-softmax-224, epoch, linear; default all).
+# train, train-softmax, train-bf16, train-softmax-bf16, infer, infer-softmax,
+# train-softmax-224, epoch, linear; default all).
 # The epoch row reads Fashion-MNIST from /usr/share/datasets/fashion-mnist
 # (apt-get install dataset-fashion-mnist).
 set -euo pipefail

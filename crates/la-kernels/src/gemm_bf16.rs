@@ -41,7 +41,8 @@ pub(crate) fn available() -> bool {
 
 /// `x` rounded to bf16, as its 16 bits: to nearest even, NaN kept quiet, subnormal inputs
 /// to zero (`vcvtne2ps2bf16`'s rounding, so scalar and vector packing agree).
-pub(crate) fn bf16_bits(x: f32) -> u16 {
+#[cfg(test)]
+fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
@@ -292,13 +293,16 @@ mod kernel {
     fn pack<const W: usize>(src: Operand, dst: &mut Vec<u32>) {
         let pairs = src.k.div_ceil(2);
         let panels = src.lanes.div_ceil(W);
-        dst.clear();
+        // Every element is written below except the lanes past the end, all in the last
+        // panel: zeroing only that one spares a pass over the block.
         dst.resize(panels * pairs * W, 0);
-        let offsets_fit = (src.lanes * src.lane_stride + src.k) < i32::MAX as usize;
+        if src.lanes % W != 0 {
+            dst[(panels - 1) * pairs * W..].fill(0);
+        }
         if src.lane_stride == 1 {
             pack_along_lanes::<W>(&src, pairs, dst);
-        } else if src.k_stride == 1 && offsets_fit {
-            pack_gathering_pairs::<W>(&src, pairs, dst);
+        } else if src.k_stride == 1 {
+            pack_transposing::<W>(&src, pairs, dst);
         } else {
             pack_along_k::<W>(&src, pairs, dst);
         }
@@ -336,73 +340,77 @@ mod kernel {
         }
     }
 
-    /// k adjacent in memory: each lane's pair of k is 8 bytes, so two 8-lane gathers fetch
-    /// the pairs of 16 lanes in the packed order, rounded by one conversion. (Converting 32 k
-    /// of a lane and storing its pairs one by one, W u32 apart, cost the Winograd products
-    /// a third of their time at 64 channels.)
+    /// k adjacent in memory: 32 k of each of 16 lanes are loaded and rounded (each lane's 16
+    /// pairs in one vector, in pair order), and the 16 x 16 block of pairs is transposed in
+    /// registers so that each pair's 16 lanes are stored at once. (Gathering each pair's lanes
+    /// took a sixth of the products' time at the Winograd shapes.)
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn pack_gathering_pairs<const W: usize>(src: &Operand, pairs: usize, dst: &mut [u32]) {
-        let whole_pairs = src.k / 2;
+    fn pack_transposing<const W: usize>(src: &Operand, pairs: usize, dst: &mut [u32]) {
         for (p, panel) in dst.chunks_exact_mut(pairs * W).enumerate() {
             let lanes = W.min(src.lanes - p * W);
             for chunk in (0..lanes).step_by(16) {
                 let n = 16.min(lanes - chunk);
-                let mut offsets = [0i32; 16];
-                for (t, offset) in offsets.iter_mut().enumerate().take(n) {
-                    // Fits: `pack` checked lanes x lane_stride + k against i32::MAX.
-                    *offset = ((p * W + chunk + t) * src.lane_stride) as i32;
-                }
-                let lo_mask: __mmask8 = ((1u32 << n.min(8)) - 1) as u8;
-                let hi_mask: __mmask8 = ((1u32 << n.saturating_sub(8)) - 1) as u8;
                 let store_mask: __mmask16 = ((1u32 << n) - 1) as u16;
-                // SAFETY: `offsets` holds 16 i32.
-                let (lo_at, hi_at) = unsafe {
-                    (
-                        _mm256_loadu_si256(offsets.as_ptr().cast()),
-                        _mm256_loadu_si256(offsets.as_ptr().add(8).cast()),
-                    )
-                };
-                for q in 0..whole_pairs {
-                    let base = src.data[2 * q..].as_ptr();
-                    // SAFETY: for each lane t < n the gather reads k 2q and 2q + 1 of lane
-                    // chunk + t, both inside the block (2q + 1 < k); masked lanes read nothing.
-                    let (lo, hi) = unsafe {
-                        (
-                            _mm512_mask_i32gather_epi64::<4>(
-                                _mm512_setzero_si512(),
-                                lo_mask,
-                                lo_at,
-                                base.cast(),
-                            ),
-                            _mm512_mask_i32gather_epi64::<4>(
-                                _mm512_setzero_si512(),
-                                hi_mask,
-                                hi_at,
-                                base.cast(),
-                            ),
-                        )
-                    };
-                    let rounded =
-                        _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(hi), _mm512_castsi512_ps(lo));
-                    let at = &mut panel[q * W + chunk..][..n];
-                    // SAFETY: `at` holds n u32 and the mask stores n.
-                    unsafe {
-                        _mm512_mask_storeu_epi32(
-                            at.as_mut_ptr().cast(),
-                            store_mask,
-                            m512i(rounded),
-                        );
+                for l0 in (0..src.k).step_by(32) {
+                    let count = 32.min(src.k - l0);
+                    let lo_mask: __mmask16 = ((1u64 << count.min(16)) - 1) as u16;
+                    let hi_mask: __mmask16 = ((1u64 << count.saturating_sub(16)) - 1) as u16;
+                    let mut rows = [_mm512_setzero_si512(); 16];
+                    for (t, row) in rows.iter_mut().enumerate().take(n) {
+                        let at = &src.data[(p * W + chunk + t) * src.lane_stride + l0..];
+                        // SAFETY: the masked k l0..l0 + count of this lane are in the block.
+                        let (lo, hi) = unsafe {
+                            (
+                                _mm512_maskz_loadu_ps(lo_mask, at.as_ptr()),
+                                _mm512_maskz_loadu_ps(hi_mask, at.as_ptr().wrapping_add(16)),
+                            )
+                        };
+                        *row = m512i(_mm512_cvtne2ps_pbh(hi, lo));
+                    }
+                    let columns = transpose16(rows);
+                    for (q, column) in columns.iter().enumerate().take(count.div_ceil(2)) {
+                        let at = &mut panel[(l0 / 2 + q) * W + chunk..][..n];
+                        // SAFETY: `at` holds n u32 and the mask stores n.
+                        unsafe {
+                            _mm512_mask_storeu_epi32(at.as_mut_ptr().cast(), store_mask, *column)
+                        };
                     }
                 }
             }
-            if src.k % 2 == 1 {
-                // The last k has no partner: its pair is (k, 0).
-                for t in 0..lanes {
-                    let x = src.data[(p * W + t) * src.lane_stride + src.k - 1];
-                    panel[whole_pairs * W + t] = super::bf16_bits(x) as u32;
-                }
-            }
         }
+    }
+
+    /// The transpose of a 16 x 16 block of u32: element t of the result's vector q is element
+    /// q of `rows[t]`.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(rows: [__m512i; 16]) -> [__m512i; 16] {
+        // Within each 128-bit lane L, after two rounds of unpacking, vector 4 i + j holds
+        // column 4 L + j of rows 4 i .. 4 i + 3.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+        }
+        let mut s = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            s[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            s[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Then a 4 x 4 transpose of 128-bit lanes for each j.
+        let mut out = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let x0 = _mm512_shuffle_i32x4::<0x44>(s[j], s[4 + j]);
+            let x1 = _mm512_shuffle_i32x4::<0xEE>(s[j], s[4 + j]);
+            let y0 = _mm512_shuffle_i32x4::<0x44>(s[8 + j], s[12 + j]);
+            let y1 = _mm512_shuffle_i32x4::<0xEE>(s[8 + j], s[12 + j]);
+            out[j] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+            out[4 + j] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
+            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+            out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
+        }
+        out
     }
 
     /// Lanes `first..` (as many as `mask` has) of k `l`, zero past the block's k.
