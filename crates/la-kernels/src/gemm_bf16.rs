@@ -296,7 +296,7 @@ mod kernel {
         // Every element is written below except the lanes past the end, all in the last
         // panel: zeroing only that one spares a pass over the block.
         dst.resize(panels * pairs * W, 0);
-        if src.lanes % W != 0 {
+        if !src.lanes.is_multiple_of(W) {
             dst[(panels - 1) * pairs * W..].fill(0);
         }
         if src.lane_stride == 1 {
