@@ -1,5 +1,6 @@
 //! Strided matrix views over slices and the one call into the `gemm` crate (Candle's own
-//! matmul kernel) that every CPU kernel's products go through.
+//! matmul kernel) that every CPU kernel's products go through, or, under `--precision bf16`,
+//! the bf16 kernel of `bf16.rs`.
 //!
 //! Why not Candle's matmul: the kernels multiply tiles of buffers they own (im2col columns,
 //! attention score tiles, Winograd transforms) inside rayon tasks; a tensor per tile would
@@ -9,6 +10,8 @@
 use candle_core::{DType, WithDType};
 
 use crate::precision::Precision;
+
+pub(crate) mod bf16;
 
 /// A strided view of a matrix in a slice: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -155,7 +158,7 @@ pub(crate) fn matmul_strided<T: WithDType>(
         // SAFETY: T is f32 (checked just above), so these are the same slices as f32.
         let (dst, lhs, rhs) = unsafe { (as_f32_mut(dst), as_f32(lhs), as_f32(rhs)) };
         let scale = scale.to_f64() as f32;
-        crate::gemm_bf16::matmul(dst, (dst_rs, dst_cs), accumulate, scale, lhs, rhs, threads);
+        bf16::matmul(dst, (dst_rs, dst_cs), accumulate, scale, lhs, rhs, threads);
         return;
     }
     // SAFETY: gemm reads lhs (i, l) at lhs + i*lhs_rs + l*lhs_cs for i < m, l < k, rhs alike

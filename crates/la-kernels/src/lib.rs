@@ -11,7 +11,7 @@
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
 //! - Plumbing: [`form`] (which form runs), [`precision`] (f32 or bf16 products), [`cpu`]
 //!   (CPU slices, float trait, lane sums), `gemm` (strided views into the gemm crate) and
-//!   `gemm_bf16` (the bf16 products), `simd` (AVX-512/AVX2 dispatch), `kernel` (the one
+//!   `gemm/bf16.rs` (the bf16 products), `simd` (AVX-512/AVX2 dispatch), `kernel` (the one
 //!   bridge to Candle's custom-op traits), `precomputed` (generic ops whose backward is a
 //!   closure of tensor ops).
 //! - [`parity`]: each op's generic form against its fast CPU form, for tests and selftests.
@@ -23,7 +23,6 @@ pub mod cpu;
 pub mod efficient;
 pub mod form;
 mod gemm;
-mod gemm_bf16;
 mod kernel;
 pub mod linear;
 pub mod norm;

@@ -47,9 +47,19 @@ impl std::fmt::Display for Precision {
 
 static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
 
-/// Whether this CPU runs bf16 products (AVX-512 with AVX512_BF16).
+/// Whether this CPU runs bf16 products (AVX-512 F and BW with AVX512_BF16; checked once,
+/// cached by `std`).
 pub fn bf16_supported() -> bool {
-    crate::gemm_bf16::available()
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Sets the precision of the process's f32 products. bf16 on a CPU without AVX512_BF16 is

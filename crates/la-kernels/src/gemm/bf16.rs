@@ -1,5 +1,5 @@
 //! Products with bf16 operands and f32 sums: what every product of the CPU kernels runs
-//! under `--precision bf16` (see [`crate::precision`]).
+//! under `--precision bf16` (see the `precision` module).
 //!
 //! Why by hand: the `gemm` crate has no bf16 kernel and Candle's bf16 matmul on the CPU
 //! works in f32. AVX512_BF16's `vdpbf16ps` multiplies 16 pairs of bf16 and adds them to 16
@@ -12,7 +12,7 @@
 //! keeps its sums in 24 of the 32 vector registers. [`matmul_plain`] is the same product
 //! written plainly (operands rounded to bf16, sums in f64), for the tests.
 
-use crate::gemm::Mat;
+use super::Mat;
 
 /// Rows of `lhs` per microkernel: 12 x 2 accumulators, 2 `rhs` vectors and a broadcast
 /// (14, 16 x 16, 6 x 64 and 8 x 48 ran within 3 % of it at the Winograd shapes, 12 the best).
@@ -28,18 +28,9 @@ const MC: usize = MR * 24;
 /// Columns of `rhs` per block: KC x NC bf16 = 1 MiB.
 const NC: usize = NR * 64;
 
-/// Whether this CPU has the instructions the kernel needs (checked once, cached by `std`).
+/// Whether this CPU has the instructions the kernel needs.
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::precision::bf16_supported()
 }
 
 /// `x` rounded to bf16, as its 16 bits: to nearest even, NaN kept quiet, subnormal inputs
@@ -654,7 +645,7 @@ mod tests {
     #[test]
     fn matches_the_plain_product_in_every_layout() {
         if !available() {
-            assert!(crate::precision::set_precision(crate::Precision::Bf16).is_err());
+            // tests/precision.rs checks the error such a CPU gets.
             return;
         }
         let shapes = [
