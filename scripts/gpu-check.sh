@@ -2,13 +2,13 @@
 # The GPU check, in two halves (docs/gpu.md says when and how to call them):
 #
 #   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda,nccl`
-#       against NVIDIA's CUDA 13.0 toolkit wheels from PyPI (the GPU machine's driver is CUDA
+#       against NVIDIA's CUDA 13.0 toolkit and cuDNN 9.19 wheels from PyPI (the GPU machine's driver is CUDA
 #       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
 #       it, compresses it to gpu-check/la-cli.gz (ignored by git), the folder that travels.
 #   scripts/gpu-check.sh --run       on the GPU machine (no Rust, no network): puts the CUDA
 #       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs
-#       `la-cli selftest --device cuda`: every op's generic form on the GPU against the fast
-#       CPU kernels, a training step of VGG16_bn + each attention kind on both devices, the
+#       `la-cli selftest --device cuda`: every op's generic form and CUDA kernels (cuDNN's conv,
+#       the own kernels) on the GPU against the fast CPU kernels, a training step of VGG16_bn + each attention kind on both devices, the
 #       default digits run on both, a training step whose gradients NCCL sums over a
 #       one-rank communicator, and the `la-cli bench` rows on the GPU. Under 8 minutes.
 #       Logs go to $OUT (when set) or gpu-check/.
@@ -28,8 +28,10 @@ prepare() {
         # nvcc's own dependencies (nvvm, crt) are not pinned by the meta-package: a newer one
         # writes PTX that this release's ptxas (and driver) refuse.
         local minor="${toolkit_version%.*}"
+        # cuDNN for la-kernels' convolutions, pinned to the GPU machine's 9.19 (linked as
+        # libcudnn.so.9, the machine's own copy loads at run time).
         "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cccl,cublas,curand,nvrtc]==$toolkit_version" \
-            "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*"
+            "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*" "nvidia-cudnn-cu13==9.19.*"
         touch "$venv/.complete"
     fi
     local cu13
@@ -39,7 +41,7 @@ prepare() {
     local home="$root/target/cuda-home-$toolkit_version"
     mkdir -p "$home/lib64/stubs"
     for d in bin include nvvm; do ln -sfn "$cu13/$d" "$home/$d"; done
-    for lib in "$cu13"/lib/lib*.so.*; do
+    for lib in "$cu13"/lib/lib*.so.* "$(dirname "$cu13")"/cudnn/lib/libcudnn*.so.*; do
         local base; base=$(basename "$lib")
         ln -sf "$lib" "$home/lib64/$base"
         ln -sf "$lib" "$home/lib64/${base%%.so.*}.so"

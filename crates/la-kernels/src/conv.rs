@@ -32,8 +32,8 @@
 //! trailing dims that its CPU backend runs element by element (about 40 ms for a
 //! [64, 64, 32, 32] gradient, as long as this conv's whole backward). Here the bias is added
 //! while the output is written, and its gradient summed from the output gradient already in
-//! hand. Other devices and dtypes run [`conv3x3_generic`], Candle's `conv2d` +
-//! `broadcast_add`, so CUDA keeps its own kernels. The backward is not itself differentiable (no second derivatives).
+//! hand. CUDA tensors run cuDNN's three passes (`crate::cuda`), other devices and dtypes
+//! [`conv3x3_generic`], Candle's `conv2d` + `broadcast_add`. The backward is not itself differentiable (no second derivatives).
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -60,7 +60,8 @@ const TILE_PIXELS: usize = 1024;
 /// optional bias `[c_out]`), followed by a ReLU when `relu`: the ReLU is applied as the output
 /// is written, and its gradient mask as the output gradient is read, instead of Candle's four
 /// passes (compare, convert, multiply, plus the forward map) over the whole activation.
-/// The CPU kernel for f32/f64 on the CPU, otherwise [`conv3x3_generic`].
+/// The CPU kernel for f32/f64 on the CPU, cuDNN's for f32/f64 on CUDA, otherwise
+/// [`conv3x3_generic`].
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let (_, c_in, _, _) = x.dims4()?;
     let (_, w_in, kh, kw) = weight.dims4()?;
@@ -73,7 +74,8 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -
     }
     let mut tensors = vec![x, weight];
     tensors.extend(bias);
-    if !crate::fast_path(&tensors)? {
+    let (cuda, fast) = (crate::cuda_path(&tensors)?, crate::fast_path(&tensors)?);
+    if !cuda && !fast {
         return conv3x3_generic(x, weight, bias, relu);
     }
     let bias = match bias {
@@ -81,6 +83,10 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -
         // Untracked, so its gradient is skipped.
         None => Tensor::zeros(weight.dim(0)?, x.dtype(), x.device())?,
     };
+    #[cfg(feature = "cuda")]
+    if cuda {
+        return crate::cuda::conv3x3(x, weight, &bias, relu);
+    }
     // The op reads plain slices; `contiguous` is a no-op (and differentiable) otherwise.
     let inputs = [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?];
     apply("conv3x3-gemm", inputs, Conv3x3Op { relu })

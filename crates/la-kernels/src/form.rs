@@ -15,7 +15,9 @@ use candle_core::{DType, Result, Tensor};
 /// The form of the ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
-    /// The fast CPU kernels where they apply (f32/f64 on the CPU), the generic form elsewhere.
+    /// The fast kernels where they apply: the CPU kernels for f32/f64 on the CPU and, in a
+    /// build with the `cuda` feature, the CUDA kernels for f32/f64 on a CUDA device; the
+    /// generic form elsewhere.
     Fast,
     /// The device-generic form everywhere.
     Generic,
@@ -116,4 +118,23 @@ pub fn fast_path(tensors: &[&Tensor]) -> Result<bool> {
         && tensors
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == dtype))
+}
+
+/// Whether the CUDA kernels run for these tensors: a build with the `cuda` feature, the fast
+/// form in force, and every tensor non-empty, f32 or f64 on one CUDA device, all of one dtype.
+/// (Empty tensors take the generic form: nothing to launch.)
+pub fn cuda_path(tensors: &[&Tensor]) -> Result<bool> {
+    let Some(first) = tensors.first() else {
+        return Ok(false);
+    };
+    let dtype = first.dtype();
+    Ok(cfg!(feature = "cuda")
+        && form()? == Form::Fast
+        && matches!(dtype, DType::F32 | DType::F64)
+        && tensors.iter().all(|t| {
+            t.device().is_cuda()
+                && t.device().same_device(first.device())
+                && t.dtype() == dtype
+                && t.elem_count() > 0
+        }))
 }

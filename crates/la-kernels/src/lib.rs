@@ -1,7 +1,8 @@
 //! The ops under the models: each public function runs a fast CPU kernel for f32/f64 tensors
-//! on the CPU and otherwise a device-generic form written in Candle ops (CUDA, Metal, the
-//! CPU), with correct gradients in both. `LA_KERNELS=generic` (see [`form`]) forces the
-//! generic form everywhere, so the code a GPU runs is tested on the CPU.
+//! on the CPU, a CUDA kernel (cuDNN's conv, this crate's own kernels) for f32/f64 tensors on
+//! a CUDA device where it has one (the `cuda` feature), and otherwise a device-generic form
+//! written in Candle ops, with correct gradients in every form. `LA_KERNELS=generic` (see
+//! [`form`]) forces the generic form everywhere, so that each fast form is tested against it.
 //!
 //! - [`conv`]: the 3x3 conv (im2col, Winograd, dense forms); [`norm`]: BatchNorm + ReLU;
 //!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis;
@@ -9,6 +10,8 @@
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
+//! - `cuda`: the CUDA form (`cuda/*.cu` compiled by build.rs, cuDNN's conv, and the host-side
+//!   plans tested on any machine).
 //! - Plumbing: [`form`] (which form runs), [`precision`] (f32 or bf16 products), [`cpu`]
 //!   (CPU slices, float trait, lane sums), `gemm` (strided views into the gemm crate) and
 //!   `gemm/bf16.rs` (the bf16 products), `simd` (AVX-512/AVX2 dispatch), `kernel` (the one
@@ -20,7 +23,10 @@ pub mod activation;
 pub mod bias;
 pub mod conv;
 pub mod cpu;
+mod cuda;
 pub mod efficient;
+#[cfg(test)]
+mod emulated_cuda;
 pub mod form;
 mod gemm;
 mod kernel;
@@ -34,5 +40,5 @@ pub mod projection;
 mod simd;
 pub mod softmax_attention;
 
-pub use form::{fast_path, form, set_form, with_form, Form};
+pub use form::{cuda_path, fast_path, form, set_form, with_form, Form};
 pub use precision::{precision, set_precision, Precision};

@@ -1,7 +1,8 @@
 //! Each op's generic form, on a chosen device, against its fast CPU form: values and
 //! gradients at small odd sizes. The tests run these on the CPU (where the generic form is
 //! forced with [`crate::with_form`]), and `la-cli selftest --device cuda` runs the same list
-//! on a GPU, so the code CUDA builds execute is checked wherever a test can run.
+//! on a GPU, there also with the GPU's own kernels (cuDNN's conv, the CUDA pools and biases),
+//! so every form a build can run is checked against the same reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::BatchNorm;
@@ -145,8 +146,14 @@ impl Case {
 
     /// The generic form on `device` against the fast form on the CPU, in `dtype`.
     pub fn compare(&self, device: &Device, dtype: DType) -> Result<Comparison> {
+        self.compare_form(Form::Generic, device, dtype)
+    }
+
+    /// `form` on `device` against the fast form on the CPU, in `dtype`: the generic form, or
+    /// on a GPU its own kernels (the fast form there).
+    pub fn compare_form(&self, form: Form, device: &Device, dtype: DType) -> Result<Comparison> {
         let (fast_out, fast_grads) = self.run(Form::Fast, &Device::Cpu, dtype)?;
-        let (generic_out, generic_grads) = self.run(Form::Generic, device, dtype)?;
+        let (generic_out, generic_grads) = self.run(form, device, dtype)?;
         let worst = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
             let mut worst = 0f64;
             for (a, b) in a.iter().zip(b) {
@@ -373,15 +380,27 @@ pub fn cases() -> Result<Vec<Case>> {
     Ok(cases)
 }
 
-/// Every case's comparison on `device` in `dtype`.
+/// Every case's comparison on `device` in `dtype`: the generic form against the fast CPU
+/// kernels and, on a GPU, the GPU's own kernels (its fast form) too, named "... (fast form)".
 pub fn compare_all(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
-    cases()?
-        .iter()
-        .map(|case| {
-            case.compare(device, dtype)
-                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", case.name)))
-        })
-        .collect()
+    let forms: &[Form] = if device.is_cpu() {
+        &[Form::Generic]
+    } else {
+        &[Form::Generic, Form::Fast]
+    };
+    let mut comparisons = Vec::new();
+    for case in cases()? {
+        for &form in forms {
+            let mut comparison = case.compare_form(form, device, dtype).map_err(|e| {
+                candle_core::Error::Msg(format!("{} ({} form): {e}", case.name, form.name()))
+            })?;
+            if form == Form::Fast {
+                comparison.name = format!("{} (fast form)", case.name);
+            }
+            comparisons.push(comparison);
+        }
+    }
+    Ok(comparisons)
 }
 
 /// The device the tests run on: `LA_TEST_DEVICE` (`cpu`, the default, or `cuda` / `cuda:N`),

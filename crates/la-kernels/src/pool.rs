@@ -47,10 +47,14 @@ pub fn adaptive_avg_pool2d(x: &Tensor, out: usize) -> candle_core::Result<Tensor
 /// fraction of window elements equal to the maximum (1/4 for a unique maximum) instead of
 /// routing it to the maximum, so each pool of a VGG shrank the gradient about fourfold. This
 /// op gives the whole gradient to the first maximum of each window in row-major order, as
-/// PyTorch does, on every device: the CPU kernel below for f32/f64 on the CPU, otherwise
-/// [`max_pool_2x2_generic`].
+/// PyTorch does, on every device: the CPU kernel below for f32/f64 on the CPU, one CUDA kernel
+/// a pass for f32/f64 on CUDA, otherwise [`max_pool_2x2_generic`].
 pub fn max_pool_2x2(x: &Tensor) -> candle_core::Result<Tensor> {
     x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda_path(&[x])? {
+        return crate::cuda::max_pool_2x2(x);
+    }
     if !crate::fast_path(&[x])? {
         return max_pool_2x2_generic(x);
     }

@@ -1,0 +1,273 @@
+//! Launches of this crate's own CUDA kernels (`pool.cu`, `bias_act.cu`, compiled to PTX by
+//! build.rs): each function takes contiguous CUDA tensors, runs one kernel (two for a
+//! reduction) on the tensors' device and stream, and returns untracked tensors.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+use super::plan::{channel_chunks, elementwise_blocks, Chunks, BLOCK, MAX_CHANNELS};
+
+/// The PTX of one `.cu` file, under the name the device caches its module by.
+struct Module {
+    name: &'static str,
+    ptx: &'static str,
+}
+
+const POOL: Module = Module {
+    name: "la_kernels_pool",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
+};
+const BIAS_ACT: Module = Module {
+    name: "la_kernels_bias_act",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/bias_act.ptx")),
+};
+
+/// The element types the kernels are instantiated for, with their names' suffix.
+pub(crate) trait Float: WithDType + DeviceRepr + CudaDType {
+    const SUFFIX: &'static str;
+}
+impl Float for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Float for f64 {
+    const SUFFIX: &'static str = "f64";
+}
+
+/// The elements of contiguous CUDA storage under `layout`, from its offset on.
+pub(crate) fn view<'a, T: Float>(s: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        bail!("expected a contiguous CUDA tensor")
+    }
+    let start = layout.start_offset();
+    Ok(s.as_cuda_slice::<T>()?
+        .slice(start..start + layout.shape().elem_count()))
+}
+
+/// `f` on a contiguous CUDA tensor's elements and its device.
+pub(crate) fn with_view<T: Float, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaView<T>, &CudaDevice) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!(
+            "expected a CUDA tensor, got one on {:?}",
+            t.device().location()
+        )
+    };
+    f(&view(s, layout)?, s.device())
+}
+
+/// A freshly written device buffer as an untracked tensor of `shape`.
+pub(crate) fn tensor<T: Float>(data: CudaSlice<T>, dev: &CudaDevice, shape: Shape) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(data, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+fn grid(blocks: (u32, u32), shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.0, blocks.1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+fn elementwise(total: usize) -> LaunchConfig {
+    grid((elementwise_blocks(total), 1), 0)
+}
+
+fn function(dev: &CudaDevice, module: &Module, name: &str, suffix: &str) -> Result<CudaFunction> {
+    let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module.name, module.ptx)?;
+    Ok(f.into_cuda_function())
+}
+
+/// 2x2 max-pooling of contiguous, non-empty x [b, c, h, w] into [b, c, h / 2, w / 2].
+pub(crate) fn max_pool_2x2_forward<T: Float>(
+    x: &CudaView<T>,
+    [b, c, h, w]: [usize; 4],
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let total = b * c * (h / 2) * (w / 2);
+    let mut y = unsafe { dev.alloc::<T>(total) }?;
+    let (planes, h, w) = ((b * c) as i64, h as i64, w as i64);
+    let f = function(dev, &POOL, "max_pool_2x2_forward", T::SUFFIX)?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(x).arg(&mut y).arg(&planes).arg(&h).arg(&w);
+    unsafe { launch.launch(elementwise(total)) }.w()?;
+    Ok(y)
+}
+
+/// The gradient of [`max_pool_2x2_forward`] with respect to its input `x`, given the output's
+/// gradient `grad` (both contiguous).
+pub(crate) fn max_pool_2x2_backward<T: Float>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if grad.dims() != [b, c, h / 2, w / 2] {
+        bail!(
+            "max-pool backward: gradient {:?} for input {:?}",
+            grad.dims(),
+            x.dims()
+        )
+    }
+    with_view::<T, _>(x, |xs, dev| {
+        with_view::<T, _>(grad, |gy, _| {
+            let mut gx = unsafe { dev.alloc::<T>(x.elem_count()) }?;
+            let (planes, h, w) = ((b * c) as i64, h as i64, w as i64);
+            let f = function(dev, &POOL, "max_pool_2x2_backward", T::SUFFIX)?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&f);
+            launch
+                .arg(xs)
+                .arg(gy)
+                .arg(&mut gx)
+                .arg(&planes)
+                .arg(&h)
+                .arg(&w);
+            unsafe { launch.launch(elementwise(x.elem_count())) }.w()?;
+            Ok(tensor(gx, dev, x.shape().clone()))
+        })
+    })
+}
+
+/// A contiguous tensor viewed as [outer, len, inner] around `axis`.
+pub(crate) fn split_at_axis(dims: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    (outer, dims[axis], inner)
+}
+
+/// `act(x + bias)` along `axis` of a contiguous tensor of `dims` (`act` a ReLU when `relu`,
+/// else the identity), written into `out`; read from `x`, or from `out` itself when `x` is
+/// `None`.
+pub(crate) fn bias_act_into<T: Float>(
+    x: Option<&CudaView<T>>,
+    out: &mut CudaSlice<T>,
+    dims: &[usize],
+    bias: &CudaView<T>,
+    axis: usize,
+    relu: bool,
+    dev: &CudaDevice,
+) -> Result<()> {
+    let (_, len, inner) = split_at_axis(dims, axis);
+    let total: usize = dims.iter().product();
+    let null = 0u64;
+    let (len, inner, total_i, relu) = (len as i64, inner as i64, total as i64, relu as i32);
+    let f = function(dev, &BIAS_ACT, "bias_act_forward", T::SUFFIX)?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    match x {
+        Some(x) => launch.arg(x),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(out)
+        .arg(bias)
+        .arg(&len)
+        .arg(&inner)
+        .arg(&total_i)
+        .arg(&relu);
+    unsafe { launch.launch(elementwise(total)) }.w()?;
+    Ok(())
+}
+
+/// `x + bias` along `axis` of contiguous, non-empty x of `dims`, into a new buffer.
+pub(crate) fn add_bias<T: Float>(
+    x: &CudaView<T>,
+    dims: &[usize],
+    bias: &CudaView<T>,
+    axis: usize,
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let mut out = unsafe { dev.alloc::<T>(dims.iter().product()) }?;
+    bias_act_into(Some(x), &mut out, dims, bias, axis, false, dev)?;
+    Ok(out)
+}
+
+/// The backward of `act(x + bias)` along `axis`, from the output's gradient `grad` (and,
+/// when `relu`, the output itself for the mask): the gradient of x (the masked gradient;
+/// `grad` itself without a ReLU) and of the bias (the sum over every other axis).
+pub(crate) fn bias_act_backward<T: Float>(
+    grad: &Tensor,
+    output: Option<&Tensor>,
+    axis: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dims = grad.dims().to_vec();
+    let (outer, len, inner) = split_at_axis(&dims, axis);
+    if len > MAX_CHANNELS {
+        bail!("bias gradient on CUDA: {len} channels, more than {MAX_CHANNELS}")
+    }
+    if let Some(output) = output {
+        if output.dims() != grad.dims() {
+            bail!(
+                "bias backward: output {:?}, gradient {:?}",
+                output.dims(),
+                grad.dims()
+            )
+        }
+    }
+    let Chunks { chunks, per_chunk } = channel_chunks(outer * inner);
+    with_view::<T, _>(grad, |gy, dev| {
+        let mut partials = unsafe { dev.alloc::<T>(chunks * len) }?;
+        let mut masked = match output {
+            Some(_) => Some(unsafe { dev.alloc::<T>(grad.elem_count()) }?),
+            None => None,
+        };
+        let mut run = |out: Option<&CudaView<T>>| -> Result<()> {
+            let f = function(dev, &BIAS_ACT, "bias_act_backward", T::SUFFIX)?;
+            let null = 0u64;
+            let (outer, len_i, inner, per_chunk, relu) = (
+                outer as i64,
+                len as i64,
+                inner as i64,
+                per_chunk as i64,
+                out.is_some() as i32,
+            );
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(gy);
+            match out {
+                Some(out) => launch.arg(out),
+                None => launch.arg(&null),
+            };
+            match masked.as_mut() {
+                Some(m) => launch.arg(m),
+                None => launch.arg(&null),
+            };
+            launch
+                .arg(&mut partials)
+                .arg(&outer)
+                .arg(&len_i)
+                .arg(&inner)
+                .arg(&per_chunk)
+                .arg(&relu);
+            let blocks = (chunks as u32, len as u32);
+            unsafe { launch.launch(grid(blocks, 0)) }.w()?;
+            Ok(())
+        };
+        match output {
+            Some(output) => with_view::<T, _>(output, |o, _| run(Some(o)))?,
+            None => run(None)?,
+        }
+        let mut bias_grad = unsafe { dev.alloc::<T>(len) }?;
+        let f = function(dev, &BIAS_ACT, "sum_rows", T::SUFFIX)?;
+        let (rows, cols) = (len as i64, chunks as i64);
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(&partials)
+            .arg(&mut bias_grad)
+            .arg(&rows)
+            .arg(&cols);
+        unsafe { launch.launch(elementwise(len)) }.w()?;
+        let grad_x = match masked {
+            Some(m) => tensor(m, dev, grad.shape().clone()),
+            None => grad.clone(),
+        };
+        Ok((grad_x, tensor(bias_grad, dev, Shape::from(len))))
+    })
+}

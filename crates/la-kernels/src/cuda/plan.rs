@@ -1,0 +1,184 @@
+//! The host-side decisions of the CUDA form, kept apart from the launches so that they are
+//! tested on machines without a GPU: launch grids, the bias gradient's chunks, and which of
+//! cuDNN's measured convolution algorithms runs.
+
+// Used by the launches, which only a `cuda` build compiles; the tests run everywhere.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// Threads per block of every kernel here; `bias_act.cu`'s reduction assumes it (`BLOCK`).
+pub(crate) const BLOCK: u32 = 256;
+
+/// Blocks of a grid-stride launch at most: enough to fill any current GPU many times over,
+/// while each thread of a very large tensor loops over several elements.
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// The grid of a one-thread-per-element kernel over `total` elements (grid-stride loops).
+pub(crate) fn elementwise_blocks(total: usize) -> u32 {
+    total.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32
+}
+
+/// How the bias gradient splits each channel's `count` elements among blocks: a block sums
+/// `per_chunk` consecutive elements (at least a few per thread), and at most 4096 chunks a
+/// channel, so the second pass over the partial sums stays short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunks {
+    pub chunks: usize,
+    pub per_chunk: usize,
+}
+
+pub(crate) fn channel_chunks(count: usize) -> Chunks {
+    const TARGET: usize = 8 * BLOCK as usize;
+    const MAX_CHUNKS: usize = 4096;
+    let per_chunk = TARGET.max(count.div_ceil(MAX_CHUNKS));
+    Chunks {
+        chunks: count.div_ceil(per_chunk).max(1),
+        per_chunk,
+    }
+}
+
+/// The channels of one bias launch at most: they are the grid's y dimension.
+pub(crate) const MAX_CHANNELS: usize = 65_535;
+
+/// One algorithm as cuDNN's `cudnnFind*` measured it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Measured<A> {
+    pub algo: A,
+    /// cuDNN ran it (CUDNN_STATUS_SUCCESS).
+    pub ran: bool,
+    pub time_ms: f32,
+    pub workspace: usize,
+    pub deterministic: bool,
+}
+
+/// The workspace an algorithm may ask for at most (the largest of VGG16's at 224x224,
+/// batch 32, needs well under this).
+pub(crate) const MAX_WORKSPACE: usize = 1 << 30;
+
+/// The fastest algorithm that ran, is deterministic (so a run repeats to the digit, as on the
+/// CPU; what PyTorch does with `cudnn.deterministic`) and fits [`MAX_WORKSPACE`]; ties go to
+/// cuDNN's own order. `None` when none qualifies.
+pub(crate) fn fastest<A: Copy>(measured: &[Measured<A>]) -> Option<Measured<A>> {
+    measured
+        .iter()
+        .filter(|m| m.ran && m.deterministic && m.workspace <= MAX_WORKSPACE)
+        .fold(None, |best: Option<Measured<A>>, m| match best {
+            Some(b) if b.time_ms <= m.time_ms => Some(b),
+            _ => Some(*m),
+        })
+}
+
+/// A convolution's shape and dtype, the key of its cached cuDNN plan: descriptors, the three
+/// chosen algorithms and their workspace sizes are found once per key, as PyTorch's
+/// `cudnn.benchmark` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ConvKey {
+    pub f64: bool,
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl ConvKey {
+    /// The dims as cuDNN's C ints, or an error naming the dim that does not fit.
+    pub fn dims(&self) -> Result<[i32; 5], String> {
+        let fit = |v: usize, name: &str| {
+            i32::try_from(v)
+                .map_err(|_| format!("conv3x3 on CUDA: {name} = {v} exceeds cuDNN's int"))
+        };
+        Ok([
+            fit(self.batch, "batch")?,
+            fit(self.c_in, "c_in")?,
+            fit(self.c_out, "c_out")?,
+            fit(self.h, "h")?,
+            fit(self.w, "w")?,
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elementwise_grids_cover_every_element_and_stay_bounded() {
+        assert_eq!(elementwise_blocks(0), 1);
+        assert_eq!(elementwise_blocks(1), 1);
+        assert_eq!(elementwise_blocks(256), 1);
+        assert_eq!(elementwise_blocks(257), 2);
+        // VGG16's largest map at 224x224, batch 32: grid-stride beyond the cap.
+        let total = 32 * 64 * 224 * 224;
+        assert_eq!(elementwise_blocks(total) as usize, MAX_BLOCKS);
+    }
+
+    /// What the two launches of the bias gradient compute, replayed on the CPU: partial sums
+    /// of each chunk, then the chunks in order.
+    fn chunked_sum(values: &[f64]) -> f64 {
+        let Chunks { chunks, per_chunk } = channel_chunks(values.len());
+        (0..chunks)
+            .map(|k| {
+                let end = values.len().min((k + 1) * per_chunk);
+                values[(k * per_chunk).min(end)..end].iter().sum::<f64>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn channel_chunks_split_every_count_without_gaps_or_overlap() {
+        for count in [0, 1, 255, 2048, 2049, 100_000, 32 * 224 * 224, 1 << 28] {
+            let c = channel_chunks(count);
+            assert!(c.chunks >= 1 && c.chunks <= 4096, "{count}: {c:?}");
+            assert!(c.chunks * c.per_chunk >= count, "{count}: {c:?}");
+            assert!(
+                count == 0 || (c.chunks - 1) * c.per_chunk < count,
+                "{count}: {c:?}"
+            );
+        }
+        let values: Vec<f64> = (0..10_001).map(|i| (i % 7) as f64).collect();
+        assert_eq!(chunked_sum(&values), values.iter().sum::<f64>());
+    }
+
+    fn m(algo: u8, ran: bool, time_ms: f32, workspace: usize, deterministic: bool) -> Measured<u8> {
+        Measured {
+            algo,
+            ran,
+            time_ms,
+            workspace,
+            deterministic,
+        }
+    }
+
+    #[test]
+    fn the_fastest_deterministic_algorithm_that_ran_and_fits_is_chosen() {
+        let measured = [
+            m(0, true, 0.5, 0, false),                // faster, but not deterministic
+            m(1, false, 0.1, 0, true),                // did not run
+            m(2, true, 0.2, MAX_WORKSPACE + 1, true), // needs too much memory
+            m(3, true, 0.9, 0, true),
+            m(4, true, 0.7, 1 << 20, true),
+            m(5, true, 0.7, 0, true), // a tie: cuDNN's order decides
+        ];
+        assert_eq!(fastest(&measured).map(|m| m.algo), Some(4));
+        assert!(fastest(&measured[..3]).is_none());
+        assert!(fastest::<u8>(&[]).is_none());
+    }
+
+    #[test]
+    fn conv_keys_name_a_dim_that_does_not_fit_cudnn() {
+        let key = ConvKey {
+            f64: false,
+            batch: 32,
+            c_in: 64,
+            c_out: 128,
+            h: 224,
+            w: 224,
+        };
+        assert_eq!(key.dims(), Ok([32, 64, 128, 224, 224]));
+        let big = ConvKey {
+            batch: 1 << 31,
+            ..key
+        };
+        assert!(big.dims().unwrap_err().contains("batch"));
+    }
+}

@@ -1,0 +1,173 @@
+//! Tests of the CUDA kernels' own code, run on the CPU: `cuda/emulation/harness.cpp` includes
+//! `cuda/pool.cu` and `cuda/bias_act.cu` under `cuda/emulation/shim.h` (a block's threads as OS threads, so the
+//! reduction's barriers and shared memory are real), and these tests compare what it prints
+//! with the fast CPU kernels. The index arithmetic, the tie and mask rules and the chunked
+//! reduction are so checked on every machine; what only a GPU can check (the launches, cuDNN)
+//! is `la-cli selftest --device cuda`'s.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::cuda::plan::{channel_chunks, elementwise_blocks};
+use crate::parity::{relative_error, uniform};
+
+/// The harness, compiled once per test run with the machine's g++.
+fn harness() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation");
+        let out =
+            std::env::temp_dir().join(format!("la-kernels-cuda-harness-{}", std::process::id()));
+        let status = Command::new("g++")
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-pthread",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(dir.join("harness.cpp"))
+            .status()
+            .expect("g++ runs (the CUDA kernels' CPU emulation needs a C++20 compiler)");
+        assert!(status.success(), "g++ failed on the CUDA emulation harness");
+        out
+    })
+}
+
+/// Runs the harness with `args`, feeding `inputs`, and returns the numbers it printed.
+fn run(args: &[String], inputs: &[&Tensor]) -> Vec<f64> {
+    let mut stdin = String::new();
+    for t in inputs {
+        for v in t.flatten_all().unwrap().to_vec1::<f64>().unwrap() {
+            stdin.push_str(&format!("{v:?}\n"));
+        }
+    }
+    let mut child = Command::new(harness())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the harness starts");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "harness {args:?} failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+/// The next `shape`-sized tensor of `values`.
+fn take(values: &mut &[f64], shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    let (head, rest) = values.split_at(n);
+    *values = rest;
+    Tensor::from_slice(head, shape, &Device::Cpu).unwrap()
+}
+
+fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    let err = relative_error(ours, reference).unwrap();
+    assert!(err <= 1e-12, "{what}: error {err:e}");
+}
+
+#[test]
+fn max_pool_kernels_match_the_cpu_kernel_with_ties_and_odd_sizes() {
+    let grid_for = |total: usize| elementwise_blocks(total).min(3);
+    let ties = ((uniform(&[2, 3, 6, 5], -1.0, 1.0, 8).unwrap() + 1.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        * 0.5)
+        .unwrap();
+    for (label, x) in [
+        (
+            "distinct 7x9",
+            uniform(&[2, 3, 7, 9], -1.0, 1.0, 7).unwrap(),
+        ),
+        ("ties 6x5", ties),
+        ("one window", uniform(&[1, 1, 2, 2], -1.0, 1.0, 3).unwrap()),
+    ] {
+        let (b, c, h, w) = x.dims4().unwrap();
+        let grad_y = uniform(&[b, c, h / 2, w / 2], -1.0, 1.0, 9).unwrap();
+        let args = [b, c, h, w, grid_for(b * c * h * w) as usize].map(|v| v.to_string());
+        let out = run(&[&["pool".to_string()][..], &args].concat(), &[&x, &grad_y]);
+        let mut values = &out[..];
+        let y = take(&mut values, grad_y.dims());
+        let grad_x = take(&mut values, x.dims());
+        assert!(values.is_empty());
+
+        let var = Var::from_tensor(&x).unwrap();
+        let reference = crate::pool::max_pool_2x2(var.as_tensor()).unwrap();
+        let grads = (&reference * &grad_y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(&format!("pool {label} values"), &y, &reference);
+        assert_close(
+            &format!("pool {label} gradient"),
+            &grad_x,
+            grads.get(var.as_tensor()).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn bias_kernels_match_the_cpu_ops_over_chunks_and_axes() {
+    // (outer, len, inner): channels of a map, tokens (inner 1), one element a channel.
+    for (outer, len, inner) in [(3, 5, 37), (40, 6, 1), (1, 4, 1)] {
+        let count = outer * inner;
+        for relu in [false, true] {
+            for per_chunk in [channel_chunks(count).per_chunk, 7] {
+                let shape = [outer, len, inner];
+                let x = uniform(&shape, -1.0, 1.0, 10).unwrap();
+                let bias = uniform(&[len], -0.5, 0.5, 11).unwrap();
+                let grad = uniform(&shape, -1.0, 1.0, 12).unwrap();
+                let grid = elementwise_blocks(x.elem_count()).min(2);
+                let args = ["bias".to_string()]
+                    .into_iter()
+                    .chain(
+                        [outer, len, inner, relu as usize, per_chunk, grid as usize]
+                            .map(|v| v.to_string()),
+                    )
+                    .collect::<Vec<_>>();
+                let out = run(&args, &[&x, &bias, &grad]);
+                let mut values = &out[..];
+                let y = take(&mut values, &shape);
+                let in_place = take(&mut values, &shape);
+                let masked = take(&mut values, &shape);
+                let bias_grad = take(&mut values, &[len]);
+                assert!(values.is_empty());
+
+                let what = format!("bias {shape:?} relu={relu} per_chunk={per_chunk}");
+                let sum = crate::bias::add_bias(&x, &bias, 1).unwrap();
+                let reference = if relu { sum.relu().unwrap() } else { sum };
+                assert_close(&format!("{what}: forward"), &y, &reference);
+                assert_close(&format!("{what}: in place"), &in_place, &reference);
+                let reference_masked = if relu {
+                    (&grad * reference.gt(0.0).unwrap().to_dtype(DType::F64).unwrap()).unwrap()
+                } else {
+                    grad.clone()
+                };
+                assert_close(
+                    &format!("{what}: masked gradient"),
+                    &masked,
+                    &reference_masked,
+                );
+                let reference_bias_grad = reference_masked.sum(2).unwrap().sum(0).unwrap();
+                assert_close(
+                    &format!("{what}: bias gradient"),
+                    &bias_grad,
+                    &reference_bias_grad,
+                );
+            }
+        }
+    }
+}
