@@ -2,7 +2,7 @@
 # The GPU check, in two halves (docs/gpu.md says when and how to call them):
 #
 #   scripts/gpu-check.sh --prepare   here, without a GPU: builds la-cli with `--features cuda,nccl`
-#       against NVIDIA's CUDA 13.0 toolkit and cuDNN 9.19 wheels from PyPI (the GPU machine's driver is CUDA
+#       against NVIDIA's CUDA 13.0 toolkit, cuDNN 9.19 and NCCL wheels from PyPI (the GPU machine's driver is CUDA
 #       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
 #       it, compresses it to gpu-check/la-cli.gz (ignored by git), the folder that travels.
 #   scripts/gpu-check.sh --run       on the GPU machine (no Rust, no network): puts the CUDA
@@ -23,16 +23,19 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"   # 90 = H100/H200 (sm_90)
 prepare() {
     cd "$root"
     local venv=".venv-cuda-$toolkit_version"
-    if [ ! -e "$venv/.complete" ]; then
+    # The marker names the wheel set, so an older venv gets the newer wheels.
+    if [ ! -e "$venv/.complete-cudnn-nccl" ]; then
         python3 -m venv "$venv"
         # nvcc's own dependencies (nvvm, crt) are not pinned by the meta-package: a newer one
         # writes PTX that this release's ptxas (and driver) refuse.
         local minor="${toolkit_version%.*}"
-        # cuDNN for la-kernels' convolutions, pinned to the GPU machine's 9.19 (linked as
-        # libcudnn.so.9, the machine's own copy loads at run time).
+        # cuDNN for la-kernels' convolutions, pinned to the GPU machine's 9.19, and NCCL for
+        # the `nccl` feature (cudarc links both: libcudnn.so.9, libnccl.so.2; the GPU
+        # machine's own copies load at run time).
         "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cccl,cublas,curand,nvrtc]==$toolkit_version" \
-            "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*" "nvidia-cudnn-cu13==9.19.*"
-        touch "$venv/.complete"
+            "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*" "nvidia-cudnn-cu13==9.19.*" \
+            "nvidia-nccl-cu13"
+        touch "$venv/.complete-cudnn-nccl"
     fi
     local cu13
     cu13=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
@@ -41,7 +44,8 @@ prepare() {
     local home="$root/target/cuda-home-$toolkit_version"
     mkdir -p "$home/lib64/stubs"
     for d in bin include nvvm; do ln -sfn "$cu13/$d" "$home/$d"; done
-    for lib in "$cu13"/lib/lib*.so.* "$(dirname "$cu13")"/cudnn/lib/libcudnn*.so.*; do
+    local nv; nv=$(dirname "$cu13")
+    for lib in "$cu13"/lib/lib*.so.* "$nv"/cudnn/lib/libcudnn*.so.* "$nv"/nccl/lib/libnccl*.so.*; do
         local base; base=$(basename "$lib")
         ln -sf "$lib" "$home/lib64/$base"
         ln -sf "$lib" "$home/lib64/${base%%.so.*}.so"
