@@ -51,9 +51,7 @@ struct AddBias {
 impl AddBias {
     /// (outer, len, inner): x viewed as [outer, len, inner] with the bias along `len`.
     fn split(&self, dims: &[usize]) -> (usize, usize, usize) {
-        let outer = dims[..self.axis].iter().product();
-        let inner = dims[self.axis + 1..].iter().product();
-        (outer, dims[self.axis], inner)
+        crate::cuda::plan::split_at_axis(dims, self.axis)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The CUDA form of the ops: for f32/f64 tensors on a CUDA device (unless `LA_KERNELS=generic`
-//! forces the generic form), the 3x3 conv runs through cuDNN and the max-pool and the biases
-//! through this crate's own kernels, each pass one launch (a reduction two) instead of the
+//! forces the generic form), the 3x3 conv runs through cuDNN and the max-pool, the biases and
+//! SGD's update through this crate's own kernels, each pass one launch (a reduction two) instead of the
 //! generic form's many small Candle kernels. Each op is a Candle custom op ([`Kernel`]) whose
 //! CUDA forward writes the output in place of a copy, and whose backward runs the matching
 //! kernels.
@@ -21,7 +21,7 @@ mod cudnn;
 mod kernels;
 
 #[cfg(feature = "cuda")]
-pub(crate) use ops::{add_bias, conv3x3, max_pool_2x2};
+pub(crate) use ops::{add_bias, conv3x3, max_pool_2x2, sgd_pass};
 
 #[cfg(feature = "cuda")]
 mod ops {
@@ -33,6 +33,26 @@ mod ops {
     use super::kernels::{self, view};
     use crate::cpu::with_float;
     use crate::kernel::{apply, Grad, Input, Kernel};
+
+    /// One of SGD's in-place passes (`crate::sgd`) on CUDA: the momentum buffer when
+    /// `buffer`, else the weight; `rates` are the learning rate, momentum and weight decay.
+    pub(crate) fn sgd_pass(
+        buffer: bool,
+        rates: [f64; 3],
+        nesterov: bool,
+        (dst, dst_layout): (&mut CudaStorage, &candle_core::Layout),
+        (grad, grad_layout): Input<CudaStorage>,
+        (other, other_layout): Input<CudaStorage>,
+    ) -> Result<()> {
+        with_float!("sgd", dst.dtype(), T => kernels::sgd_pass::<T>(
+            buffer,
+            rates,
+            nesterov,
+            (dst, dst_layout),
+            &view(grad, grad_layout)?,
+            &view(other, other_layout)?,
+        ))
+    }
 
     fn on_cpu<R>(name: &str) -> Result<R> {
         bail!("{name}: the CUDA kernel got CPU tensors")

@@ -1,5 +1,5 @@
 //! Tests of the CUDA kernels' own code, run on the CPU: `cuda/emulation/harness.cpp` includes
-//! `cuda/pool.cu` and `cuda/bias_act.cu` under `cuda/emulation/shim.h` (a block's threads as OS threads, so the
+//! `cuda/pool.cu`, `cuda/bias_act.cu` and `cuda/sgd.cu` under `cuda/emulation/shim.h` (a block's threads as OS threads, so the
 //! reduction's barriers and shared memory are real), and these tests compare what it prints
 //! with the fast CPU kernels. The index arithmetic, the tie and mask rules and the chunked
 //! reduction are so checked on every machine; what only a GPU can check (the launches, cuDNN)
@@ -169,5 +169,45 @@ fn bias_kernels_match_the_cpu_ops_over_chunks_and_axes() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn sgd_kernels_match_the_cpu_passes() {
+    let n = 1000;
+    for nesterov in [false, true] {
+        let (lr, momentum, weight_decay) = (0.05, 0.9, 5e-4);
+        let w = uniform(&[n], -1.0, 1.0, 20).unwrap();
+        let grad = uniform(&[n], -1.0, 1.0, 21).unwrap();
+        let buf = uniform(&[n], -0.1, 0.1, 22).unwrap();
+        let args = [
+            "sgd".to_string(),
+            n.to_string(),
+            lr.to_string(),
+            momentum.to_string(),
+            weight_decay.to_string(),
+            (nesterov as u8).to_string(),
+            elementwise_blocks(n).min(2).to_string(),
+        ];
+        let out = run(&args, &[&w, &grad, &buf]);
+        let mut values = &out[..];
+        let new_buf = take(&mut values, &[n]);
+        let new_w = take(&mut values, &[n]);
+        assert!(values.is_empty());
+
+        let (w_ref, buf_ref) = (w.copy().unwrap(), buf.copy().unwrap());
+        let step = crate::sgd::SgdStep {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+        };
+        step.apply(&w_ref, &grad, &buf_ref).unwrap();
+        assert_close(
+            &format!("sgd nesterov={nesterov}: buffer"),
+            &new_buf,
+            &buf_ref,
+        );
+        assert_close(&format!("sgd nesterov={nesterov}: weight"), &new_w, &w_ref);
     }
 }

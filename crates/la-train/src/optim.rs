@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor, Var, WithDType};
-use rayon::prelude::*;
+use candle_core::{Tensor, Var};
+use la_kernels::sgd::SgdStep;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -102,7 +102,7 @@ impl Optimizer {
             let grad = &grad.detach();
             let lr = lr * p.lr_scale;
             let w = &p.var.as_tensor().detach();
-            let fast = in_place(w, grad)?;
+            let fast = SgdStep::applies(w, grad)?;
             let updated = match self.config {
                 OptimizerConfig::Sgd {
                     momentum,
@@ -114,19 +114,13 @@ impl Optimizer {
                         // momentum * 0 + g = g: the first step's buffer, as PyTorch's.
                         self.state.insert(key.clone(), w.zeros_like()?);
                     }
-                    let weight_decay = if p.decay { weight_decay } else { 0.0 };
-                    let buf = &self.state[&key];
-                    let pass = |target| SgdPass {
+                    let step = SgdStep {
                         lr,
                         momentum,
-                        weight_decay,
+                        weight_decay: if p.decay { weight_decay } else { 0.0 },
                         nesterov,
-                        target,
                     };
-                    buf.inplace_op3(grad, w, &pass(SgdTarget::Buffer))?;
-                    p.var
-                        .as_tensor()
-                        .inplace_op3(grad, buf, &pass(SgdTarget::Weight))?;
+                    step.apply(p.var.as_tensor(), grad, &self.state[&key])?;
                     continue;
                 }
                 OptimizerConfig::Sgd {
@@ -214,103 +208,6 @@ impl Optimizer {
         }
         self.state = state;
         self.steps = steps;
-        Ok(())
-    }
-}
-
-/// Whether SGD's in-place ops apply: contiguous f32/f64 tensors on the CPU, with the fast
-/// kernels in force (`la_kernels::form`; the generic form is the tensor-op update).
-fn in_place(w: &Tensor, grad: &Tensor) -> candle_core::Result<bool> {
-    Ok(la_kernels::fast_path(&[w, grad])?
-        && w.is_contiguous()
-        && grad.is_contiguous()
-        && grad.dims() == w.dims())
-}
-
-/// The contiguous data of a CPU tensor.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("sgd: expected a contiguous tensor"),
-    }
-}
-
-fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(a..b),
-        None => candle_core::bail!("sgd: expected a contiguous tensor"),
-    }
-}
-
-/// One of SGD's two in-place passes over a parameter. Why in place: as Candle tensor ops an
-/// SGD step was five passes over every parameter, each into a fresh allocation; here it is
-/// two, bound by memory bandwidth.
-struct SgdPass {
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-    nesterov: bool,
-    target: SgdTarget,
-}
-
-#[derive(Clone, Copy)]
-enum SgdTarget {
-    /// On (buf; grad, w): `buf = momentum * buf + (grad + weight_decay * w)`.
-    Buffer,
-    /// On (w; grad, buf), after `Buffer`: `w -= lr * (nesterov ? g + momentum * buf : buf)`
-    /// with `g = grad + weight_decay * w`.
-    Weight,
-}
-
-impl SgdPass {
-    fn run<T: WithDType>(&self, dst: &mut [T], grad: &[T], other: &[T]) {
-        let (lr, m, wd) = (
-            T::from_f64(self.lr),
-            T::from_f64(self.momentum),
-            T::from_f64(self.weight_decay),
-        );
-        let (nesterov, target) = (self.nesterov, self.target);
-        dst.par_chunks_mut(1 << 16)
-            .zip(grad.par_chunks(1 << 16).zip(other.par_chunks(1 << 16)))
-            .for_each(|(dst, (grad, other))| {
-                let items = dst.iter_mut().zip(grad).zip(other);
-                match target {
-                    SgdTarget::Buffer => {
-                        for ((b, &g), &w) in items {
-                            *b = *b * m + (g + w * wd);
-                        }
-                    }
-                    SgdTarget::Weight => {
-                        for ((w, &g), &b) in items {
-                            let step = if nesterov { (g + *w * wd) + b * m } else { b };
-                            *w -= step * lr;
-                        }
-                    }
-                }
-            });
-    }
-}
-
-impl InplaceOp3 for SgdPass {
-    fn name(&self) -> &'static str {
-        "sgd-pass"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let r = range(l1)?;
-        match s1 {
-            CpuStorage::F32(v) => self.run::<f32>(&mut v[r], data(s2, l2)?, data(s3, l3)?),
-            CpuStorage::F64(v) => self.run::<f64>(&mut v[r], data(s2, l2)?, data(s3, l3)?),
-            _ => candle_core::bail!("sgd: expected f32 or f64 parameters"),
-        }
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
 
-use super::plan::{channel_chunks, elementwise_blocks, Chunks, BLOCK, MAX_CHANNELS};
+use super::plan::{channel_chunks, elementwise_blocks, split_at_axis, Chunks, BLOCK, MAX_CHANNELS};
 
 /// The PTX of one `.cu` file, under the name the device caches its module by.
 struct Module {
@@ -132,13 +132,6 @@ pub(crate) fn max_pool_2x2_backward<T: Float>(x: &Tensor, grad: &Tensor) -> Resu
             Ok(tensor(gx, dev, x.shape().clone()))
         })
     })
-}
-
-/// A contiguous tensor viewed as [outer, len, inner] around `axis`.
-pub(crate) fn split_at_axis(dims: &[usize], axis: usize) -> (usize, usize, usize) {
-    let outer = dims[..axis].iter().product();
-    let inner = dims[axis + 1..].iter().product();
-    (outer, dims[axis], inner)
 }
 
 /// `act(x + bias)` along `axis` of a contiguous tensor of `dims` (`act` a ReLU when `relu`,
@@ -270,4 +263,54 @@ pub(crate) fn bias_act_backward<T: Float>(
         };
         Ok((grad_x, tensor(bias_grad, dev, Shape::from(len))))
     })
+}
+
+const SGD: Module = Module {
+    name: "la_kernels_sgd",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
+};
+
+/// One of SGD's in-place passes (`crate::sgd`) over contiguous storage: the momentum buffer
+/// (`dst` the buffer, `other` the weight) when `buffer`, else the weight (`dst` the weight,
+/// `other` the buffer).
+pub(crate) fn sgd_pass<T: Float>(
+    buffer: bool,
+    [lr, momentum, weight_decay]: [f64; 3],
+    nesterov: bool,
+    (dst, dst_layout): (&mut CudaStorage, &Layout),
+    grad: &CudaView<T>,
+    other: &CudaView<T>,
+) -> Result<()> {
+    let n = dst_layout.shape().elem_count();
+    if !dst_layout.is_contiguous() || grad.len() != n || other.len() != n {
+        bail!("sgd on CUDA: expected contiguous tensors of {n} elements")
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = dst.device().clone();
+    let start = dst_layout.start_offset();
+    let mut dst = dst.as_cuda_slice_mut::<T>()?.slice_mut(start..start + n);
+    let (n_i, nesterov) = (n as i64, nesterov as i32);
+    let (lr, momentum, weight_decay) = (
+        T::from_f64(lr),
+        T::from_f64(momentum),
+        T::from_f64(weight_decay),
+    );
+    let name = if buffer { "sgd_buffer" } else { "sgd_weight" };
+    let f = function(&dev, &SGD, name, T::SUFFIX)?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut dst).arg(grad).arg(other).arg(&n_i);
+    if buffer {
+        launch.arg(&momentum).arg(&weight_decay);
+    } else {
+        launch
+            .arg(&lr)
+            .arg(&momentum)
+            .arg(&weight_decay)
+            .arg(&nesterov);
+    }
+    unsafe { launch.launch(elementwise(n)) }.w()?;
+    Ok(())
 }

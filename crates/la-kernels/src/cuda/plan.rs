@@ -17,6 +17,14 @@ pub(crate) fn elementwise_blocks(total: usize) -> u32 {
     total.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32
 }
 
+/// A contiguous tensor of `dims` viewed as [outer, len, inner] around `axis`: the layout every
+/// bias kernel (CPU and CUDA) works in.
+pub(crate) fn split_at_axis(dims: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    (outer, dims[axis], inner)
+}
+
 /// How the bias gradient splits each channel's `count` elements among blocks: a block sums
 /// `per_chunk` consecutive elements (at least a few per thread), and at most 4096 chunks a
 /// channel, so the second pass over the partial sums stays short.

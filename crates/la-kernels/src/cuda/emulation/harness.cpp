@@ -1,7 +1,8 @@
-// Runs the f64 instances of pool.cu and bias_act.cu on the CPU through shim.h: reads a command
+// Runs the f64 instances of pool.cu, bias_act.cu and sgd.cu on the CPU through shim.h: reads a command
 // and its inputs (whitespace-separated numbers) and prints the outputs, one number a line.
 //   pool B C H W GRID                 x, grad_y          -> y, grad_x
 //   bias OUTER LEN INNER RELU PER_CHUNK GRID   x, bias, grad  -> y, y in place, masked, bias grad
+//   sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID  w, grad, buf -> buf, w (both passes)
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -10,6 +11,7 @@
 #include "shim.h"
 #include "../pool.cu"
 #include "../bias_act.cu"
+#include "../sgd.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -71,6 +73,26 @@ int main(int argc, char** argv) {
         print(bias_grad);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID\n");
+    if (cmd == "sgd" && argc == 8) {
+        const int64_t n = arg(2);
+        const double lr = std::atof(argv[3]), momentum = std::atof(argv[4]);
+        const double weight_decay = std::atof(argv[5]);
+        const int nesterov = (int)arg(6);
+        const dim3 grid{(unsigned)arg(7), 1, 1};
+        auto w = read(n);
+        const auto grad = read(n);
+        auto buf = read(n);
+        launch(grid, block, [&] {
+            sgd_buffer_f64(buf.data(), grad.data(), w.data(), n, momentum, weight_decay);
+        });
+        launch(grid, block, [&] {
+            sgd_weight_f64(w.data(), grad.data(), buf.data(), n, lr, momentum, weight_decay,
+                           nesterov);
+        });
+        print(buf);
+        print(w);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID\n");
     return 2;
 }
