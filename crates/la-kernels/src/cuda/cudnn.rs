@@ -103,6 +103,30 @@ fn deterministic(d: sys::cudnnDeterminism_t) -> bool {
     d == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
 }
 
+/// Runs one of cuDNN's `cudnnFind*` functions on the descriptors and returns the [`fastest`]
+/// of what it measured (the three perf structs differ in type, not in fields).
+macro_rules! find_fastest {
+    ($find:path, $perf:ty, $pass:expr, $key:expr, $handle:expr, $($desc:expr),+) => {{
+        const MAX_ALGOS: usize = 8;
+        let mut count = 0;
+        let mut perf = [unsafe { std::mem::zeroed::<$perf>() }; MAX_ALGOS];
+        unsafe { $find($handle, $($desc),+, MAX_ALGOS as i32, &mut count, perf.as_mut_ptr()) }
+            .result()
+            .map_err(cudnn_error(concat!("find ", $pass, " algorithm")))?;
+        let measured: Vec<_> = perf[..count as usize]
+            .iter()
+            .map(|p| Measured {
+                algo: p.algo,
+                ran: ran(p.status),
+                time_ms: p.time,
+                workspace: p.memory,
+                deterministic: deterministic(p.determinism),
+            })
+            .collect();
+        fastest(&measured).ok_or_else(|| no_algorithm($pass, $key))?
+    }};
+}
+
 fn make_plan(handle: sys::cudnnHandle_t, key: &ConvKey) -> Result<Plan> {
     let [batch, c_in, c_out, h, w] = key.dims().map_err(candle_core::Error::Msg)?;
     let dt = data_type(key);
@@ -118,83 +142,39 @@ fn make_plan(handle: sys::cudnnHandle_t, key: &ConvKey) -> Result<Plan> {
         .map_err(cudnn_error("conv"))?;
     unsafe { result::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_FMA_MATH) }
         .map_err(cudnn_error("math type"))?;
-
-    const MAX_ALGOS: usize = 8;
-    let mut count = 0;
-    let mut fwd = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; MAX_ALGOS];
-    unsafe {
-        sys::cudnnFindConvolutionForwardAlgorithm(
-            handle,
-            x.0,
-            wd.0,
-            conv.0,
-            y.0,
-            MAX_ALGOS as i32,
-            &mut count,
-            fwd.as_mut_ptr(),
-        )
-    }
-    .result()
-    .map_err(cudnn_error("find forward algorithm"))?;
-    let forward = pick(&fwd[..count as usize], |p| Measured {
-        algo: p.algo,
-        ran: ran(p.status),
-        time_ms: p.time,
-        workspace: p.memory,
-        deterministic: deterministic(p.determinism),
-    })
-    .ok_or_else(|| no_algorithm("forward", key))?;
-
-    let mut bwd_data =
-        [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; MAX_ALGOS];
-    unsafe {
-        sys::cudnnFindConvolutionBackwardDataAlgorithm(
-            handle,
-            wd.0,
-            y.0,
-            conv.0,
-            x.0,
-            MAX_ALGOS as i32,
-            &mut count,
-            bwd_data.as_mut_ptr(),
-        )
-    }
-    .result()
-    .map_err(cudnn_error("find input-gradient algorithm"))?;
-    let backward_data = pick(&bwd_data[..count as usize], |p| Measured {
-        algo: p.algo,
-        ran: ran(p.status),
-        time_ms: p.time,
-        workspace: p.memory,
-        deterministic: deterministic(p.determinism),
-    })
-    .ok_or_else(|| no_algorithm("input gradient", key))?;
-
-    let mut bwd_filter =
-        [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; MAX_ALGOS];
-    unsafe {
-        sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-            handle,
-            x.0,
-            y.0,
-            conv.0,
-            wd.0,
-            MAX_ALGOS as i32,
-            &mut count,
-            bwd_filter.as_mut_ptr(),
-        )
-    }
-    .result()
-    .map_err(cudnn_error("find weight-gradient algorithm"))?;
-    let backward_filter = pick(&bwd_filter[..count as usize], |p| Measured {
-        algo: p.algo,
-        ran: ran(p.status),
-        time_ms: p.time,
-        workspace: p.memory,
-        deterministic: deterministic(p.determinism),
-    })
-    .ok_or_else(|| no_algorithm("weight gradient", key))?;
-
+    let forward = find_fastest!(
+        sys::cudnnFindConvolutionForwardAlgorithm,
+        sys::cudnnConvolutionFwdAlgoPerf_t,
+        "forward",
+        key,
+        handle,
+        x.0,
+        wd.0,
+        conv.0,
+        y.0
+    );
+    let backward_data = find_fastest!(
+        sys::cudnnFindConvolutionBackwardDataAlgorithm,
+        sys::cudnnConvolutionBwdDataAlgoPerf_t,
+        "input-gradient",
+        key,
+        handle,
+        wd.0,
+        y.0,
+        conv.0,
+        x.0
+    );
+    let backward_filter = find_fastest!(
+        sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+        sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+        "weight-gradient",
+        key,
+        handle,
+        x.0,
+        y.0,
+        conv.0,
+        wd.0
+    );
     Ok(Plan {
         x,
         y,
@@ -204,10 +184,6 @@ fn make_plan(handle: sys::cudnnHandle_t, key: &ConvKey) -> Result<Plan> {
         backward_data,
         backward_filter,
     })
-}
-
-fn pick<P, A: Copy>(found: &[P], measured: impl Fn(&P) -> Measured<A>) -> Option<Measured<A>> {
-    fastest(&found.iter().map(measured).collect::<Vec<_>>())
 }
 
 fn no_algorithm(pass: &str, key: &ConvKey) -> candle_core::Error {
@@ -275,6 +251,51 @@ fn ptr<T>(view: &CudaView<T>, stream: &cudarc::driver::CudaStream) -> *const c_v
     view.device_ptr(stream).0 as *const c_void
 }
 
+/// What one of cuDNN's three calls gets: the handle, the plan, the workspace, the output and
+/// the scaling factors (1 for the product, 0 for the output's old contents).
+struct Call<'a> {
+    handle: sys::cudnnHandle_t,
+    plan: &'a Plan,
+    stream: &'a cudarc::driver::CudaStream,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    out: *mut c_void,
+    one: *const c_void,
+    zero: *const c_void,
+}
+
+/// Allocates `len` elements and writes them with `call` (one of cuDNN's passes) under the
+/// plan for `key`, with a workspace of at least `workspace(plan)` bytes.
+fn run<T: Float>(
+    dev: &CudaDevice,
+    key: ConvKey,
+    len: usize,
+    workspace: fn(&Plan) -> usize,
+    what: &'static str,
+    call: impl FnOnce(Call) -> std::result::Result<(), result::CudnnError>,
+) -> Result<CudaSlice<T>> {
+    let mut out = unsafe { dev.alloc::<T>(len) }?;
+    let stream = dev.cuda_stream();
+    with_plan(dev, key, workspace, |handle, plan, ws| {
+        let (one, zero) = (T::one(), T::zero());
+        let workspace_bytes = ws.len();
+        let (ws_ptr, _ws) = ws.device_ptr_mut(&stream);
+        let (out_ptr, _out) = out.device_ptr_mut(&stream);
+        call(Call {
+            handle,
+            plan,
+            stream: &stream,
+            workspace: ws_ptr as *mut c_void,
+            workspace_bytes,
+            out: out_ptr as *mut c_void,
+            one: &one as *const T as *const c_void,
+            zero: &zero as *const T as *const c_void,
+        })
+        .map_err(cudnn_error(what))
+    })?;
+    Ok(out)
+}
+
 /// `act(conv(x, weight) + bias)` for contiguous, non-empty x [b, c_in, h, w], weight
 /// [c_out, c_in, 3, 3] and bias [c_out]: cuDNN's forward, then one pass for the bias and the
 /// ReLU, in place.
@@ -287,36 +308,30 @@ pub(crate) fn forward<T: Float>(
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let c_out = bias.len();
-    let mut y = unsafe { dev.alloc::<T>(b * c_out * h * w) }?;
-    let stream = dev.cuda_stream();
-    let k = key::<T>(b, c_in, c_out, h, w);
-    with_plan(
+    let key = key::<T>(b, c_in, c_out, h, w);
+    let forward = |p: &Plan| p.forward.workspace;
+    let mut y = run::<T>(
         dev,
-        k,
-        |p| p.forward.workspace,
-        |handle, p, workspace| {
-            let (one, zero) = (T::one(), T::zero());
-            let ws_len = workspace.len();
-            let (ws_ptr, _ws) = workspace.device_ptr_mut(&stream);
-            let (y_ptr, _y) = y.device_ptr_mut(&stream);
-            unsafe {
-                result::convolution_forward(
-                    handle,
-                    &one as *const T as *const c_void,
-                    p.x.0,
-                    ptr(x, &stream),
-                    p.w.0,
-                    ptr(weight, &stream),
-                    p.conv.0,
-                    p.forward.algo,
-                    ws_ptr as *mut c_void,
-                    ws_len,
-                    &zero as *const T as *const c_void,
-                    p.y.0,
-                    y_ptr as *mut c_void,
-                )
-            }
-            .map_err(cudnn_error("convolution forward"))
+        key,
+        b * c_out * h * w,
+        forward,
+        "convolution forward",
+        |c| unsafe {
+            result::convolution_forward(
+                c.handle,
+                c.one,
+                c.plan.x.0,
+                ptr(x, c.stream),
+                c.plan.w.0,
+                ptr(weight, c.stream),
+                c.plan.conv.0,
+                c.plan.forward.algo,
+                c.workspace,
+                c.workspace_bytes,
+                c.zero,
+                c.plan.y.0,
+                c.out,
+            )
         },
     )?;
     bias_act_into(None, &mut y, &[b, c_out, h, w], bias, 1, relu, dev)?;
@@ -329,40 +344,28 @@ pub(crate) fn input_grad<T: Float>(grad_y: &Tensor, weight: &Tensor) -> Result<T
     let (b, c_out, h, w) = grad_y.dims4()?;
     let c_in = weight.dim(1)?;
     let shape = Shape::from((b, c_in, h, w));
+    let key = key::<T>(b, c_in, c_out, h, w);
+    let workspace = |p: &Plan| p.backward_data.workspace;
     with_view::<T, _>(grad_y, |gy, dev| {
         with_view::<T, _>(weight, |wv, _| {
-            let mut gx = unsafe { dev.alloc::<T>(shape.elem_count()) }?;
-            let stream = dev.cuda_stream();
-            let k = key::<T>(b, c_in, c_out, h, w);
-            with_plan(
-                dev,
-                k,
-                |p| p.backward_data.workspace,
-                |handle, p, workspace| {
-                    let (one, zero) = (T::one(), T::zero());
-                    let ws_len = workspace.len();
-                    let (ws_ptr, _ws) = workspace.device_ptr_mut(&stream);
-                    let (gx_ptr, _gx) = gx.device_ptr_mut(&stream);
-                    unsafe {
-                        result::convolution_backward_data(
-                            handle,
-                            &one as *const T as *const c_void,
-                            p.w.0,
-                            ptr(wv, &stream),
-                            p.y.0,
-                            ptr(gy, &stream),
-                            p.conv.0,
-                            p.backward_data.algo,
-                            ws_ptr as *mut c_void,
-                            ws_len,
-                            &zero as *const T as *const c_void,
-                            p.x.0,
-                            gx_ptr as *mut c_void,
-                        )
-                    }
-                    .map_err(cudnn_error("convolution input gradient"))
-                },
-            )?;
+            let what = "convolution input gradient";
+            let gx = run::<T>(dev, key, shape.elem_count(), workspace, what, |c| unsafe {
+                result::convolution_backward_data(
+                    c.handle,
+                    c.one,
+                    c.plan.w.0,
+                    ptr(wv, c.stream),
+                    c.plan.y.0,
+                    ptr(gy, c.stream),
+                    c.plan.conv.0,
+                    c.plan.backward_data.algo,
+                    c.workspace,
+                    c.workspace_bytes,
+                    c.zero,
+                    c.plan.x.0,
+                    c.out,
+                )
+            })?;
             Ok(tensor(gx, dev, shape.clone()))
         })
     })
@@ -381,40 +384,28 @@ pub(crate) fn weight_grad<T: Float>(x: &Tensor, grad_y: &Tensor) -> Result<Tenso
         )
     }
     let shape = Shape::from((c_out, c_in, 3, 3));
+    let key = key::<T>(b, c_in, c_out, h, w);
+    let workspace = |p: &Plan| p.backward_filter.workspace;
     with_view::<T, _>(x, |xs, dev| {
         with_view::<T, _>(grad_y, |gy, _| {
-            let mut gw = unsafe { dev.alloc::<T>(shape.elem_count()) }?;
-            let stream = dev.cuda_stream();
-            let k = key::<T>(b, c_in, c_out, h, w);
-            with_plan(
-                dev,
-                k,
-                |p| p.backward_filter.workspace,
-                |handle, p, workspace| {
-                    let (one, zero) = (T::one(), T::zero());
-                    let ws_len = workspace.len();
-                    let (ws_ptr, _ws) = workspace.device_ptr_mut(&stream);
-                    let (gw_ptr, _gw) = gw.device_ptr_mut(&stream);
-                    unsafe {
-                        result::convolution_backward_filter(
-                            handle,
-                            &one as *const T as *const c_void,
-                            p.x.0,
-                            ptr(xs, &stream),
-                            p.y.0,
-                            ptr(gy, &stream),
-                            p.conv.0,
-                            p.backward_filter.algo,
-                            ws_ptr as *mut c_void,
-                            ws_len,
-                            &zero as *const T as *const c_void,
-                            p.w.0,
-                            gw_ptr as *mut c_void,
-                        )
-                    }
-                    .map_err(cudnn_error("convolution weight gradient"))
-                },
-            )?;
+            let what = "convolution weight gradient";
+            let gw = run::<T>(dev, key, shape.elem_count(), workspace, what, |c| unsafe {
+                result::convolution_backward_filter(
+                    c.handle,
+                    c.one,
+                    c.plan.x.0,
+                    ptr(xs, c.stream),
+                    c.plan.y.0,
+                    ptr(gy, c.stream),
+                    c.plan.conv.0,
+                    c.plan.backward_filter.algo,
+                    c.workspace,
+                    c.workspace_bytes,
+                    c.zero,
+                    c.plan.w.0,
+                    c.out,
+                )
+            })?;
             Ok(tensor(gw, dev, shape.clone()))
         })
     })
