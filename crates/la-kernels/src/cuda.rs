@@ -16,12 +16,19 @@
 pub(crate) mod plan;
 
 #[cfg(feature = "cuda")]
+mod batch_norm;
+#[cfg(feature = "cuda")]
+mod cross_entropy;
+#[cfg(feature = "cuda")]
 mod cudnn;
 #[cfg(feature = "cuda")]
 mod kernels;
 
 #[cfg(feature = "cuda")]
-pub(crate) use ops::{add_bias, conv3x3, max_pool_2x2, sgd_pass};
+pub(crate) use ops::{
+    add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3, cross_entropy, max_pool_2x2,
+    sgd_pass, update_running_stats,
+};
 
 #[cfg(feature = "cuda")]
 mod ops {
@@ -29,6 +36,12 @@ mod ops {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{bail, CpuStorage, CudaStorage, Result, Shape, Tensor};
 
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::{InplaceOp2, Layout};
+
+    use super::batch_norm::{self, Map};
+    use super::cross_entropy as ce;
     use super::cudnn;
     use super::kernels::{self, view};
     use crate::cpu::with_float;
@@ -183,6 +196,292 @@ mod ops {
                 let grad_weight = cudnn::weight_grad::<T>(x, &grad)?;
                 Ok([grad_input, Some(grad_weight), Some(grad_bias)])
             })
+        }
+    }
+
+    /// [`crate::norm::batch_norm_relu_train`]'s op on CUDA: `relu(bn(x))` with the batch's
+    /// statistics, and those statistics (f64 [2c]: the means, then the biased variances).
+    pub(crate) fn batch_norm_relu_train(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let stats = Arc::new(Mutex::new(None));
+        let op = BatchNormReluTrain {
+            eps,
+            stats: stats.clone(),
+        };
+        let inputs = [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?];
+        let y = apply("batch-norm-relu-cuda", inputs, op)?;
+        let stats = stats.lock().expect("poisoned stats lock").clone();
+        let stats =
+            stats.ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
+        Ok((y, stats))
+    }
+
+    /// The op on (x, weight, bias); its forward leaves the batch statistics in `stats`, for the
+    /// caller's running statistics and for the backward.
+    struct BatchNormReluTrain {
+        eps: f64,
+        stats: Arc<Mutex<Option<Tensor>>>,
+    }
+
+    impl Kernel<3> for BatchNormReluTrain {
+        fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+            on_cpu("batch_norm_relu_train")
+        }
+
+        fn cuda_forward(
+            &self,
+            [(xs, xl), (ws, wl), (bs, bl)]: [Input<CudaStorage>; 3],
+        ) -> Result<(CudaStorage, Shape)> {
+            let map = Map::of(xl.dims())?;
+            if wl.dims() != [map.c] || bl.dims() != [map.c] {
+                bail!("batch norm: {} channels, parameters {:?}", map.c, wl.dims())
+            }
+            let dev = xs.device();
+            let (y, stats) = with_float!("batch_norm", xs.dtype(), T => {
+                let (y, stats) = batch_norm::train_forward::<T>(
+                    &view(xs, xl)?,
+                    map,
+                    &view(ws, wl)?,
+                    &view(bs, bl)?,
+                    self.eps,
+                    dev,
+                )?;
+                (T::wrap_cuda_slice(y, dev.clone()), stats)
+            });
+            let stats = kernels::tensor(stats, dev, Shape::from(2 * map.c));
+            *self.stats.lock().expect("poisoned stats lock") = Some(stats);
+            Ok((y, xl.shape().clone()))
+        }
+
+        fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+            let [x, weight, _] = g.inputs;
+            let stats = self.stats.lock().expect("poisoned stats lock").clone();
+            let stats = stats.ok_or_else(|| {
+                candle_core::Error::Msg("batch norm: backward before forward".into())
+            })?;
+            let (y, grad) = (g.output.contiguous()?, g.grad.contiguous()?);
+            let [dx, dw, db] = with_float!("batch_norm", x.dtype(), T =>
+                batch_norm::train_backward::<T>([x, weight, &y, &grad], &stats, self.eps)?);
+            Ok([Some(dx), Some(dw), Some(db)])
+        }
+    }
+
+    /// Updates BatchNorm's running statistics in place from the batch's `stats` (as
+    /// [`batch_norm_relu_train`] returns them): `(1 - momentum) r + momentum s`, the variance
+    /// scaled by `unbiased` (n / (n - 1)).
+    pub(crate) fn update_running_stats(
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        stats: &Tensor,
+        momentum: f64,
+        unbiased: f64,
+    ) -> Result<()> {
+        for (running, variance, factor) in
+            [(running_mean, false, 1.0), (running_var, true, unbiased)]
+        {
+            let op = RunningUpdate {
+                variance,
+                momentum,
+                factor,
+            };
+            running.inplace_op2(stats, &op)?;
+        }
+        Ok(())
+    }
+
+    struct RunningUpdate {
+        variance: bool,
+        momentum: f64,
+        factor: f64,
+    }
+
+    impl InplaceOp2 for RunningUpdate {
+        fn name(&self) -> &'static str {
+            "batch-norm-running-update-cuda"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<()> {
+            on_cpu("batch norm's running statistics")
+        }
+
+        fn cuda_fwd(
+            &self,
+            running: &mut CudaStorage,
+            running_layout: &Layout,
+            stats: &CudaStorage,
+            stats_layout: &Layout,
+        ) -> Result<()> {
+            let stats = view::<f64>(stats, stats_layout)?;
+            let (variance, momentum, factor) = (self.variance, self.momentum, self.factor);
+            with_float!("batch_norm", running.dtype(), T => batch_norm::running_update::<T>(
+                (running, running_layout),
+                &stats,
+                variance,
+                momentum,
+                factor,
+            ))
+        }
+    }
+
+    /// [`crate::norm::batch_norm_relu_eval`] on CUDA: `relu(bn(x))` with the running
+    /// statistics, one pass (and one tiny one for the per-channel factors).
+    pub(crate) fn batch_norm_relu_eval(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        [running_mean, running_var]: [&Tensor; 2],
+        eps: f64,
+    ) -> Result<Tensor> {
+        let op = BatchNormReluEval {
+            eps,
+            running_mean: running_mean.detach().contiguous()?,
+            running_var: running_var.detach().contiguous()?,
+        };
+        let inputs = [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?];
+        apply("batch-norm-relu-eval-cuda", inputs, op)
+    }
+
+    struct BatchNormReluEval {
+        eps: f64,
+        running_mean: Tensor,
+        running_var: Tensor,
+    }
+
+    impl Kernel<3> for BatchNormReluEval {
+        fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+            on_cpu("batch_norm_relu_eval")
+        }
+
+        fn cuda_forward(
+            &self,
+            [(xs, xl), (ws, wl), (bs, bl)]: [Input<CudaStorage>; 3],
+        ) -> Result<(CudaStorage, Shape)> {
+            let map = Map::of(xl.dims())?;
+            let channels = [
+                wl.dims(),
+                bl.dims(),
+                self.running_mean.dims(),
+                self.running_var.dims(),
+            ];
+            if channels.iter().any(|d| *d != [map.c]) {
+                bail!("batch norm: {} channels, parameters {channels:?}", map.c)
+            }
+            let dev = xs.device();
+            let y = with_float!("batch_norm", xs.dtype(), T => {
+                kernels::with_view::<T, _>(&self.running_mean, |mean, _| {
+                    kernels::with_view::<T, _>(&self.running_var, |var, _| {
+                        let (w, b) = (&view(ws, wl)?, &view(bs, bl)?);
+                        let y = batch_norm::eval_forward::<T>(
+                            &view(xs, xl)?,
+                            map,
+                            [w, b, mean, var],
+                            self.eps,
+                            dev,
+                        )?;
+                        Ok(T::wrap_cuda_slice(y, dev.clone()))
+                    })
+                })?
+            });
+            Ok((y, xl.shape().clone()))
+        }
+
+        /// Rarely taken (Grad-CAM through an evaluation-mode model), so as tensor ops: with
+        /// g' the gradient masked by the ReLU and x_hat = (x - mean) / sqrt(var + eps),
+        /// dx = g' w / sqrt(var + eps), dweight = sum g' x_hat, dbias = sum g'.
+        fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+            let [x, weight, _] = g.inputs;
+            let c = weight.elem_count();
+            let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+            let masked = g.grad.mul(&g.output.gt(0.0)?.to_dtype(x.dtype())?)?;
+            let inv_std = (&self.running_var + self.eps)?.sqrt()?.recip()?;
+            let x_hat = x
+                .broadcast_sub(&per_channel(&self.running_mean)?)?
+                .broadcast_mul(&per_channel(&inv_std)?)?;
+            let dbias = masked.sum((0, 2, 3))?;
+            let dweight = (&masked * x_hat)?.sum((0, 2, 3))?;
+            let dx = masked.broadcast_mul(&per_channel(&(weight * inv_std)?)?)?;
+            Ok([Some(dx), Some(dweight), Some(dbias)])
+        }
+    }
+
+    /// [`crate::loss::cross_entropy`] on CUDA, for logits [rows, k] and targets of the same
+    /// shape and dtype; the targets get no gradient.
+    pub(crate) fn cross_entropy(
+        logits: &Tensor,
+        targets: &Tensor,
+        smoothing: f64,
+    ) -> Result<Tensor> {
+        let op = CrossEntropy {
+            smoothing,
+            row_stats: Arc::new(Mutex::new(None)),
+        };
+        let inputs = [&logits.contiguous()?, &targets.detach().contiguous()?];
+        apply("cross-entropy-cuda", inputs, op)
+    }
+
+    /// The op on (logits, targets); its forward leaves the rows' statistics for the backward.
+    struct CrossEntropy {
+        smoothing: f64,
+        row_stats: Arc<Mutex<Option<Tensor>>>,
+    }
+
+    impl Kernel<2> for CrossEntropy {
+        fn cpu_forward(&self, _: [Input<CpuStorage>; 2]) -> Result<(CpuStorage, Shape)> {
+            on_cpu("cross_entropy")
+        }
+
+        fn cuda_forward(
+            &self,
+            [(xs, xl), (ts, tl)]: [Input<CudaStorage>; 2],
+        ) -> Result<(CudaStorage, Shape)> {
+            let (rows, k) = xl.shape().dims2()?;
+            if tl.dims() != [rows, k] {
+                bail!(
+                    "cross-entropy: logits {:?}, targets {:?}",
+                    xl.dims(),
+                    tl.dims()
+                )
+            }
+            let dev = xs.device();
+            let (loss, row_stats) = with_float!("cross_entropy", xs.dtype(), T => {
+                let (loss, row_stats) = ce::forward::<T>(
+                    &view(xs, xl)?,
+                    &view(ts, tl)?,
+                    [rows, k],
+                    self.smoothing,
+                    dev,
+                )?;
+                (T::wrap_cuda_slice(loss, dev.clone()), row_stats)
+            });
+            let row_stats = kernels::tensor(row_stats, dev, Shape::from(3 * rows));
+            *self.row_stats.lock().expect("poisoned row statistics lock") = Some(row_stats);
+            Ok((loss, Shape::from(())))
+        }
+
+        fn backward(&self, g: Grad<2>) -> Result<[Option<Tensor>; 2]> {
+            let [logits, targets] = g.inputs;
+            let row_stats = self
+                .row_stats
+                .lock()
+                .expect("poisoned row statistics lock")
+                .clone();
+            let row_stats = row_stats.ok_or_else(|| {
+                candle_core::Error::Msg("cross-entropy: backward before forward".into())
+            })?;
+            let grad = g.grad.contiguous()?;
+            let dlogits = with_float!("cross_entropy", logits.dtype(), T =>
+                ce::backward::<T>([logits, targets, &grad], &row_stats, self.smoothing)?);
+            Ok([Some(dlogits), None])
         }
     }
 }

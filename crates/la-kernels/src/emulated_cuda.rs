@@ -1,6 +1,6 @@
 //! Tests of the CUDA kernels' own code, run on the CPU: `cuda/emulation/harness.cpp` includes
-//! `cuda/pool.cu`, `cuda/bias_act.cu` and `cuda/sgd.cu` under `cuda/emulation/shim.h` (a block's threads as OS threads, so the
-//! reduction's barriers and shared memory are real), and these tests compare what it prints
+//! every `cuda/*.cu` under `cuda/emulation/shim.h` (a block's threads as OS threads, so the
+//! reductions' barriers and shared memory are real), and these tests compare what it prints
 //! with the fast CPU kernels. The index arithmetic, the tie and mask rules and the chunked
 //! reduction are so checked on every machine; what only a GPU can check (the launches, cuDNN)
 //! is `la-cli selftest --device cuda`'s.
@@ -209,5 +209,137 @@ fn sgd_kernels_match_the_cpu_passes() {
             &buf_ref,
         );
         assert_close(&format!("sgd nesterov={nesterov}: weight"), &new_w, &w_ref);
+    }
+}
+
+#[test]
+fn batch_norm_kernels_match_the_cpu_kernel_over_chunks() {
+    let (momentum, eps) = (0.1, 1e-5);
+    // (b, c, hw): several chunks a channel at the small chunk size; one value a channel;
+    // an offset mean, where a one-pass variance would lose digits.
+    for (b, c, hw, offset) in [(3, 4, 37, 0.0), (2, 3, 1, 0.0), (4, 2, 25, 1e3)] {
+        let count = b * hw;
+        for per_chunk in [channel_chunks(count).per_chunk, 7] {
+            let shape = [b, c, hw];
+            let x = (uniform(&shape, -1.0, 1.0, 30).unwrap() + offset).unwrap();
+            let weight = uniform(&[c], 0.5, 1.5, 31).unwrap();
+            let bias = uniform(&[c], -0.5, 0.5, 32).unwrap();
+            let grad = uniform(&shape, -1.0, 1.0, 33).unwrap();
+            let running_mean = uniform(&[c], -0.2, 0.2, 34).unwrap();
+            let running_var = uniform(&[c], 0.5, 1.5, 35).unwrap();
+            let grid = elementwise_blocks(x.elem_count()).min(2);
+            let args = ["bn".to_string()]
+                .into_iter()
+                .chain([b, c, hw, per_chunk, grid as usize].map(|v| v.to_string()))
+                .chain([momentum.to_string()])
+                .collect::<Vec<_>>();
+            let inputs = [&x, &weight, &bias, &grad, &running_mean, &running_var];
+            let out = run(&args, &inputs);
+            let mut values = &out[..];
+            let y = take(&mut values, &shape);
+            let stats = take(&mut values, &[2 * c]);
+            let dx = take(&mut values, &shape);
+            let dweight = take(&mut values, &[c]);
+            let dbias = take(&mut values, &[c]);
+            let new_mean = take(&mut values, &[c]);
+            let new_var = take(&mut values, &[c]);
+            let y_eval = take(&mut values, &shape);
+            assert!(values.is_empty());
+
+            // The CPU kernel on the same map as [b, c, hw, 1].
+            let map = |t: &Tensor| t.reshape((b, c, hw, 1)).unwrap();
+            let (mean_var, var_var) = (
+                Var::from_tensor(&running_mean).unwrap(),
+                Var::from_tensor(&running_var).unwrap(),
+            );
+            let (x_var, w_var, b_var) = (
+                Var::from_tensor(&map(&x)).unwrap(),
+                Var::from_tensor(&weight).unwrap(),
+                Var::from_tensor(&bias).unwrap(),
+            );
+            let bn = candle_nn::BatchNorm::new_with_momentum(
+                c,
+                mean_var.as_tensor().clone(),
+                var_var.as_tensor().clone(),
+                w_var.as_tensor().clone(),
+                b_var.as_tensor().clone(),
+                eps,
+                momentum,
+            )
+            .unwrap();
+            let reference = crate::norm::batch_norm_relu_train(&bn, x_var.as_tensor()).unwrap();
+            let grads = (&reference * map(&grad))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let what = format!("batch norm {shape:?} per_chunk={per_chunk} offset={offset}");
+            let close = |name: &str, ours: &Tensor, reference: &Tensor| {
+                let reference = reference.reshape(ours.dims()).unwrap();
+                assert_close(&format!("{what}: {name}"), ours, &reference)
+            };
+            close("forward", &y, &reference);
+            let x3 = x.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+            let mean = x3.mean(1).unwrap();
+            let var = x3
+                .broadcast_sub(&mean.unsqueeze(1).unwrap())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean(1)
+                .unwrap();
+            close(
+                "statistics",
+                &stats,
+                &Tensor::cat(&[&mean, &var], 0).unwrap(),
+            );
+            close("dx", &dx, grads.get(x_var.as_tensor()).unwrap());
+            close("dweight", &dweight, grads.get(w_var.as_tensor()).unwrap());
+            close("dbias", &dbias, grads.get(b_var.as_tensor()).unwrap());
+            close("running mean", &new_mean, mean_var.as_tensor());
+            close("running var", &new_var, var_var.as_tensor());
+            let eval = candle_nn::ModuleT::forward_t(&bn, &map(&x), false)
+                .unwrap()
+                .relu()
+                .unwrap();
+            close("evaluation", &y_eval, &eval);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_kernels_match_the_generic_loss() {
+    // Classes fewer than a block's threads, and more (several per thread); soft targets that
+    // do not sum to one (the gradient's sum t' term); large logits (the max's shift).
+    for (rows, k, smoothing, scale) in [(5, 13, 0.1, 3.0), (3, 300, 0.0, 1.0), (2, 7, 0.2, 80.0)] {
+        let logits = (uniform(&[rows, k], -1.0, 1.0, 40).unwrap() * scale).unwrap();
+        let targets = uniform(&[rows, k], 0.0, 0.3, 41).unwrap();
+        let grad = Tensor::new(0.7f64, &Device::Cpu).unwrap();
+        let grid = elementwise_blocks(rows * k).min(2);
+        let args = [
+            "ce".to_string(),
+            rows.to_string(),
+            k.to_string(),
+            smoothing.to_string(),
+            grid.to_string(),
+        ];
+        let out = run(&args, &[&logits, &targets, &grad]);
+        let mut values = &out[..];
+        let loss = take(&mut values, &[]);
+        let dlogits = take(&mut values, &[rows, k]);
+        assert!(values.is_empty());
+
+        let var = Var::from_tensor(&logits).unwrap();
+        let reference =
+            crate::loss::cross_entropy_generic(var.as_tensor(), &targets, smoothing).unwrap();
+        let grads = (&reference * 0.7).unwrap().backward().unwrap();
+        let what = format!("cross-entropy {rows}x{k} smoothing {smoothing} scale {scale}");
+        assert_close(&format!("{what}: loss"), &loss, &reference);
+        assert_close(
+            &format!("{what}: gradient"),
+            &dlogits,
+            grads.get(var.as_tensor()).unwrap(),
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! - [`conv`]: the 3x3 conv (im2col, Winograd, dense forms); [`norm`]: BatchNorm + ReLU;
 //!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis;
 //!   [`projection`]: a Linear layer at every position, between channel-first maps and tokens.
-//! - [`sgd`]: SGD with momentum's update of a parameter, in place.
+//! - [`sgd`]: SGD with momentum's update of a parameter, in place; [`loss`]: the
+//!   label-smoothed cross-entropy.
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
@@ -32,6 +33,7 @@ pub mod form;
 mod gemm;
 mod kernel;
 pub mod linear;
+pub mod loss;
 pub mod norm;
 pub mod parity;
 pub mod pool;

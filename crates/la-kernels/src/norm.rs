@@ -6,8 +6,9 @@
 //! step about 1.6x as long as without BatchNorm. Here the statistics and the normalisation +
 //! ReLU are one pass each, forward and backward. The parameters and running statistics stay
 //! in candle-nn's `BatchNorm` (same names, same checkpoints); evaluation mode uses
-//! candle-nn's own forward, and other devices the composition of Candle ops
-//! ([`batch_norm_relu_train_generic`]). [`batch_norm_relu_train_synced`] is the same
+//! candle-nn's own forward ([`batch_norm_relu_eval`]), and other devices the composition of
+//! Candle ops ([`batch_norm_relu_train_generic`]). On CUDA both modes run this crate's
+//! kernels (`cuda/batch_norm.cu`): three launches a pass in training, one in evaluation. [`batch_norm_relu_train_synced`] is the same
 //! composition with the statistics taken over every replica of a data-parallel run
 //! (PyTorch's `SyncBatchNorm`).
 
@@ -38,6 +39,19 @@ pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
         return candle_nn::ModuleT::forward_t(bn, x, true)?.relu();
     };
     x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda_path(&[x, weight, bias, bn.running_mean(), bn.running_var()])? {
+        let (y, stats) = crate::cuda::batch_norm_relu_train(x, weight, bias, bn.eps())?;
+        let unbiased = unbiased_factor(local_count(x)?);
+        crate::cuda::update_running_stats(
+            bn.running_mean(),
+            bn.running_var(),
+            &stats,
+            bn.momentum(),
+            unbiased,
+        )?;
+        return Ok(y);
+    }
     let (y, mean, var) = if crate::fast_path(&[x, weight, bias])? {
         let stats = Stats::default();
         let op = BatchNormRelu {
@@ -62,6 +76,19 @@ pub fn batch_norm_relu_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
     };
     update_running_stats(bn, local_count(x)?, &mean, &var)?;
     Ok(y)
+}
+
+/// `relu(bn(x))` in evaluation mode (the running statistics): on CUDA one fused pass
+/// (`cuda/batch_norm.cu`), elsewhere candle-nn's own forward and a ReLU.
+pub fn batch_norm_relu_eval(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some((weight, bias)) = bn.weight_and_bias() {
+        let (mean, var) = (bn.running_mean(), bn.running_var());
+        if x.rank() == 4 && crate::cuda_path(&[x, weight, bias, mean, var])? {
+            return crate::cuda::batch_norm_relu_eval(x, weight, bias, [mean, var], bn.eps());
+        }
+    }
+    candle_nn::ModuleT::forward_t(bn, x, false)?.relu()
 }
 
 /// [`batch_norm_relu_train`] from Candle ops, on any device and dtype (sums in f64),
@@ -197,11 +224,16 @@ fn update_running_stats(bn: &BatchNorm, n: f64, mean: &Tensor, var: &Tensor) -> 
         Var::from_tensor(running)?.set(&new)
     };
     update(bn.running_mean(), mean, 1.0)?;
-    update(
-        bn.running_var(),
-        var,
-        if n > 1.0 { n / (n - 1.0) } else { 1.0 },
-    )
+    update(bn.running_var(), var, unbiased_factor(n))
+}
+
+/// n / (n - 1): the biased variance of n values to the unbiased one.
+fn unbiased_factor(n: f64) -> f64 {
+    if n > 1.0 {
+        n / (n - 1.0)
+    } else {
+        1.0
+    }
 }
 
 /// The op on (x, weight, bias). Its forward leaves the batch statistics in `stats`, read by

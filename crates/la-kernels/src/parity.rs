@@ -222,6 +222,57 @@ pub fn cases() -> Result<Vec<Case>> {
         },
     ));
 
+    // BatchNorm + ReLU in evaluation mode (the running statistics are not differentiated).
+    cases.push(Case::new(
+        "batch_norm_relu_eval 7x9",
+        vec![
+            u(&[3, 5, 7, 9], 4)?,
+            pos(&[5], 5)?,
+            u(&[5], 6)?,
+            (u(&[5], 13)? * 0.2)?,
+            pos(&[5], 14)?,
+        ],
+        |t| {
+            let bn = BatchNorm::new(
+                5,
+                t[3].detach(),
+                t[4].detach(),
+                t[1].clone(),
+                t[2].clone(),
+                1e-5,
+            )?;
+            Ok(vec![crate::norm::batch_norm_relu_eval(&bn, &t[0])?])
+        },
+    ));
+
+    // The loss, against soft targets with label smoothing and against one-hot rows without
+    // (the targets are data, not differentiated).
+    let soft = pos(&[7, 13], 15)?;
+    let soft = soft.broadcast_div(&soft.sum_keepdim(1)?)?;
+    let one_hot = Tensor::from_vec(
+        (0..7 * 13)
+            .map(|i| f64::from(u8::from(i % 13 == (i / 13 * 5) % 13)))
+            .collect::<Vec<_>>(),
+        (7, 13),
+        &Device::Cpu,
+    )?;
+    for (label, targets, smoothing) in [
+        ("soft targets, smoothing 0.1", soft, 0.1),
+        ("one-hot", one_hot, 0.0),
+    ] {
+        cases.push(Case::new(
+            format!("cross_entropy 7x13 {label}"),
+            vec![(u(&[7, 13], 16)? * 3.0)?, targets],
+            move |t| {
+                Ok(vec![crate::loss::cross_entropy(
+                    &t[0],
+                    &t[1].detach(),
+                    smoothing,
+                )?])
+            },
+        ));
+    }
+
     // Max-pool: distinct values, then many ties (values on a grid of three), odd sizes.
     cases.push(Case::new(
         "max_pool_2x2 7x9",

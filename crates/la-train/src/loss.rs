@@ -3,15 +3,9 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::Result;
+pub use la_kernels::loss::log_softmax;
 
-/// log softmax over the last axis from differentiable ops (the max only shifts the range).
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&log_sum)?)
-}
+use crate::Result;
 
 /// One-hot rows [b, classes] of `labels`.
 pub fn one_hot(labels: &[usize], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
@@ -28,21 +22,18 @@ pub fn one_hot(labels: &[usize], classes: usize, device: &candle_core::Device) -
 }
 
 /// Mean cross-entropy of `logits` [b, k] against target distributions `targets` [b, k],
-/// smoothed as PyTorch's `label_smoothing`: t' = (1 - eps) t + eps / k.
+/// smoothed as PyTorch's `label_smoothing`: t' = (1 - eps) t + eps / k
+/// ([`la_kernels::loss::cross_entropy`]).
 pub fn cross_entropy_soft(
     logits: &Tensor,
     targets: &Tensor,
     label_smoothing: f64,
 ) -> Result<Tensor> {
-    let k = logits.dim(D::Minus1)? as f64;
-    let targets = targets.to_dtype(logits.dtype())?;
-    let targets = if label_smoothing > 0.0 {
-        ((targets * (1.0 - label_smoothing))? + label_smoothing / k)?
-    } else {
-        targets
-    };
-    let per_row = (log_softmax(logits)? * targets)?.sum(D::Minus1)?.neg()?;
-    Ok(per_row.mean_all()?)
+    Ok(la_kernels::loss::cross_entropy(
+        logits,
+        targets,
+        label_smoothing,
+    )?)
 }
 
 /// Mean cross-entropy against hard labels.

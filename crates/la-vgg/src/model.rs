@@ -48,7 +48,7 @@ impl ModuleT for ConvBnRelu {
             Some(bn) if train => {
                 la_kernels::norm::batch_norm_relu_train(bn, &self.conv.forward(x)?)
             }
-            Some(bn) => bn.forward_t(&self.conv.forward(x)?, false)?.relu(),
+            Some(bn) => la_kernels::norm::batch_norm_relu_eval(bn, &self.conv.forward(x)?),
             None => self.conv.forward_relu(x),
         }
     }

@@ -13,9 +13,9 @@ use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, Tensor, Wit
 use super::plan::{channel_chunks, elementwise_blocks, split_at_axis, Chunks, BLOCK, MAX_CHANNELS};
 
 /// The PTX of one `.cu` file, under the name the device caches its module by.
-struct Module {
-    name: &'static str,
-    ptx: &'static str,
+pub(super) struct Module {
+    pub name: &'static str,
+    pub ptx: &'static str,
 }
 
 const POOL: Module = Module {
@@ -69,7 +69,7 @@ pub(crate) fn tensor<T: Float>(data: CudaSlice<T>, dev: &CudaDevice, shape: Shap
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
-fn grid(blocks: (u32, u32), shared_mem_bytes: u32) -> LaunchConfig {
+pub(super) fn grid(blocks: (u32, u32), shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks.0, blocks.1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -77,11 +77,16 @@ fn grid(blocks: (u32, u32), shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
-fn elementwise(total: usize) -> LaunchConfig {
+pub(super) fn elementwise(total: usize) -> LaunchConfig {
     grid((elementwise_blocks(total), 1), 0)
 }
 
-fn function(dev: &CudaDevice, module: &Module, name: &str, suffix: &str) -> Result<CudaFunction> {
+pub(super) fn function(
+    dev: &CudaDevice,
+    module: &Module,
+    name: &str,
+    suffix: &str,
+) -> Result<CudaFunction> {
     let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module.name, module.ptx)?;
     Ok(f.into_cuda_function())
 }

@@ -1,8 +1,12 @@
-// Runs the f64 instances of pool.cu, bias_act.cu and sgd.cu on the CPU through shim.h: reads a command
+// Runs the f64 instances of every kernel file on the CPU through shim.h: reads a command
 // and its inputs (whitespace-separated numbers) and prints the outputs, one number a line.
 //   pool B C H W GRID                 x, grad_y          -> y, grad_x
 //   bias OUTER LEN INNER RELU PER_CHUNK GRID   x, bias, grad  -> y, y in place, masked, bias grad
 //   sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID  w, grad, buf -> buf, w (both passes)
+//   bn B C HW PER_CHUNK GRID MOMENTUM   x, weight, bias, grad, running mean, running var
+//        -> y (training), statistics (means, variances), dx, dweight, dbias,
+//           running mean, running var (updated), y (evaluation, from the updated statistics)
+//   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -12,6 +16,8 @@
 #include "../pool.cu"
 #include "../bias_act.cu"
 #include "../sgd.cu"
+#include "../batch_norm.cu"
+#include "../cross_entropy.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -93,6 +99,83 @@ int main(int argc, char** argv) {
         print(w);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID\n");
+    if (cmd == "bn" && argc == 8) {
+        const int64_t b = arg(2), c = arg(3), hw = arg(4), per_chunk = arg(5);
+        const dim3 grid{(unsigned)arg(6), 1, 1};
+        const double momentum = std::atof(argv[7]), eps = 1e-5;
+        const int64_t n = b * c * hw, count = b * hw;
+        const int64_t chunks = std::max<int64_t>(1, (count + per_chunk - 1) / per_chunk);
+        const auto x = read(n);
+        const auto weight = read(c);
+        const auto bias = read(c);
+        const auto grad = read(n);
+        auto running_mean = read(c);
+        auto running_var = read(c);
+        std::vector<double> partials(2 * chunks * c), stats(2 * c), scale(c), shift(c), y(n);
+        const dim3 per_channel{(unsigned)chunks, (unsigned)c, 1};
+        launch(per_channel, block, [&] {
+            bn_chunk_stats_f64(x.data(), partials.data(), b, c, hw, per_chunk);
+        });
+        launch(grid, block, [&] {
+            bn_finish_stats_f64(partials.data(), stats.data(), scale.data(), shift.data(),
+                                weight.data(), bias.data(), c, chunks, count, per_chunk, eps);
+        });
+        launch(grid, block, [&] {
+            bn_relu_apply_f64(x.data(), y.data(), scale.data(), shift.data(), c, hw, n);
+        });
+        std::vector<double> sums(2 * c), dweight(c), dbias(c), dx(n);
+        launch(per_channel, block, [&] {
+            bn_backward_chunks_f64(x.data(), y.data(), grad.data(), stats.data(),
+                                   partials.data(), b, c, hw, per_chunk, eps);
+        });
+        launch(grid, block, [&] {
+            bn_backward_sums_f64(partials.data(), sums.data(), dweight.data(), dbias.data(), c,
+                                 chunks);
+        });
+        launch(grid, block, [&] {
+            bn_backward_input_f64(x.data(), y.data(), grad.data(), weight.data(), stats.data(),
+                                  sums.data(), dx.data(), c, hw, n, (double)count, eps);
+        });
+        const double unbiased = count > 1 ? (double)count / (double)(count - 1) : 1.0;
+        launch(grid, block, [&] {
+            bn_running_update_f64(running_mean.data(), stats.data(), c, momentum, 1.0);
+        });
+        launch(grid, block, [&] {
+            bn_running_update_f64(running_var.data(), stats.data() + c, c, momentum, unbiased);
+        });
+        std::vector<double> y_eval(n);
+        launch(grid, block, [&] {
+            bn_eval_factors_f64(running_mean.data(), running_var.data(), scale.data(),
+                                shift.data(), weight.data(), bias.data(), c, eps);
+        });
+        launch(grid, block, [&] {
+            bn_relu_apply_f64(x.data(), y_eval.data(), scale.data(), shift.data(), c, hw, n);
+        });
+        for (const auto* v : {&y, &stats, &dx, &dweight, &dbias, &running_mean, &running_var,
+                              &y_eval})
+            print(*v);
+        return 0;
+    }
+    if (cmd == "ce" && argc == 6) {
+        const int64_t rows = arg(2), k = arg(3);
+        const double smoothing = std::atof(argv[4]);
+        const dim3 grid{(unsigned)arg(5), 1, 1};
+        const auto logits = read(rows * k);
+        const auto targets = read(rows * k);
+        const auto grad = read(1);
+        std::vector<double> row_stats(3 * rows), loss(1), dlogits(rows * k);
+        launch({(unsigned)rows, 1, 1}, block, [&] {
+            cross_entropy_rows_f64(logits.data(), targets.data(), row_stats.data(), k, smoothing);
+        });
+        launch({1, 1, 1}, block, [&] { cross_entropy_mean_f64(row_stats.data(), loss.data(), rows); });
+        launch(grid, block, [&] {
+            cross_entropy_backward_f64(logits.data(), targets.data(), row_stats.data(), grad.data(),
+                                       dlogits.data(), rows, k, smoothing);
+        });
+        print(loss);
+        print(dlogits);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID\n");
     return 2;
 }

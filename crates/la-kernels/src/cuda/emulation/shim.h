@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -22,6 +23,7 @@ inline std::barrier<>* block_barrier = nullptr;
 #define __shared__ static
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 using std::min;
+using std::sqrt;
 
 template <typename Kernel>
 void launch(dim3 grid, dim3 block, Kernel kernel) {
