@@ -42,8 +42,9 @@ pub struct Args {
     threads: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// f32, or bf16 operands in the convs' and matmuls' products (CPU with AVX512_BF16).
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Products of the convs and matmuls: auto (tf32 on a CUDA GPU, f32 elsewhere), f32
+    /// (fp32), tf32 (CUDA) or bf16 operands with f32 sums (CPU with AVX512_BF16).
+    #[arg(long, value_enum, default_value = "auto")]
     precision: PrecisionArg,
     /// Skip the per-block breakdown.
     #[arg(long)]
@@ -69,7 +70,7 @@ fn sync(t: &Tensor) -> Result<()> {
 pub fn run(args: Args) -> Result<()> {
     set_threads(args.threads)?;
     let device = parse_device(&args.device)?;
-    apply_precision(args.precision, &device)?;
+    let precision = apply_precision(args.precision, &device)?;
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
@@ -127,7 +128,7 @@ pub fn run(args: Args) -> Result<()> {
         args.mode,
         rayon::current_num_threads(),
         crate::device::describe(&device),
-        args.precision.precision(),
+        precision,
     );
 
     // One step; in training mode, the seconds of its forward, backward and optimiser phases.

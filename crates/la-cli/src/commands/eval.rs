@@ -8,6 +8,7 @@ use la_data::{Loader, LoaderConfig};
 use crate::data_args::{open_data, DataKind};
 use crate::device::{parse_device, set_threads};
 use crate::model_file::load_model;
+use crate::precision::{apply_precision, PrecisionArg};
 
 #[derive(clap::Args)]
 #[command(
@@ -31,6 +32,10 @@ pub struct Args {
     out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Products of the convs and matmuls: auto (tf32 on a CUDA GPU, f32 elsewhere), f32,
+    /// tf32 (CUDA) or bf16 (a CPU with AVX512_BF16).
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -38,6 +43,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     set_threads(args.threads)?;
     let device = parse_device(&args.device)?;
+    apply_precision(args.precision, &device)?;
     let (weights, data, data_dir, val_dir, val_fraction, seed, skip_bad) = match &args.run {
         Some(run) => {
             let o = crate::commands::train::read_options(run)?;

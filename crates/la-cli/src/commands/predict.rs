@@ -7,6 +7,7 @@ use candle_core::{ModuleT, D};
 
 use crate::device::parse_device;
 use crate::model_file::load_model;
+use crate::precision::{apply_precision, PrecisionArg};
 
 #[derive(clap::Args)]
 #[command(
@@ -30,10 +31,15 @@ pub struct Args {
     size: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Products of the convs and matmuls: auto (tf32 on a CUDA GPU, f32 elsewhere), f32,
+    /// tf32 (CUDA) or bf16 (a CPU with AVX512_BF16).
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let device = parse_device(&args.device)?;
+    apply_precision(args.precision, &device)?;
     let loaded = load_model(&args.weights, args.size, &device)?;
     let mut results = Vec::new();
     for path in &args.images {

@@ -2,9 +2,10 @@
 //! gradient and the weight gradient. Each shape gets one plan, made on first use and kept:
 //! its descriptors and, for each of the three passes, the algorithm `cudnnFind*` measured
 //! fastest among the deterministic ones (PyTorch's `cudnn.benchmark` with
-//! `cudnn.deterministic`), so a run repeats to the digit. The math is FMA-only: `fp32` means
-//! no TF32 rounding on tensor cores. One workspace per device grows to the largest a plan
-//! needs and is reused.
+//! `cudnn.deterministic`), so a run repeats to the digit. The math follows the precision
+//! (`crate::precision`): FMA-only for f32, so `fp32` means no TF32 rounding on tensor cores;
+//! tensor-op math for TF32, each pass then run in the math type its algorithm was measured
+//! with. One workspace per device grows to the largest a plan needs and is reused.
 //!
 //! Why not Candle's `cudnn` feature: in Candle 0.11 it serves only the forward, rebuilds its
 //! descriptors, picks its algorithm and allocates its workspace on every call, and leaves the
@@ -63,9 +64,9 @@ struct Plan {
     y: TensorDesc,
     w: FilterDesc,
     conv: ConvDesc,
-    forward: Measured<sys::cudnnConvolutionFwdAlgo_t>,
-    backward_data: Measured<sys::cudnnConvolutionBwdDataAlgo_t>,
-    backward_filter: Measured<sys::cudnnConvolutionBwdFilterAlgo_t>,
+    forward: Measured<(sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t)>,
+    backward_data: Measured<(sys::cudnnConvolutionBwdDataAlgo_t, sys::cudnnMathType_t)>,
+    backward_filter: Measured<(sys::cudnnConvolutionBwdFilterAlgo_t, sys::cudnnMathType_t)>,
 }
 
 /// cuDNN's state for one device on this thread (a cuDNN handle is not shared across threads).
@@ -116,7 +117,7 @@ macro_rules! find_fastest {
         let measured: Vec<_> = perf[..count as usize]
             .iter()
             .map(|p| Measured {
-                algo: p.algo,
+                algo: (p.algo, p.mathType),
                 ran: ran(p.status),
                 time_ms: p.time,
                 workspace: p.memory,
@@ -140,8 +141,13 @@ fn make_plan(handle: sys::cudnnHandle_t, key: &ConvKey) -> Result<Plan> {
     let mode = sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION;
     unsafe { result::set_convolution2d_descriptor(conv.0, 1, 1, 1, 1, 1, 1, mode, dt) }
         .map_err(cudnn_error("conv"))?;
-    unsafe { result::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_FMA_MATH) }
-        .map_err(cudnn_error("math type"))?;
+    // What cudnnFind may try: FMA only in f32 (and f64), tensor cores too under TF32.
+    let math = if key.tf32 {
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+    } else {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    };
+    unsafe { result::set_convolution_math_type(conv.0, math) }.map_err(cudnn_error("math type"))?;
     let forward = find_fastest!(
         sys::cudnnFindConvolutionForwardAlgorithm,
         sys::cudnnConvolutionFwdAlgoPerf_t,
@@ -236,8 +242,10 @@ fn with_plan<R>(
 }
 
 fn key<T: Float>(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvKey {
+    let f64 = T::DTYPE == DType::F64;
     ConvKey {
-        f64: T::DTYPE == DType::F64,
+        f64,
+        tf32: !f64 && crate::precision() == crate::Precision::Tf32,
         batch,
         c_in,
         c_out,
@@ -264,35 +272,46 @@ struct Call<'a> {
     zero: *const c_void,
 }
 
+/// One pass's choice in a plan: its workspace bytes and the math type its algorithm was
+/// measured with.
+type Pass = fn(&Plan) -> (usize, sys::cudnnMathType_t);
+
 /// Allocates `len` elements and writes them with `call` (one of cuDNN's passes) under the
-/// plan for `key`, with a workspace of at least `workspace(plan)` bytes.
+/// plan for `key`, with the pass's workspace and math type.
 fn run<T: Float>(
     dev: &CudaDevice,
     key: ConvKey,
     len: usize,
-    workspace: fn(&Plan) -> usize,
+    pass: Pass,
     what: &'static str,
     call: impl FnOnce(Call) -> std::result::Result<(), result::CudnnError>,
 ) -> Result<CudaSlice<T>> {
     let mut out = unsafe { dev.alloc::<T>(len) }?;
     let stream = dev.cuda_stream();
-    with_plan(dev, key, workspace, |handle, plan, ws| {
-        let (one, zero) = (T::one(), T::zero());
-        let workspace_bytes = ws.len();
-        let (ws_ptr, _ws) = ws.device_ptr_mut(&stream);
-        let (out_ptr, _out) = out.device_ptr_mut(&stream);
-        call(Call {
-            handle,
-            plan,
-            stream: &stream,
-            workspace: ws_ptr as *mut c_void,
-            workspace_bytes,
-            out: out_ptr as *mut c_void,
-            one: &one as *const T as *const c_void,
-            zero: &zero as *const T as *const c_void,
-        })
-        .map_err(cudnn_error(what))
-    })?;
+    with_plan(
+        dev,
+        key,
+        |p| pass(p).0,
+        |handle, plan, ws| {
+            unsafe { result::set_convolution_math_type(plan.conv.0, pass(plan).1) }
+                .map_err(cudnn_error("math type"))?;
+            let (one, zero) = (T::one(), T::zero());
+            let workspace_bytes = ws.len();
+            let (ws_ptr, _ws) = ws.device_ptr_mut(&stream);
+            let (out_ptr, _out) = out.device_ptr_mut(&stream);
+            call(Call {
+                handle,
+                plan,
+                stream: &stream,
+                workspace: ws_ptr as *mut c_void,
+                workspace_bytes,
+                out: out_ptr as *mut c_void,
+                one: &one as *const T as *const c_void,
+                zero: &zero as *const T as *const c_void,
+            })
+            .map_err(cudnn_error(what))
+        },
+    )?;
     Ok(out)
 }
 
@@ -309,7 +328,7 @@ pub(crate) fn forward<T: Float>(
 ) -> Result<CudaSlice<T>> {
     let c_out = bias.len();
     let key = key::<T>(b, c_in, c_out, h, w);
-    let forward = |p: &Plan| p.forward.workspace;
+    let forward: Pass = |p| (p.forward.workspace, p.forward.algo.1);
     let mut y = run::<T>(
         dev,
         key,
@@ -325,7 +344,7 @@ pub(crate) fn forward<T: Float>(
                 c.plan.w.0,
                 ptr(weight, c.stream),
                 c.plan.conv.0,
-                c.plan.forward.algo,
+                c.plan.forward.algo.0,
                 c.workspace,
                 c.workspace_bytes,
                 c.zero,
@@ -345,11 +364,11 @@ pub(crate) fn input_grad<T: Float>(grad_y: &Tensor, weight: &Tensor) -> Result<T
     let c_in = weight.dim(1)?;
     let shape = Shape::from((b, c_in, h, w));
     let key = key::<T>(b, c_in, c_out, h, w);
-    let workspace = |p: &Plan| p.backward_data.workspace;
+    let pass: Pass = |p| (p.backward_data.workspace, p.backward_data.algo.1);
     with_view::<T, _>(grad_y, |gy, dev| {
         with_view::<T, _>(weight, |wv, _| {
             let what = "convolution input gradient";
-            let gx = run::<T>(dev, key, shape.elem_count(), workspace, what, |c| unsafe {
+            let gx = run::<T>(dev, key, shape.elem_count(), pass, what, |c| unsafe {
                 result::convolution_backward_data(
                     c.handle,
                     c.one,
@@ -358,7 +377,7 @@ pub(crate) fn input_grad<T: Float>(grad_y: &Tensor, weight: &Tensor) -> Result<T
                     c.plan.y.0,
                     ptr(gy, c.stream),
                     c.plan.conv.0,
-                    c.plan.backward_data.algo,
+                    c.plan.backward_data.algo.0,
                     c.workspace,
                     c.workspace_bytes,
                     c.zero,
@@ -385,11 +404,11 @@ pub(crate) fn weight_grad<T: Float>(x: &Tensor, grad_y: &Tensor) -> Result<Tenso
     }
     let shape = Shape::from((c_out, c_in, 3, 3));
     let key = key::<T>(b, c_in, c_out, h, w);
-    let workspace = |p: &Plan| p.backward_filter.workspace;
+    let pass: Pass = |p| (p.backward_filter.workspace, p.backward_filter.algo.1);
     with_view::<T, _>(x, |xs, dev| {
         with_view::<T, _>(grad_y, |gy, _| {
             let what = "convolution weight gradient";
-            let gw = run::<T>(dev, key, shape.elem_count(), workspace, what, |c| unsafe {
+            let gw = run::<T>(dev, key, shape.elem_count(), pass, what, |c| unsafe {
                 result::convolution_backward_filter(
                     c.handle,
                     c.one,
@@ -398,7 +417,7 @@ pub(crate) fn weight_grad<T: Float>(x: &Tensor, grad_y: &Tensor) -> Result<Tenso
                     c.plan.y.0,
                     ptr(gy, c.stream),
                     c.plan.conv.0,
-                    c.plan.backward_filter.algo,
+                    c.plan.backward_filter.algo.0,
                     c.workspace,
                     c.workspace_bytes,
                     c.zero,

@@ -75,12 +75,14 @@ pub(crate) fn fastest<A: Copy>(measured: &[Measured<A>]) -> Option<Measured<A>> 
         })
 }
 
-/// A convolution's shape and dtype, the key of its cached cuDNN plan: descriptors, the three
-/// chosen algorithms and their workspace sizes are found once per key, as PyTorch's
+/// A convolution's shape, dtype and math, the key of its cached cuDNN plan: descriptors, the
+/// three chosen algorithms and their workspace sizes are found once per key, as PyTorch's
 /// `cudnn.benchmark` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ConvKey {
     pub f64: bool,
+    /// f32 data with TF32 products allowed (`--precision tf32`).
+    pub tf32: bool,
     pub batch: usize,
     pub c_in: usize,
     pub c_out: usize,
@@ -176,6 +178,7 @@ mod tests {
     fn conv_keys_name_a_dim_that_does_not_fit_cudnn() {
         let key = ConvKey {
             f64: false,
+            tf32: false,
             batch: 32,
             c_in: 64,
             c_out: 128,

@@ -258,9 +258,10 @@ pub struct Options {
     /// cpu, cuda, cuda:N or auto
     #[arg(long, help_heading = "Run")]
     pub device: Option<String>,
-    /// Precision of the convs' and matmuls' products: f32, or bf16 operands with f32 sums
-    /// (weights, gradients, BatchNorm statistics and the optimiser state stay f32, as under
-    /// PyTorch's bf16 autocast). bf16 needs a CPU with AVX512_BF16.
+    /// Precision of the convs' and matmuls' products: auto (tf32 on a CUDA GPU, PyTorch's
+    /// default for convs; f32 elsewhere), f32 (fp32), tf32 (a CUDA GPU's tensor cores), or
+    /// bf16 operands with f32 sums (weights, gradients, BatchNorm statistics and the
+    /// optimiser state stay f32, as under PyTorch's bf16 autocast; a CPU with AVX512_BF16).
     #[arg(long, value_enum, help_heading = "Run")]
     pub precision: Option<PrecisionArg>,
     /// Seed of the initialisation, the data order and augmentation, and dropout.
