@@ -14,7 +14,8 @@
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
 //! - `cuda`: the CUDA form (`cuda/*.cu` compiled by build.rs, cuDNN's conv, and the host-side
 //!   plans tested on any machine).
-//! - Plumbing: [`form`] (which form runs), [`precision`] (f32 or bf16 products), [`cpu`]
+//! - Plumbing: [`form`] (which form runs), [`precision`] (f32, TF32 or bf16 products),
+//!   [`device_memory`] (the GPU's peak memory in use), [`cpu`]
 //!   (CPU slices, float trait, lane sums), `gemm` (strided views into the gemm crate) and
 //!   `gemm/bf16.rs` (the bf16 products), `simd` (AVX-512/AVX2 dispatch), `kernel` (the one
 //!   bridge to Candle's custom-op traits), `precomputed` (generic ops whose backward is a
@@ -26,6 +27,7 @@ pub mod bias;
 pub mod conv;
 pub mod cpu;
 mod cuda;
+pub mod device_memory;
 pub mod efficient;
 #[cfg(test)]
 mod emulated_cuda;

@@ -185,6 +185,12 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(gib) = peak_rss_gib() {
         println!("peak RSS: {gib:.2} GiB");
     }
+    if let Some(bytes) = la_kernels::device_memory::peak(&device)? {
+        println!(
+            "peak GPU memory: {:.2} GiB (tensors and workspaces, as torch.cuda.max_memory_allocated)",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     let images_per_second = args.batch as f64 * times.len() as f64 / total;
     let gflops = step_flops_per_image(summary.macs, args.mode) * images_per_second / 1e9;
     let peak = if device.is_cpu() {
