@@ -8,6 +8,12 @@ and its share of the CPU's peak, and each peer's peak RSS.
 Run through scripts/bench-vs-pytorch.sh, which builds la-cli first. Reads PAIRS (default 5),
 THREADS (default 2) and ROWS (comma-separated row keys, default all) from the environment.
 
+DEVICE=cuda runs the GPU rows instead (docs/gpu.md; scripts/gpu-check.sh --run does, with the
+la-cli it carries in LA): the rows of the GPU issue's table in each of PRECISIONS (default
+fp32,tf32,bf16; fp32 is PyTorch with TF32 off, tf32 with TF32 in convs and matmuls, bf16
+autocast with channels-last), PyTorch's explicit-matrix module and, on the attention rows, its
+SDPA form beside la-cli, with each side's peak GPU memory.
+
 Peers: PyTorch is bench/reference (fp32, the same model, batch and thread count; the bf16
 rows run it under bf16 autocast with channels-last tensors, and la-cli with --precision bf16); plain
 Candle is la-cli with LA_KERNELS=generic, what a Candle user gets without our kernels; burn
@@ -20,17 +26,18 @@ import statistics as st
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
-LA = "target/release/la-cli"
+LA = os.environ.get("LA", "target/release/la-cli")
 BURN = "bench/burn-vgg/target/release/burn-vgg"
 # A peer whose first run takes longer than this runs only once: burn ndarray's training step
 # alone takes over a minute, and a ratio of 0.01x needs no second pair to be believed.
 SLOW_S = 120
 # Column order of the table; PyTorch is the yardstick of every ratio.
-PEERS = {"torch": "PyTorch", "la": "la-cli", "generic": "plain Candle (LA_KERNELS=generic)",
-         "burn-ndarray": "burn ndarray", "burn-flex": "burn Flex"}
+PEERS = {"torch": "PyTorch", "torch-sdpa": "PyTorch SDPA", "la": "la-cli",
+         "generic": "plain Candle (LA_KERNELS=generic)", "burn-ndarray": "burn ndarray", "burn-flex": "burn Flex"}
 
 
 @dataclass
@@ -42,11 +49,12 @@ class Row:
     generic: bool = True  # also run plain Candle (LA_KERNELS=generic)
     burn: list | None = None  # bench/burn-vgg's arguments, for plain VGG16 rows
     epoch: bool = False  # a whole run timed from process start to exit, not a bench
+    sdpa: bool = False  # also run PyTorch with its attention through SDPA
 
     def peers(self):
         burn = self.burn is not None and os.path.exists(BURN)
-        on = {"torch": self.torch is not None, "la": True, "generic": self.generic,
-              "burn-ndarray": burn, "burn-flex": burn}
+        on = {"torch": self.torch is not None, "torch-sdpa": self.sdpa and self.torch is not None,
+              "la": True, "generic": self.generic, "burn-ndarray": burn, "burn-flex": burn}
         return [p for p in PEERS if on[p]]
 
 
@@ -97,11 +105,48 @@ ROWS = [
 ]
 
 
+def gpu_rows(precisions):
+    """The GPU issue's rows, each in every precision: la-cli on CUDA against PyTorch on CUDA
+    (and its SDPA form on the attention rows)."""
+    base = [
+        ("train", "train VGG16, cifar head, 32x32, batch 64", "train", "none", "cifar", 32, 64, 20),
+        ("train-softmax", "train VGG16 + softmax attention, 32x32, batch 64", "train", "softmax", "cifar", 32, 64, 20),
+        ("train-b256", "train VGG16, cifar head, 32x32, batch 256", "train", "none", "cifar", 32, 256, 10),
+        ("train-softmax-b256", "train VGG16 + softmax attention, 32x32, batch 256", "train", "softmax", "cifar",
+         32, 256, 10),
+        ("train-224", "train VGG16, ImageNet head, 224x224, batch 32", "train", "none", "imagenet", 224, 32, 5),
+        ("infer-224", "inference VGG16, 224x224, batch 1", "infer", "none", "imagenet", 224, 1, 20),
+        ("infer-softmax-224", "inference VGG16 + softmax attention, 224x224, batch 1", "infer", "softmax",
+         "imagenet", 224, 1, 5),
+        ("train-softmax-224", "train VGG16 + softmax attention, cifar head, 224x224, batch 1", "train", "softmax",
+         "cifar", 224, 1, 5),
+    ]
+    rows = []
+    for key, name, mode, attention, head, size, batch, steps in base:
+        for precision in precisions:
+            classes = 1000 if head == "imagenet" else 100
+            model = "vgg16_la" if attention == "softmax" else "vgg16"
+            torch_head = "imagenet" if head == "imagenet" else "compact"
+            script = "bench_train.py" if mode == "train" else "bench_infer.py"
+            # The explicit module at 224 needs about 20 (inference) to 40 GiB (training).
+            torch_args = (f"--model {model} --head {torch_head} --num-classes {classes} --size {size} "
+                          f"--batch {batch} --steps {steps} --warmup 3 --device cuda --precision {precision} "
+                          f"--max-attn-gib 70")
+            la_args = (f"--mode {mode} --attention {attention} --head {head} --classes {classes} --size {size} "
+                       f"--batch {batch} --steps {steps} --warmup 3 --device cuda --precision {precision}")
+            row = bench_row(f"{key}-{precision}", f"{name}, {precision}", script, torch_args, la_args,
+                            generic=False)
+            row.sdpa = attention == "softmax"
+            rows.append(row)
+    return rows
+
+
 @dataclass
 class Run:
     rate: float | None = None  # images/s, or 1 / seconds for an epoch row
     seconds: float | None = None
     rss_gib: float | None = None
+    gpu_gib: float | None = None  # peak GPU memory of tensors and workspaces
     gflops: float | None = None
     peak_share: float | None = None  # percent
     top1: float | None = None
@@ -110,10 +155,14 @@ class Run:
 
 
 def run(cmd, env):
-    """Runs cmd; returns its output, exit code, wall seconds and peak RSS (GiB, from wait4)."""
+    """Runs cmd (killed after LIMIT_S seconds, default 900); returns its output, exit code, wall
+    seconds and peak RSS (GiB, from wait4)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    timer = threading.Timer(float(os.environ.get("LIMIT_S", "900")), proc.kill)
+    timer.start()
     out = proc.stdout.read()
+    timer.cancel()
     # wait4 rather than wait: it also gives this child's own peak RSS.
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # so that Popen does not wait again
@@ -128,8 +177,10 @@ def last_float(pattern, text):
 def measure(row, peer, py, threads, workdir):
     env = dict(os.environ)
     env.pop("LA_KERNELS", None)
-    if peer == "torch":
+    if peer in ("torch", "torch-sdpa"):
         cmd = [py, *row.torch, "--threads", str(threads)]
+        if peer == "torch-sdpa":
+            cmd += ["--attention-impl", "sdpa"]
     elif peer.startswith("burn-"):
         mode = "infer" if "bench_infer.py" in row.torch[0] else "train"
         # Two timed steps after one warm-up: enough for burn, whose steps vary little.
@@ -162,6 +213,7 @@ def measure(row, peer, py, threads, workdir):
         result.rate = last_float(r"^images/s: ([0-9.]+)", out)
         result.gflops = last_float(r"^GFLOP/s: ([0-9.]+)", out)
         result.peak_share = last_float(r"^GFLOP/s: [0-9.]+ \(([0-9.]+) % of", out)
+        result.gpu_gib = last_float(r"^peak GPU memory: ([0-9.]+)", out)
         reported = last_float(r"^peak RSS: ([0-9.]+)", out)
         result.rss_gib = reported if reported is not None else rss
     return result
@@ -187,6 +239,9 @@ def peer_cell(row, runs):
         return runs[0].why_not or "fails"
     rss = median_of(runs, "rss_gib")
     rss_text = f", {rss:.2f} GiB" if rss is not None else ""
+    gpu = median_of(runs, "gpu_gib")
+    if gpu is not None:
+        rss_text = f", {gpu:.2f} GiB on the GPU"
     if row.epoch:
         top1 = median_of(runs, "top1")
         top1_text = f", val {top1:.1f} %" if top1 is not None else ""
@@ -211,19 +266,40 @@ def processor():
             f"model {number.group(1) if number else '?'}), {os.cpu_count()} CPUs, {' '.join(wanted)}")
 
 
+def gpu():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "? (no nvidia-smi)"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "?"
+
+
 def main():
     py = sys.argv[1] if len(sys.argv) > 1 else ".venv-torch/bin/python"
     pairs = int(os.environ.get("PAIRS", "5"))
     threads = int(os.environ.get("THREADS", "2"))
     keys = os.environ.get("ROWS")
-    rows = [r for r in ROWS if keys is None or r.key in keys.split(",")]
-    torch_version = subprocess.run([py, "-c", "import torch; print(torch.__version__)"],
+    on_gpu = os.environ.get("DEVICE", "cpu") == "cuda"
+    all_rows = gpu_rows(os.environ.get("PRECISIONS", "fp32,tf32,bf16").split(",")) if on_gpu else ROWS
+    rows = [r for r in all_rows if keys is None or r.key in keys.split(",")]
+    torch_version = subprocess.run([py, "-c", "import torch; print(f'{torch.__version__} (cuDNN {torch.backends.cudnn.version()})')"],
                                    capture_output=True, text=True).stdout.strip() or "not found"
-    print(f"{time.strftime('%Y-%m-%d')}, {processor()}; threads={threads}, pairs={pairs}, "
+    machine = f"GPU {gpu()}" if on_gpu else processor()
+    print(f"{time.strftime('%Y-%m-%d')}, {machine}; threads={threads}, pairs={pairs}, "
           f"PyTorch {torch_version}, la-cli {LA}")
     print(flush=True)
+    # Columns: the peers of any row; ratios of each against PyTorch, and la-cli's against
+    # PyTorch's SDPA where that runs. Each row is printed as it completes, so a run cut short
+    # (gpu-check's time limit) still leaves the rows it finished.
+    columns = [p for p in PEERS if any(p in row.peers() for row in rows)]
+    against = [(p, "torch") for p in columns if p != "torch"]
+    if "torch-sdpa" in columns:
+        against.append(("la", "torch-sdpa"))
+    ratio_names = [f"{PEERS[a].split(' (')[0]} / {PEERS[b]}" for a, b in against]
+    print(f"| row | {' | '.join(PEERS[p] for p in columns)} | {' | '.join(ratio_names)} |")
+    print("|---" * (1 + len(columns) + len(against)) + "|", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-vs-pytorch-") as workdir:
-        table = []
         for row in rows:
             peers = row.peers()
             runs = {p: [] for p in PEERS}
@@ -236,19 +312,16 @@ def main():
                     runs[peer].append(r)
                     shown = f"{r.seconds:.1f} s" if r.seconds else (f"{r.rate:.2f}/s" if r.rate else r.why_not)
                     print(f"  {row.key} pair {pair + 1} {peer}: {shown}", file=sys.stderr, flush=True)
-            cells = [peer_cell(row, runs[p]) for p in PEERS]
-            ratios = [ratio_cell(runs[p], runs["torch"]) for p in PEERS if p != "torch"]
-            table.append(f"| {row.name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
-        others = [PEERS[p].split(" (")[0] for p in PEERS if p != "torch"]
-        print(f"| row | {' | '.join(PEERS.values())} | {' | '.join(f'{o} / PyTorch' for o in others)} |")
-        print("|---" * (1 + 2 * len(PEERS) - 1) + "|")
-        print("\n".join(table))
+            cells = [peer_cell(row, runs[p]) for p in columns]
+            ratios = [ratio_cell(runs[a], runs[b]) for a, b in against]
+            print(f"| {row.name} | {' | '.join(cells)} | {' | '.join(ratios)} |", flush=True)
         print()
         print("Cells: median images/s (an epoch row: seconds and validation top-1), la-cli's GFLOP/s of "
-              "direct-convolution work and its share of the CPU's peak, peak RSS. Ratios: the median of "
+              "direct-convolution work and, on the CPU, its share of the CPU's peak; peak RSS, or on a GPU "
+              "the peak GPU memory of tensors and workspaces. Ratios: the median of "
               "the per-pair ratios of rates (the epoch row: of 1/seconds), lowest-highest in brackets; "
               "'-' where a peer does not run the row.")
-        if "linear" in (keys or "linear").split(","):
+        if not on_gpu and "linear" in (keys or "linear").split(","):
             print()
             linear_against_plain(pairs, threads)
 

@@ -6,11 +6,18 @@
 #       13.0, and PTX from a newer nvcc does not load on an older driver), strips it and puts
 #       it, compresses it to gpu-check/la-cli.gz (ignored by git), the folder that travels.
 #   scripts/gpu-check.sh --run       on the GPU machine (no Rust, no network): puts the CUDA
-#       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs
-#       `la-cli selftest --device cuda`: every op's generic form and CUDA kernels (cuDNN's conv,
-#       the own kernels) on the GPU against the fast CPU kernels, a training step of VGG16_bn + each attention kind on both devices, the
-#       default digits run on both, a training step whose gradients NCCL sums over a
-#       one-rank communicator, and the `la-cli bench` rows on the GPU. Under 8 minutes.
+#       libraries of its Python's nvidia wheels on LD_LIBRARY_PATH and runs, each stage with
+#       its own time limit, under 8 minutes in all (GPU_CHECK_STAGES picks, default
+#       selftest,bench):
+#       selftest: `la-cli selftest --device cuda`: every op's generic form and CUDA kernels
+#         (cuDNN's conv, the own kernels) on the GPU against the fast CPU kernels, a training
+#         step of VGG16_bn + each attention kind in both forms, a training step whose
+#         gradients NCCL sums over a one-rank communicator, the default digits run on the CPU
+#         and on the GPU in f32 and tf32, and the `la-cli bench` rows on the GPU;
+#       bench: scripts/bench-vs-pytorch.py with DEVICE=cuda: la-cli against PyTorch (the
+#         explicit module and SDPA) on the GPU issue's rows in fp32, tf32 and bf16, one table
+#         with the ratios and each side's peak GPU memory (bench.md);
+#       kernels: scripts/gpu-kernels.py: ncu's launches and kernel times of one training step.
 #       Logs go to $OUT (when set) or gpu-check/.
 #
 # ../shared/CUDA.md has the background (stub libcuda, unversioned library links).
@@ -87,6 +94,7 @@ prepare() {
 }
 
 run() {
+    cd "$root"
     local packed="$out_dir/la-cli.gz" bin=/tmp/la-cli-gpu log_dir="${OUT:-$out_dir}"
     [ -e "$packed" ] || { echo "error: $packed is missing: run scripts/gpu-check.sh --prepare first (here, with the repo)" >&2; exit 1; }
     gunzip -c "$packed" > "$bin" && chmod +x "$bin"
@@ -102,9 +110,31 @@ run() {
     [ -n "$nccl" ] && ln -sf "$nccl" "$links/libnccl.so"
     export LD_LIBRARY_PATH="$links:$nv/cu13/lib:$nv/cudnn/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    # Stages, each with its own time limit so that the whole call stays under 8 minutes:
+    # selftest (every op and training step, NCCL, the digits runs, bench rows), bench (la-cli
+    # against PyTorch on the GPU issue's rows, one table), kernels (ncu: launches and kernel
+    # time of one training step; not in the default, ncu replays every kernel).
+    local stages=",${GPU_CHECK_STAGES:-selftest,bench},"
     local status=0
-    timeout 470 "$bin" selftest --device cuda 2>&1 | tee "$log_dir/selftest.log" || status=$?
-    echo "gpu-check: selftest exit status $status (log: $log_dir/selftest.log)"
+    if [[ $stages == *,selftest,* ]]; then
+        timeout "${SELFTEST_S:-240}" "$bin" selftest --device cuda 2>&1 | tee "$log_dir/selftest.log" \
+            || status=$?
+        echo "gpu-check: selftest exit status $status (log: $log_dir/selftest.log)"
+    fi
+    if [[ $stages == *,bench,* ]]; then
+        # One pair a row: GPU timings are steady (medians of timed steps); la-cli's bf16 on
+        # CUDA is still a clear error, so its rows show PyTorch's alone.
+        DEVICE=cuda LA="$bin" PAIRS="${PAIRS:-1}" THREADS="${THREADS:-16}" LIMIT_S=120 \
+            PRECISIONS="${PRECISIONS:-fp32,tf32,bf16}" \
+            timeout "${BENCH_S:-210}" python3 "$root/scripts/bench-vs-pytorch.py" python3 \
+            2> "$log_dir/bench.log" | tee "$log_dir/bench.md" || true
+        echo "gpu-check: bench table in $log_dir/bench.md (progress in $log_dir/bench.log)"
+    fi
+    if [[ $stages == *,kernels,* ]]; then
+        timeout "${KERNELS_S:-200}" python3 "$root/scripts/gpu-kernels.py" "$bin" --device cuda \
+            --mode train --attention softmax --head cifar --classes 100 --size 32 --batch 64 \
+            2>&1 | tee "$log_dir/kernels.log" || true
+    fi
     exit "$status"
 }
 

@@ -98,6 +98,20 @@ pub fn compare_training_step(
     dtype: DType,
     device: &Device,
 ) -> crate::Result<StepComparison> {
+    compare_training_step_in(Form::Generic, config, batch, size, dtype, device)
+}
+
+/// [`compare_training_step`] with `form` on `device` (the `generic` fields of the result are
+/// that form's): on a GPU, [`Form::Fast`] is its own kernels (cuDNN, this project's CUDA
+/// kernels) against the CPU's.
+pub fn compare_training_step_in(
+    form: Form,
+    config: &VggConfig,
+    batch: usize,
+    size: usize,
+    dtype: DType,
+    device: &Device,
+) -> crate::Result<StepComparison> {
     let (_, varmap) = la_vgg::trainable(config.clone(), HashMap::new(), 7, dtype, &Device::Cpu)?;
     let initial: HashMap<String, Tensor> = varmap
         .data()
@@ -112,7 +126,7 @@ pub fn compare_training_step(
     let fast = with_form(Form::Fast, || {
         train_step(config, &initial, &images, &labels, &Device::Cpu)
     })?;
-    let generic = with_form(Form::Generic, || {
+    let generic = with_form(form, || {
         train_step(config, &initial, &images, &labels, device)
     })?;
     let (mut grad_error, mut worst_grad) = (0f64, String::new());
