@@ -16,6 +16,8 @@
 pub(crate) mod plan;
 
 #[cfg(feature = "cuda")]
+mod attention;
+#[cfg(feature = "cuda")]
 mod batch_norm;
 #[cfg(feature = "cuda")]
 mod cross_entropy;
@@ -25,9 +27,11 @@ mod cudnn;
 mod kernels;
 
 #[cfg(feature = "cuda")]
+pub(crate) use attention::fits as softmax_attention_fits;
+#[cfg(feature = "cuda")]
 pub(crate) use ops::{
     add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3, cross_entropy, max_pool_2x2,
-    sgd_pass, update_running_stats,
+    sgd_pass, softmax_attention, update_running_stats,
 };
 
 #[cfg(feature = "cuda")]
@@ -40,6 +44,7 @@ mod ops {
 
     use candle_core::{InplaceOp2, Layout};
 
+    use super::attention;
     use super::batch_norm::{self, Map};
     use super::cross_entropy as ce;
     use super::cudnn;
@@ -482,6 +487,77 @@ mod ops {
             let dlogits = with_float!("cross_entropy", logits.dtype(), T =>
                 ce::backward::<T>([logits, targets, &grad], &row_stats, self.smoothing)?);
             Ok([Some(dlogits), None])
+        }
+    }
+
+    /// [`crate::softmax_attention::softmax_attention`] on CUDA, for sizes that
+    /// `softmax_attention_fits`.
+    pub(crate) fn softmax_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let op = SoftmaxAttention {
+            scale,
+            log_sum_exp: Arc::new(Mutex::new(None)),
+        };
+        let inputs = [&q.contiguous()?, &k.contiguous()?, &v.contiguous()?];
+        apply("softmax-attention-cuda", inputs, op)
+    }
+
+    /// The op on (q, k, v); its forward leaves the rows' log-sum-exp for the backward.
+    struct SoftmaxAttention {
+        scale: f64,
+        log_sum_exp: Arc<Mutex<Option<Tensor>>>,
+    }
+
+    impl Kernel<3> for SoftmaxAttention {
+        fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+            on_cpu("softmax_attention")
+        }
+
+        fn cuda_forward(
+            &self,
+            [(qs, ql), (ks, kl), (vs, vl)]: [Input<CudaStorage>; 3],
+        ) -> Result<(CudaStorage, Shape)> {
+            let (b, n, d) = ql.shape().dims3()?;
+            let c = vl.shape().dims3()?.2;
+            if kl.dims() != [b, n, d] || vl.dims()[..2] != [b, n] {
+                bail!(
+                    "softmax attention: q {:?}, k {:?}, v {:?}",
+                    ql.dims(),
+                    kl.dims(),
+                    vl.dims()
+                )
+            }
+            let dev = qs.device();
+            let (out, lse) = with_float!("softmax_attention", qs.dtype(), T => {
+                let (out, lse) = attention::forward::<T>(
+                    [&view(qs, ql)?, &view(ks, kl)?, &view(vs, vl)?],
+                    [b, n, d, c],
+                    self.scale,
+                    dev,
+                )?;
+                (
+                    T::wrap_cuda_slice(out, dev.clone()),
+                    kernels::tensor(lse, dev, Shape::from((b, n))),
+                )
+            });
+            *self.log_sum_exp.lock().expect("poisoned lse lock") = Some(lse);
+            Ok((out, Shape::from((b, n, c))))
+        }
+
+        fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+            let [q, k, v] = g.inputs;
+            let lse = self.log_sum_exp.lock().expect("poisoned lse lock").clone();
+            let lse = lse.ok_or_else(|| {
+                candle_core::Error::Msg("softmax attention: backward before forward".into())
+            })?;
+            let (out, grad) = (g.output.contiguous()?, g.grad.contiguous()?);
+            let [dq, dk, dv] = with_float!("softmax_attention", q.dtype(), T =>
+                attention::backward::<T>([q, k, v, &out, &grad], &lse, self.scale)?);
+            Ok([Some(dq), Some(dk), Some(dv)])
         }
     }
 }

@@ -343,3 +343,62 @@ fn cross_entropy_kernels_match_the_generic_loss() {
         );
     }
 }
+
+#[test]
+fn attention_kernels_match_the_cpu_kernel() {
+    // (b, n, d, c, chunk): partial tiles of queries and keys, values narrower than a chunk,
+    // several chunks with a partial last one, the widest query/key rows.
+    for (b, n, d, c, chunk) in [
+        (2, 37, 5, 7, 16),
+        (1, 16, 3, 40, 16),
+        (1, 21, 64, 70, 32),
+        (2, 5, 8, 64, 64),
+    ] {
+        let scale = 0.37;
+        let q = uniform(&[b, n, d], -1.0, 1.0, 50).unwrap();
+        let k = uniform(&[b, n, d], -1.0, 1.0, 51).unwrap();
+        let v = uniform(&[b, n, c], -1.0, 1.0, 52).unwrap();
+        let dout = uniform(&[b, n, c], -1.0, 1.0, 53).unwrap();
+        let args = ["attn".to_string()]
+            .into_iter()
+            .chain([b, n, d, c, chunk].map(|v| v.to_string()))
+            .chain([scale.to_string()])
+            .collect::<Vec<_>>();
+        let out = run(&args, &[&q, &k, &v, &dout]);
+        let mut values = &out[..];
+        let y = take(&mut values, &[b, n, c]);
+        let _lse = take(&mut values, &[b, n]);
+        let dq = take(&mut values, &[b, n, d]);
+        let dk = take(&mut values, &[b, n, d]);
+        let dv = take(&mut values, &[b, n, c]);
+        assert!(values.is_empty());
+
+        let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+        let reference = crate::softmax_attention::softmax_attention(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            scale,
+        )
+        .unwrap();
+        let grads = (&reference * &dout)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let what = format!("attention b={b} n={n} d={d} c={c} chunk={chunk}");
+        assert_close(&format!("{what}: output"), &y, &reference);
+        for (name, ours, var) in [
+            ("dq", &dq, &vars[0]),
+            ("dk", &dk, &vars[1]),
+            ("dv", &dv, &vars[2]),
+        ] {
+            assert_close(
+                &format!("{what}: {name}"),
+                ours,
+                grads.get(var.as_tensor()).unwrap(),
+            );
+        }
+    }
+}

@@ -329,6 +329,16 @@ pub fn cases() -> Result<Vec<Case>> {
             u(&[2, n, c], 14)?,
         ])
     };
+    // Values wider than one column chunk of the CUDA kernels (128 in f32, 64 in f64).
+    cases.push(Case::new(
+        "softmax_attention n=40, values 150 wide",
+        qkv(40, 9, 150)?,
+        |t| {
+            Ok(vec![crate::softmax_attention::softmax_attention(
+                &t[0], &t[1], &t[2], 0.3,
+            )?])
+        },
+    ));
     cases.push(Case::new("softmax_attention n=37", qkv(37, 5, 7)?, |t| {
         Ok(vec![crate::softmax_attention::softmax_attention(
             &t[0], &t[1], &t[2], 0.45,

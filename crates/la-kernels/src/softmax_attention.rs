@@ -6,9 +6,10 @@
 //! at a time. The backward pass recomputes the scores tile by tile from Q, K and the per-query
 //! log-sum-exp saved by the forward pass. Candle has no such op, hence the custom op.
 //!
-//! The fused op runs on the CPU. On other devices [`softmax_attention`] runs
-//! [`softmax_attention_chunked`]: the same algorithm by chunks of queries in Candle ops, also
-//! exact and O(chunk x N) in memory.
+//! The fused op runs on the CPU, and on CUDA as this crate's kernels (`cuda/attention.cu`: one
+//! launch forward, three backward, the same tiles in shared memory). On other devices
+//! [`softmax_attention`] runs [`softmax_attention_chunked`]: the same algorithm by chunks of
+//! queries in Candle ops, also exact and O(chunk x N) in memory.
 
 use std::sync::{Arc, Mutex};
 
@@ -30,8 +31,9 @@ const TILE_K: usize = 256;
 
 /// `softmax(q k^T * scale) v` for q, k: [b, n, d] and v: [b, n, c]; returns [b, n, c].
 ///
-/// On the CPU this is the fused tiled op (O(n) memory, forward and backward); elsewhere it
-/// is [`softmax_attention_chunked`], Candle ops chunk by chunk (O(chunk x n) memory).
+/// On the CPU this is the fused tiled op (O(n) memory, forward and backward), on CUDA its
+/// kernels (d up to 64); elsewhere it is [`softmax_attention_chunked`], Candle ops chunk by
+/// chunk (O(chunk x n) memory).
 pub fn softmax_attention(
     q: &Tensor,
     k: &Tensor,
@@ -39,6 +41,13 @@ pub fn softmax_attention(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     check_shapes(q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda_path(&[q, k, v])? {
+        let (b, n, d) = q.dims3()?;
+        if crate::cuda::softmax_attention_fits(b, n, d) {
+            return crate::cuda::softmax_attention(q, k, v, scale);
+        }
+    }
     if !crate::fast_path(&[q, k, v])? {
         return softmax_attention_chunked(q, k, v, scale);
     }

@@ -44,6 +44,21 @@ pub(crate) fn channel_chunks(count: usize) -> Chunks {
     }
 }
 
+/// `attention.cu`'s tile (queries and keys a block takes at once) and its widest query/key
+/// rows: wider ones run the generic form.
+pub(crate) const ATTENTION_TILE: usize = 16;
+pub(crate) const ATTENTION_D_MAX: usize = 64;
+
+/// The value columns one pass of `attention.cu` takes for values `c` wide with elements of
+/// `elem_bytes`: a power of two from 16 (so a block's 256 threads cover at most the tile's 16
+/// rows) to 512 / `elem_bytes` (128 for f32, 64 for f64: the kernels' shared memory then stays
+/// under 48 KiB), the largest that is no wider than c.
+pub(crate) fn attention_chunk(c: usize, elem_bytes: usize) -> usize {
+    let widest = 512 / elem_bytes;
+    let fit = if c == 0 { 1 } else { 1 << c.ilog2() };
+    fit.clamp(16, widest)
+}
+
 /// The channels of one bias launch at most: they are the grid's y dimension.
 pub(crate) const MAX_CHANNELS: usize = 65_535;
 
@@ -172,6 +187,26 @@ mod tests {
         assert_eq!(fastest(&measured).map(|m| m.algo), Some(4));
         assert!(fastest(&measured[..3]).is_none());
         assert!(fastest::<u8>(&[]).is_none());
+    }
+
+    #[test]
+    fn attention_chunks_are_powers_of_two_within_the_shared_memory() {
+        // VGG's value widths, the digits' width-0.25 ones, and odd ones.
+        for (c, f32_chunk, f64_chunk) in [
+            (512, 128, 64),
+            (256, 128, 64),
+            (64, 64, 64),
+            (32, 32, 32),
+            (16, 16, 16),
+            (8, 16, 16),
+            (96, 64, 64),
+            (24, 16, 16),
+        ] {
+            assert_eq!(attention_chunk(c, 4), f32_chunk, "c = {c}");
+            assert_eq!(attention_chunk(c, 8), f64_chunk, "c = {c}");
+            // A block's threads cover the tile's rows: 256 / chunk rows at a time, at most 16.
+            assert!(256 / attention_chunk(c, 4) <= ATTENTION_TILE);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //        -> y (training), statistics (means, variances), dx, dweight, dbias,
 //           running mean, running var (updated), y (evaluation, from the updated statistics)
 //   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
+//   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -18,6 +19,7 @@
 #include "../sgd.cu"
 #include "../batch_norm.cu"
 #include "../cross_entropy.cu"
+#include "../attention.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -176,6 +178,35 @@ int main(int argc, char** argv) {
         print(dlogits);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID\n");
+    if (cmd == "attn" && argc == 8) {
+        const int64_t b = arg(2), n = arg(3), c = arg(5);
+        const int d = (int)arg(4), cc = (int)arg(6);
+        const double scale = std::atof(argv[7]);
+        const auto q = read(b * n * d);
+        const auto k = read(b * n * d);
+        const auto v = read(b * n * c);
+        const auto dout = read(b * n * c);
+        std::vector<double> out(b * n * c), lse(b * n), delta(b * n);
+        std::vector<double> dq(b * n * d), dk(b * n * d), dv(b * n * c);
+        const dim3 tiles{(unsigned)((n + TILE - 1) / TILE), (unsigned)b, 1};
+        launch(tiles, block, [&] {
+            attn_forward_f64(q.data(), k.data(), v.data(), out.data(), lse.data(), n, d, c, cc,
+                             scale);
+        });
+        launch({2, 1, 1}, block, [&] {
+            attn_delta_f64(out.data(), dout.data(), delta.data(), b * n, c);
+        });
+        launch(tiles, block, [&] {
+            attn_backward_dq_f64(q.data(), k.data(), v.data(), dout.data(), lse.data(),
+                                 delta.data(), dq.data(), n, d, c, cc, scale);
+        });
+        launch(tiles, block, [&] {
+            attn_backward_dkv_f64(q.data(), k.data(), v.data(), dout.data(), lse.data(),
+                                  delta.data(), dk.data(), dv.data(), n, d, c, cc, scale);
+        });
+        for (const auto* x : {&out, &lse, &dq, &dk, &dv}) print(*x);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE\n");
     return 2;
 }

@@ -22,7 +22,10 @@ inline std::barrier<>* block_barrier = nullptr;
 // One copy for the running block's threads (blocks do not overlap in time).
 #define __shared__ static
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+using std::max;
 using std::min;
+using std::exp;
+using std::log;
 using std::sqrt;
 
 template <typename Kernel>
