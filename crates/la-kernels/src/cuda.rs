@@ -24,6 +24,8 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cudnn;
 #[cfg(feature = "cuda")]
+mod gemm;
+#[cfg(feature = "cuda")]
 mod kernels;
 
 #[cfg(feature = "cuda")]
@@ -31,7 +33,7 @@ pub(crate) use attention::fits as softmax_attention_fits;
 #[cfg(feature = "cuda")]
 pub(crate) use ops::{
     add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3, cross_entropy, max_pool_2x2,
-    sgd_pass, softmax_attention, update_running_stats,
+    project, sgd_pass, softmax_attention, update_running_stats,
 };
 
 #[cfg(feature = "cuda")]
@@ -48,9 +50,12 @@ mod ops {
     use super::batch_norm::{self, Map};
     use super::cross_entropy as ce;
     use super::cudnn;
+    use super::gemm::gemm;
     use super::kernels::{self, view};
+    use super::plan::projection_products;
     use crate::cpu::with_float;
     use crate::kernel::{apply, Grad, Input, Kernel};
+    use crate::projection::Order;
 
     /// One of SGD's in-place passes (`crate::sgd`) on CUDA: the momentum buffer when
     /// `buffer`, else the weight; `rates` are the learning rate, momentum and weight decay.
@@ -558,6 +563,103 @@ mod ops {
             let [dq, dk, dv] = with_float!("softmax_attention", q.dtype(), T =>
                 attention::backward::<T>([q, k, v, &out, &grad], &lse, self.scale)?);
             Ok([Some(dq), Some(dk), Some(dv)])
+        }
+    }
+
+    /// [`crate::projection::project`] on CUDA: one strided product forward (the bias written
+    /// as C's start), and backward one each for the input and the weight (summed over the
+    /// images in the product) plus the bias kernels' two launches.
+    pub(crate) fn project(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        from: Order,
+        to: Order,
+    ) -> Result<Tensor> {
+        let inputs = [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?];
+        apply("project-cuda", inputs, Project { from, to })
+    }
+
+    struct Project {
+        from: Order,
+        to: Order,
+    }
+
+    impl Project {
+        /// [batch, c_in, c_out, positions] of an input of `x_dims` and a weight of `w_dims`.
+        fn sizes(&self, x_dims: &[usize], w_dims: &[usize]) -> Result<[usize; 4]> {
+            let (&[batch, rows, cols], &[c_out, c_in]) = (x_dims, w_dims) else {
+                bail!("project: input {x_dims:?}, weight {w_dims:?}")
+            };
+            let (channels, positions) = match self.from {
+                Order::Channels => (rows, cols),
+                Order::Tokens => (cols, rows),
+            };
+            if channels != c_in {
+                bail!(
+                    "project: input {x_dims:?} in {:?} order, weight {w_dims:?}",
+                    self.from
+                )
+            }
+            Ok([batch, c_in, c_out, positions])
+        }
+
+        fn dims(order: Order, [batch, channels, positions]: [usize; 3]) -> Shape {
+            match order {
+                Order::Channels => Shape::from((batch, channels, positions)),
+                Order::Tokens => Shape::from((batch, positions, channels)),
+            }
+        }
+    }
+
+    impl Kernel<3> for Project {
+        fn cpu_forward(&self, _: [Input<CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
+            on_cpu("project")
+        }
+
+        fn cuda_forward(
+            &self,
+            [(xs, xl), (ws, wl), (bs, bl)]: [Input<CudaStorage>; 3],
+        ) -> Result<(CudaStorage, Shape)> {
+            let sizes @ [batch, _, c_out, positions] = self.sizes(xl.dims(), wl.dims())?;
+            let products = projection_products(sizes, self.from, self.to);
+            let dev = xs.device();
+            let y = with_float!("project", xs.dtype(), T => {
+                let mut y = unsafe { dev.alloc::<T>(batch * c_out * positions) }?;
+                let (w, x) = (view::<T>(ws, wl)?, view::<T>(xs, xl)?);
+                gemm([&w, &x], &mut y, Some(&view(bs, bl)?), products.forward, batch, dev)?;
+                T::wrap_cuda_slice(y, dev.clone())
+            });
+            Ok((y, Self::dims(self.to, [batch, c_out, positions])))
+        }
+
+        fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {
+            let [x, weight, bias] = g.inputs;
+            let sizes @ [batch, c_in, c_out, positions] = self.sizes(x.dims(), weight.dims())?;
+            let products = projection_products(sizes, self.from, self.to);
+            let grad = g.grad.contiguous()?;
+            let bias_axis = match self.to {
+                Order::Channels => 1,
+                Order::Tokens => 2,
+            };
+            with_float!("project", x.dtype(), T => {
+                let (dx, dw) = kernels::with_view::<T, _>(&grad, |gy, dev| {
+                    kernels::with_view::<T, _>(weight, |w, _| {
+                        kernels::with_view::<T, _>(x, |xv, _| {
+                            let mut dx = unsafe { dev.alloc::<T>(batch * c_in * positions) }?;
+                            gemm([w, gy], &mut dx, None, products.input_grad, batch, dev)?;
+                            let mut dw = unsafe { dev.alloc::<T>(c_out * c_in) }?;
+                            gemm([gy, xv], &mut dw, None, products.weight_grad, 1, dev)?;
+                            Ok((
+                                kernels::tensor(dx, dev, x.shape().clone()),
+                                kernels::tensor(dw, dev, weight.shape().clone()),
+                            ))
+                        })
+                    })
+                })?;
+                let (_, dbias) = kernels::bias_act_backward::<T>(&grad, None, bias_axis)?;
+                Ok([Some(dx), Some(dw), Some(dbias.reshape(bias.shape())?)])
+            })
         }
     }
 }

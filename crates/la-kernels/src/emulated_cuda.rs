@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::cuda::plan::{channel_chunks, elementwise_blocks};
+use crate::cuda::plan::{channel_chunks, elementwise_blocks, GemmShape};
 use crate::parity::{relative_error, uniform};
 
 /// The harness, compiled once per test run with the machine's g++.
@@ -398,6 +398,107 @@ fn attention_kernels_match_the_cpu_kernel() {
                 &format!("{what}: {name}"),
                 ours,
                 grads.get(var.as_tensor()).unwrap(),
+            );
+        }
+    }
+}
+
+/// Runs `gemm.cu`'s product `shape` over `batch` on the harness: `c` holds C's start.
+fn gemm(shape: GemmShape, batch: usize, [a, b, c, bias]: [&Tensor; 4]) -> Tensor {
+    let s = shape;
+    let fields = [
+        s.m,
+        s.n,
+        s.k_outer,
+        s.k_inner,
+        s.a_batch,
+        s.a_row,
+        s.a_k_outer,
+        s.a_k_inner,
+        s.b_batch,
+        s.b_k_outer,
+        s.b_k_inner,
+        s.b_col,
+        s.c_batch,
+        s.c_row,
+        s.c_col,
+        i64::from(s.bias_rows),
+        i64::from(s.accumulate),
+    ];
+    let args = ["gemm".to_string()]
+        .into_iter()
+        .chain(
+            [
+                batch,
+                a.elem_count(),
+                b.elem_count(),
+                c.elem_count(),
+                bias.elem_count(),
+            ]
+            .map(|v| v.to_string()),
+        )
+        .chain(fields.map(|v| v.to_string()))
+        .collect::<Vec<_>>();
+    let out = run(&args, &[a, b, c, bias]);
+    Tensor::from_vec(out, c.dims(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn projection_products_match_the_cpu_projection_in_every_order() {
+    use crate::cuda::plan::projection_products;
+    use crate::projection::{project, Order};
+    // Sizes past one 64 x 64 tile and a 16-deep step of k, and odd ones.
+    for (batch, c_in, c_out, positions) in [(2, 5, 7, 9), (3, 70, 20, 33), (2, 17, 66, 80)] {
+        for (from, to) in [
+            (Order::Channels, Order::Tokens),
+            (Order::Tokens, Order::Channels),
+            (Order::Channels, Order::Channels),
+            (Order::Tokens, Order::Tokens),
+        ] {
+            let x_dims = |order: Order, c: usize| match order {
+                Order::Channels => vec![batch, c, positions],
+                Order::Tokens => vec![batch, positions, c],
+            };
+            let x = uniform(&x_dims(from, c_in), -1.0, 1.0, 60).unwrap();
+            let w = uniform(&[c_out, c_in], -1.0, 1.0, 61).unwrap();
+            let bias = uniform(&[c_out], -1.0, 1.0, 62).unwrap();
+            let dy = uniform(&x_dims(to, c_out), -1.0, 1.0, 63).unwrap();
+            let p = projection_products([batch, c_in, c_out, positions], from, to);
+            let y = gemm(p.forward, batch, [&w, &x, &dy.zeros_like().unwrap(), &bias]);
+            let dx = gemm(
+                p.input_grad,
+                batch,
+                [&w, &dy, &x.zeros_like().unwrap(), &bias],
+            );
+            let dw = gemm(p.weight_grad, 1, [&dy, &x, &w.zeros_like().unwrap(), &bias]);
+
+            let vars = [&x, &w, &bias].map(|t| Var::from_tensor(t).unwrap());
+            let reference = project(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                from,
+                to,
+            )
+            .unwrap();
+            let grads = (&reference * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let what =
+                format!("projection {from:?} -> {to:?} [{batch}, {c_in} -> {c_out}, {positions}]");
+            assert_close(&format!("{what}: forward"), &y, &reference);
+            assert_close(
+                &format!("{what}: dx"),
+                &dx,
+                grads.get(vars[0].as_tensor()).unwrap(),
+            );
+            assert_close(
+                &format!("{what}: dw"),
+                &dw,
+                grads.get(vars[1].as_tensor()).unwrap(),
             );
         }
     }

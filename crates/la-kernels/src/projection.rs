@@ -64,8 +64,8 @@ impl Order {
 
 /// `weight x + bias` at every position of `x`, read in order `from` and written in order
 /// `to`: `x` `[b, c_in, n]` or `[b, n, c_in]`, `weight` `[c_out, c_in]`, `bias` `[c_out]`;
-/// returns `[b, c_out, n]` or `[b, n, c_out]`. The CPU kernel for f32/f64 on the CPU,
-/// otherwise [`project_generic`].
+/// returns `[b, c_out, n]` or `[b, n, c_out]`. The CPU kernel for f32/f64 on the CPU, the
+/// CUDA kernels (`cuda/gemm.cu`) for f32/f64 on CUDA, otherwise [`project_generic`].
 pub fn project(
     x: &Tensor,
     weight: &Tensor,
@@ -83,6 +83,10 @@ pub fn project(
             bias.dims(),
             x.dims()
         )
+    }
+    #[cfg(feature = "cuda")]
+    if crate::cuda_path(&[x, weight, bias])? {
+        return crate::cuda::project(x, weight, bias, from, to);
     }
     if !crate::fast_path(&[x, weight, bias])? {
         return project_generic(x, weight, bias, from, to);

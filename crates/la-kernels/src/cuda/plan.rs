@@ -5,6 +5,8 @@
 // Used by the launches, which only a `cuda` build compiles; the tests run everywhere.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
+use crate::projection::Order;
+
 /// Threads per block of every kernel here; `bias_act.cu`'s reduction assumes it (`BLOCK`).
 pub(crate) const BLOCK: u32 = 256;
 
@@ -57,6 +59,146 @@ pub(crate) fn attention_chunk(c: usize, elem_bytes: usize) -> usize {
     let widest = 512 / elem_bytes;
     let fit = if c == 0 { 1 } else { 1 << c.ilog2() };
     fit.clamp(16, widest)
+}
+
+/// One product of `gemm.cu` (its fields mean what they mean there):
+/// `C[z][i][j] = start + sum over (ko, ki) of A(z, i, ko, ki) B(z, ko, ki, j)`, for z < the
+/// launch's batch, i < m, j < n, ko < k_outer, ki < k_inner, each operand at its strides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GemmShape {
+    pub m: i64,
+    pub n: i64,
+    pub k_outer: i64,
+    pub k_inner: i64,
+    pub a_batch: i64,
+    pub a_row: i64,
+    pub a_k_outer: i64,
+    pub a_k_inner: i64,
+    pub b_batch: i64,
+    pub b_k_outer: i64,
+    pub b_k_inner: i64,
+    pub b_col: i64,
+    pub c_batch: i64,
+    pub c_row: i64,
+    pub c_col: i64,
+    /// 1: C starts at the bias of its row.
+    pub bias_rows: i32,
+    /// 1: C starts at its old value.
+    pub accumulate: i32,
+}
+
+/// `gemm.cu`'s tile of C per block.
+pub(crate) const GEMM_TILE: usize = 64;
+
+impl GemmShape {
+    /// The grid: one block per 64 x 64 tile of C, per batch entry.
+    pub fn blocks(&self, batch: usize) -> (u32, u32, u32) {
+        let tiles = |v: i64| (v as usize).div_ceil(GEMM_TILE).max(1) as u32;
+        (tiles(self.n), tiles(self.m), batch.max(1) as u32)
+    }
+
+    /// The same product with its two k loops as one where both operands step through them
+    /// evenly (tokens of several images in a row), so that tiles of k are not cut at each
+    /// image's end.
+    pub fn merged(self) -> Self {
+        let even = |outer: i64, inner: i64| outer == inner * self.k_inner;
+        if self.k_outer > 1
+            && even(self.a_k_outer, self.a_k_inner)
+            && even(self.b_k_outer, self.b_k_inner)
+        {
+            Self {
+                k_inner: self.k_outer * self.k_inner,
+                k_outer: 1,
+                a_k_outer: 0,
+                b_k_outer: 0,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+}
+
+/// A projection's three products (`crate::projection::project` on CUDA): the forward
+/// `y = W x + bias`, the input gradient `W^T dy` (both batched over the images) and the weight
+/// gradient `sum over images and positions of dy x^T` (one product).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProjectionProducts {
+    pub forward: GemmShape,
+    pub input_grad: GemmShape,
+    pub weight_grad: GemmShape,
+}
+
+/// (image, channel, position) strides of a batch of maps of `channels` x `positions`.
+fn map_strides(order: Order, channels: usize, positions: usize) -> [i64; 3] {
+    let (c, n) = (channels as i64, positions as i64);
+    match order {
+        Order::Channels => [c * n, n, 1],
+        Order::Tokens => [n * c, 1, c],
+    }
+}
+
+pub(crate) fn projection_products(
+    [batch, c_in, c_out, positions]: [usize; 4],
+    from: Order,
+    to: Order,
+) -> ProjectionProducts {
+    let x = map_strides(from, c_in, positions);
+    let y = map_strides(to, c_out, positions);
+    let (c_in, c_out, n) = (c_in as i64, c_out as i64, positions as i64);
+    let forward = GemmShape {
+        m: c_out,
+        n,
+        k_outer: 1,
+        k_inner: c_in,
+        a_row: c_in,
+        a_k_inner: 1,
+        b_batch: x[0],
+        b_k_inner: x[1],
+        b_col: x[2],
+        c_batch: y[0],
+        c_row: y[1],
+        c_col: y[2],
+        bias_rows: 1,
+        ..GemmShape::default()
+    };
+    let input_grad = GemmShape {
+        m: c_in,
+        n,
+        k_outer: 1,
+        k_inner: c_out,
+        a_row: 1,
+        a_k_inner: c_in,
+        b_batch: y[0],
+        b_k_inner: y[1],
+        b_col: y[2],
+        c_batch: x[0],
+        c_row: x[1],
+        c_col: x[2],
+        ..GemmShape::default()
+    };
+    let weight_grad = GemmShape {
+        m: c_out,
+        n: c_in,
+        k_outer: batch as i64,
+        k_inner: n,
+        a_row: y[1],
+        a_k_outer: y[0],
+        a_k_inner: y[2],
+        b_k_outer: x[0],
+        b_k_inner: x[2],
+        b_col: x[1],
+        c_row: c_in,
+        c_col: 1,
+        ..GemmShape::default()
+    }
+    .merged();
+    ProjectionProducts {
+        forward,
+        input_grad,
+        weight_grad,
+    }
 }
 
 /// The channels of one bias launch at most: they are the grid's y dimension.
@@ -207,6 +349,26 @@ mod tests {
             // A block's threads cover the tile's rows: 256 / chunk rows at a time, at most 16.
             assert!(256 / attention_chunk(c, 4) <= ATTENTION_TILE);
         }
+    }
+
+    #[test]
+    fn a_weight_gradient_over_token_rows_is_one_run_of_k() {
+        // Tokens: each image's rows follow the last one's, so the sum over images and
+        // positions is one k loop; channel-first maps keep the two loops.
+        let tokens = projection_products([8, 16, 32, 49], Order::Tokens, Order::Tokens);
+        assert_eq!(
+            (tokens.weight_grad.k_outer, tokens.weight_grad.k_inner),
+            (1, 8 * 49)
+        );
+        let maps = projection_products([8, 16, 32, 49], Order::Channels, Order::Tokens);
+        assert_eq!(
+            (maps.weight_grad.k_outer, maps.weight_grad.k_inner),
+            (8, 49)
+        );
+        assert_eq!(maps.forward.blocks(8), (1, 1, 8));
+        assert_eq!(maps.weight_grad.blocks(1), (1, 1, 1));
+        let wide = projection_products([2, 512, 512, 3136], Order::Channels, Order::Channels);
+        assert_eq!(wide.forward.blocks(2), (49, 8, 2));
     }
 
     #[test]

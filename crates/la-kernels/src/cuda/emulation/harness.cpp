@@ -8,6 +8,7 @@
 //           running mean, running var (updated), y (evaluation, from the updated statistics)
 //   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
 //   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
+//   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -20,6 +21,7 @@
 #include "../batch_norm.cu"
 #include "../cross_entropy.cu"
 #include "../attention.cu"
+#include "../gemm.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -207,6 +209,22 @@ int main(int argc, char** argv) {
         for (const auto* x : {&out, &lse, &dq, &dk, &dv}) print(*x);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE\n");
+    if (cmd == "gemm" && argc == 24) {
+        const int64_t batch = arg(2);
+        const auto a = read(arg(3));
+        const auto b = read(arg(4));
+        auto c = read(arg(5));
+        const auto bias = read(arg(6));
+        int64_t f[17];
+        for (int i = 0; i < 17; ++i) f[i] = arg(7 + i);
+        const GemmShape s{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8],
+                          f[9], f[10], f[11], f[12], f[13], f[14], (int32_t)f[15], (int32_t)f[16]};
+        const dim3 grid{(unsigned)((s.n + GEMM_TILE - 1) / GEMM_TILE),
+                        (unsigned)((s.m + GEMM_TILE - 1) / GEMM_TILE), (unsigned)batch};
+        launch(grid, block, [&] { gemm_strided_f64(a.data(), b.data(), c.data(), bias.data(), s); });
+        print(c);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | gemm ...\n");
     return 2;
 }

@@ -32,19 +32,21 @@ template <typename Kernel>
 void launch(dim3 grid, dim3 block, Kernel kernel) {
     gridDim = grid;
     blockDim = block;
-    for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-            std::barrier<> barrier(block.x);
-            block_barrier = &barrier;
-            std::vector<std::thread> threads;
-            for (unsigned t = 0; t < block.x; ++t) {
-                threads.emplace_back([=] {
-                    blockIdx = {bx, by, 1};
-                    threadIdx = {t, 1, 1};
-                    kernel();
-                });
+    for (unsigned bz = 0; bz < grid.z; ++bz) {
+        for (unsigned by = 0; by < grid.y; ++by) {
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                std::barrier<> barrier(block.x);
+                block_barrier = &barrier;
+                std::vector<std::thread> threads;
+                for (unsigned t = 0; t < block.x; ++t) {
+                    threads.emplace_back([=] {
+                        blockIdx = {bx, by, bz};
+                        threadIdx = {t, 0, 0};
+                        kernel();
+                    });
+                }
+                for (auto& thread : threads) thread.join();
             }
-            for (auto& thread : threads) thread.join();
         }
     }
 }
