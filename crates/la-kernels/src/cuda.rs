@@ -32,8 +32,8 @@ mod kernels;
 pub(crate) use attention::fits as softmax_attention_fits;
 #[cfg(feature = "cuda")]
 pub(crate) use ops::{
-    add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3, cross_entropy, max_pool_2x2,
-    project, sgd_pass, softmax_attention, update_running_stats,
+    adamw_moment, adamw_weight, add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3,
+    cross_entropy, max_pool_2x2, project, sgd_pass, softmax_attention, update_running_stats,
 };
 
 #[cfg(feature = "cuda")]
@@ -74,6 +74,35 @@ mod ops {
             (dst, dst_layout),
             &view(grad, grad_layout)?,
             &view(other, other_layout)?,
+        ))
+    }
+
+    /// AdamW's moment pass (`crate::adamw`) on CUDA, in place on `dst`.
+    pub(crate) fn adamw_moment(
+        (dst, dst_layout): (&mut CudaStorage, &candle_core::Layout),
+        (grad, grad_layout): Input<CudaStorage>,
+        beta: f64,
+        square: bool,
+    ) -> Result<()> {
+        with_float!("adamw", dst.dtype(), T => kernels::adamw_moment::<T>(
+            (dst, dst_layout),
+            &view(grad, grad_layout)?,
+            beta,
+            square,
+        ))
+    }
+
+    /// AdamW's weight pass (`crate::adamw`) on CUDA, in place on `w`.
+    pub(crate) fn adamw_weight(
+        (w, w_layout): (&mut CudaStorage, &candle_core::Layout),
+        (m, m_layout): Input<CudaStorage>,
+        (v, v_layout): Input<CudaStorage>,
+        f: crate::adamw::WeightFactors,
+    ) -> Result<()> {
+        with_float!("adamw", w.dtype(), T => kernels::adamw_weight::<T>(
+            (w, w_layout),
+            [&view(m, m_layout)?, &view(v, v_layout)?],
+            [f.decay, f.step, f.sqrt_bias2, f.eps],
         ))
     }
 

@@ -503,3 +503,47 @@ fn projection_products_match_the_cpu_projection_in_every_order() {
         }
     }
 }
+
+#[test]
+fn adamw_kernels_match_the_cpu_passes() {
+    let n = 700;
+    let step = crate::adamw::AdamWStep {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        step: 3,
+    };
+    let w = uniform(&[n], -1.0, 1.0, 70).unwrap();
+    let grad = uniform(&[n], -1.0, 1.0, 71).unwrap();
+    let m = uniform(&[n], -0.1, 0.1, 72).unwrap();
+    let v = uniform(&[n], 0.0, 0.01, 73).unwrap();
+    let decay = 1.0 - step.lr * step.weight_decay;
+    let step_size = step.lr / (1.0 - step.beta1.powi(step.step));
+    let sqrt_bias2 = (1.0 - step.beta2.powi(step.step)).sqrt();
+    let args = [
+        "adamw".to_string(),
+        n.to_string(),
+        format!("{:?}", step.beta1),
+        format!("{:?}", step.beta2),
+        format!("{:?}", step.eps),
+        format!("{decay:?}"),
+        format!("{step_size:?}"),
+        format!("{sqrt_bias2:?}"),
+        elementwise_blocks(n).min(2).to_string(),
+    ];
+    let out = run(&args, &[&w, &grad, &m, &v]);
+    let mut values = &out[..];
+    let (new_m, new_v, new_w) = (
+        take(&mut values, &[n]),
+        take(&mut values, &[n]),
+        take(&mut values, &[n]),
+    );
+    assert!(values.is_empty());
+    let (w_ref, m_ref, v_ref) = (w.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+    step.apply(&w_ref, &grad, &m_ref, &v_ref).unwrap();
+    assert_close("adamw: first moment", &new_m, &m_ref);
+    assert_close("adamw: second moment", &new_v, &v_ref);
+    assert_close("adamw: weight", &new_w, &w_ref);
+}

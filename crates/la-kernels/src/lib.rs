@@ -7,7 +7,7 @@
 //! - [`conv`]: the 3x3 conv (im2col, Winograd, dense forms); [`norm`]: BatchNorm + ReLU;
 //!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis;
 //!   [`projection`]: a Linear layer at every position, between channel-first maps and tokens.
-//! - [`sgd`]: SGD with momentum's update of a parameter, in place; [`loss`]: the
+//! - [`sgd`], [`adamw`]: the optimisers' updates of a parameter, in place; [`loss`]: the
 //!   label-smoothed cross-entropy.
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
@@ -23,6 +23,7 @@
 //! - [`parity`]: each op's generic form against its fast CPU form, for tests and selftests.
 
 pub mod activation;
+pub mod adamw;
 pub mod bias;
 pub mod conv;
 pub mod cpu;

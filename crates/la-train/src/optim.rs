@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use la_kernels::adamw::AdamWStep;
 use la_kernels::sgd::SgdStep;
 use serde::{Deserialize, Serialize};
 
@@ -146,6 +147,33 @@ impl Optimizer {
                         self.state.insert(key, buf);
                     }
                     (w - (g * lr)?)?
+                }
+                OptimizerConfig::AdamW {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                } if fast => {
+                    let (k1, k2) = (
+                        format!("exp_avg.{}", p.name),
+                        format!("exp_avg_sq.{}", p.name),
+                    );
+                    for key in [&k1, &k2] {
+                        if !self.state.contains_key(key) {
+                            // b m + (1 - b) g from zero: the first step's moments, as PyTorch's.
+                            self.state.insert(key.clone(), w.zeros_like()?);
+                        }
+                    }
+                    let step = AdamWStep {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay: if p.decay { weight_decay } else { 0.0 },
+                        step: t,
+                    };
+                    step.apply(p.var.as_tensor(), grad, &self.state[&k1], &self.state[&k2])?;
+                    continue;
                 }
                 OptimizerConfig::AdamW {
                     beta1,

@@ -319,3 +319,83 @@ pub(crate) fn sgd_pass<T: Float>(
     unsafe { launch.launch(elementwise(n)) }.w()?;
     Ok(())
 }
+
+const ADAMW: Module = Module {
+    name: "la_kernels_adamw",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
+};
+
+/// `dst` (contiguous storage) and its element count, as a mutable view.
+fn target<'a, T: Float>(
+    dst: &'a mut CudaStorage,
+    layout: &Layout,
+    n: usize,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, T>> {
+    if !layout.is_contiguous() || layout.shape().elem_count() != n {
+        bail!("{what} on CUDA: expected contiguous tensors of {n} elements")
+    }
+    let start = layout.start_offset();
+    Ok(dst.as_cuda_slice_mut::<T>()?.slice_mut(start..start + n))
+}
+
+/// One of AdamW's moment passes (`crate::adamw`) in place: `dst = beta dst + (1 - beta) g`
+/// (`g * g` when `square`).
+pub(crate) fn adamw_moment<T: Float>(
+    (dst, dst_layout): (&mut CudaStorage, &Layout),
+    grad: &CudaView<T>,
+    beta: f64,
+    square: bool,
+) -> Result<()> {
+    let n = grad.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = dst.device().clone();
+    let mut dst = target::<T>(dst, dst_layout, n, "adamw")?;
+    let (n_i, beta, square) = (n as i64, T::from_f64(beta), square as i32);
+    let f = function(&dev, &ADAMW, "adamw_moment", T::SUFFIX)?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut dst)
+        .arg(grad)
+        .arg(&n_i)
+        .arg(&beta)
+        .arg(&square);
+    unsafe { launch.launch(elementwise(n)) }.w()?;
+    Ok(())
+}
+
+/// AdamW's weight pass in place: `w = w decay - step m / (sqrt(v) / sqrt_bias2 + eps)`.
+pub(crate) fn adamw_weight<T: Float>(
+    (w, w_layout): (&mut CudaStorage, &Layout),
+    [m, v]: [&CudaView<T>; 2],
+    [decay, step, sqrt_bias2, eps]: [f64; 4],
+) -> Result<()> {
+    let n = m.len();
+    if v.len() != n {
+        bail!("adamw on CUDA: moments of {n} and {} elements", v.len())
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = w.device().clone();
+    let mut w = target::<T>(w, w_layout, n, "adamw")?;
+    let n_i = n as i64;
+    let [decay, step, sqrt_bias2, eps] = [decay, step, sqrt_bias2, eps].map(T::from_f64);
+    let f = function(&dev, &ADAMW, "adamw_weight", T::SUFFIX)?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut w)
+        .arg(m)
+        .arg(v)
+        .arg(&n_i)
+        .arg(&decay)
+        .arg(&step)
+        .arg(&sqrt_bias2)
+        .arg(&eps);
+    unsafe { launch.launch(elementwise(n)) }.w()?;
+    Ok(())
+}

@@ -8,6 +8,7 @@
 //           running mean, running var (updated), y (evaluation, from the updated statistics)
 //   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
 //   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
+//   adamw N B1 B2 EPS DECAY STEP SQRT_BIAS2 GRID   w, grad, m, v -> m, v, w
 //   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include "../cross_entropy.cu"
 #include "../attention.cu"
 #include "../gemm.cu"
+#include "../adamw.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -225,6 +227,25 @@ int main(int argc, char** argv) {
         print(c);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | gemm ...\n");
+    if (cmd == "adamw" && argc == 10) {
+        const int64_t n = arg(2);
+        double f[6];
+        for (int i = 0; i < 6; ++i) f[i] = std::atof(argv[3 + i]);
+        const dim3 grid{(unsigned)arg(9), 1, 1};
+        auto w = read(n);
+        const auto g = read(n);
+        auto m = read(n);
+        auto v = read(n);
+        launch(grid, block, [&] { adamw_moment_f64(m.data(), g.data(), n, f[0], 0); });
+        launch(grid, block, [&] { adamw_moment_f64(v.data(), g.data(), n, f[1], 1); });
+        launch(grid, block, [&] {
+            adamw_weight_f64(w.data(), m.data(), v.data(), n, f[3], f[4], f[5], f[2]);
+        });
+        print(m);
+        print(v);
+        print(w);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | gemm ...\n");
     return 2;
 }
