@@ -27,13 +27,16 @@ mod cudnn;
 mod gemm;
 #[cfg(feature = "cuda")]
 mod kernels;
+#[cfg(feature = "cuda")]
+mod squares;
 
 #[cfg(feature = "cuda")]
 pub(crate) use attention::fits as softmax_attention_fits;
 #[cfg(feature = "cuda")]
 pub(crate) use ops::{
     adamw_moment, adamw_weight, add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3,
-    cross_entropy, max_pool_2x2, project, sgd_pass, softmax_attention, update_running_stats,
+    cross_entropy, max_pool_2x2, project, sgd_pass, softmax_attention, sums_of_squares,
+    update_running_stats,
 };
 
 #[cfg(feature = "cuda")]
@@ -104,6 +107,15 @@ mod ops {
             [&view(m, m_layout)?, &view(v, v_layout)?],
             [f.decay, f.step, f.sqrt_bias2, f.eps],
         ))
+    }
+
+    /// [`crate::squares::sums_of_squares`] on CUDA, for contiguous f32/f64 tensors of one
+    /// dtype on one device.
+    pub(crate) fn sums_of_squares(tensors: &[&Tensor]) -> Result<Vec<f64>> {
+        let Some(first) = tensors.first() else {
+            return Ok(vec![]);
+        };
+        with_float!("sums of squares", first.dtype(), T => super::squares::sums_of_squares::<T>(tensors))
     }
 
     fn on_cpu<R>(name: &str) -> Result<R> {

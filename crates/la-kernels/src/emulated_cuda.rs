@@ -547,3 +547,35 @@ fn adamw_kernels_match_the_cpu_passes() {
     assert_close("adamw: second moment", &new_v, &v_ref);
     assert_close("adamw: weight", &new_w, &w_ref);
 }
+
+#[test]
+fn sums_of_squares_kernels_match_the_candle_ops() {
+    use crate::cuda::plan::{squares_table, SQUARES_CHUNK};
+    let lens = [5, SQUARES_CHUNK + 3, 1, 300];
+    let tensors: Vec<Tensor> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| uniform(&[n], -2.0, 2.0, 80 + i as u64).unwrap())
+        .collect();
+    let (table, chunks) = squares_table(&lens);
+    let table = Tensor::from_vec(
+        table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        table.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let args = ["squares".to_string(), chunks.to_string()]
+        .into_iter()
+        .chain(lens.iter().map(|n| n.to_string()))
+        .collect::<Vec<_>>();
+    let inputs: Vec<&Tensor> = std::iter::once(&table).chain(&tensors).collect();
+    let ours = run(&args, &inputs);
+    let reference = crate::squares::sums_of_squares(&tensors.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(ours.len(), lens.len());
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-12 * b.abs(),
+            "tensor {i}: {a} against {b}"
+        );
+    }
+}

@@ -8,7 +8,7 @@
 //!   [`pool`]: 2x2 max-pool, adaptive average pool; [`bias`]: a bias along one axis;
 //!   [`projection`]: a Linear layer at every position, between channel-first maps and tokens.
 //! - [`sgd`], [`adamw`]: the optimisers' updates of a parameter, in place; [`loss`]: the
-//!   label-smoothed cross-entropy.
+//!   label-smoothed cross-entropy; [`squares`]: the sums of squares of many tensors at once.
 //! - [`softmax_attention`]: exact softmax attention in O(N) memory (tiled on the CPU, chunked
 //!   elsewhere); [`linear`]: the linear-attention ops; [`efficient`]: Shen et al.'s;
 //!   [`activation`]: softmax and elu + 1 as differentiable ops.
@@ -46,6 +46,7 @@ pub mod projection;
 pub mod sgd;
 mod simd;
 pub mod softmax_attention;
+pub mod squares;
 
 pub use form::{cuda_path, fast_path, form, set_form, with_form, Form};
 pub use precision::{precision, set_precision, Precision};

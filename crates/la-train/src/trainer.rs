@@ -769,19 +769,21 @@ impl Trainer {
         grads: &mut candle_core::backprop::GradStore,
         step: usize,
     ) -> Result<()> {
+        // All the gradients' squares at once: on a GPU two launches and one wait for the
+        // host a step, not a few launches and a wait per parameter.
+        let (names, gradients): (Vec<&str>, Vec<&Tensor>) = self
+            .optimizer
+            .params()
+            .iter()
+            .filter_map(|p| Some((p.name.as_str(), grads.get(p.var.as_tensor())?)))
+            .unzip();
+        let squares = la_kernels::squares::sums_of_squares(&gradients)?;
         let mut total = 0.0f64;
-        for p in self.optimizer.params() {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                let sq = g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                if !sq.is_finite() {
-                    return Err(self.non_finite(step, "the gradient of", Some(&p.name)));
-                }
-                total += sq;
+        for (name, sq) in names.iter().zip(squares) {
+            if !sq.is_finite() {
+                return Err(self.non_finite(step, "the gradient of", Some(name)));
             }
+            total += sq;
         }
         if let Some(max) = self.info.train.grad_clip {
             let norm = total.sqrt();

@@ -201,6 +201,29 @@ pub(crate) fn projection_products(
     }
 }
 
+/// `squares.cu`'s table for tensors of `lens` elements (pointers left at 0 for the caller):
+/// each tensor split into chunks of at most `SQUARES_CHUNK` (an empty one gets none), as
+/// [pointers | chunk's tensor | chunk's start | chunk's end | first chunk of each tensor],
+/// and the number of chunks.
+pub(crate) fn squares_table(lens: &[usize]) -> (Vec<i64>, usize) {
+    let n = lens.len();
+    let (mut tensor, mut start, mut end, mut first) = (vec![], vec![], vec![], vec![0i64]);
+    for (t, &len) in lens.iter().enumerate() {
+        for s in (0..len).step_by(SQUARES_CHUNK) {
+            tensor.push(t as i64);
+            start.push(s as i64);
+            end.push((s + SQUARES_CHUNK).min(len) as i64);
+        }
+        first.push(tensor.len() as i64);
+    }
+    let chunks = tensor.len();
+    let table = [vec![0; n], tensor, start, end, first].concat();
+    (table, chunks)
+}
+
+/// Elements a block of `squares.cu` sums at most.
+pub(crate) const SQUARES_CHUNK: usize = 1 << 16;
+
 /// The channels of one bias launch at most: they are the grid's y dimension.
 pub(crate) const MAX_CHANNELS: usize = 65_535;
 
@@ -369,6 +392,28 @@ mod tests {
         assert_eq!(maps.weight_grad.blocks(1), (1, 1, 1));
         let wide = projection_products([2, 512, 512, 3136], Order::Channels, Order::Channels);
         assert_eq!(wide.forward.blocks(2), (49, 8, 2));
+    }
+
+    #[test]
+    fn the_squares_table_chunks_every_tensor_in_order() {
+        let lens = [3, 0, SQUARES_CHUNK + 1, SQUARES_CHUNK];
+        let (table, chunks) = squares_table(&lens);
+        assert_eq!(chunks, 4);
+        let n = lens.len();
+        let part = |k: usize| &table[n + k * chunks..n + (k + 1) * chunks];
+        assert_eq!(part(0), [0, 2, 2, 3]); // the chunks' tensors: none for the empty one
+        assert_eq!(part(1), [0, 0, SQUARES_CHUNK as i64, 0]);
+        assert_eq!(
+            part(2),
+            [
+                3,
+                SQUARES_CHUNK as i64,
+                SQUARES_CHUNK as i64 + 1,
+                SQUARES_CHUNK as i64
+            ]
+        );
+        assert_eq!(&table[n + 3 * chunks..], [0, 1, 1, 3, 4]);
+        assert_eq!(table.len(), n + 3 * chunks + n + 1);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
 //   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
 //   adamw N B1 B2 EPS DECAY STEP SQRT_BIAS2 GRID   w, grad, m, v -> m, v, w
+//   squares CHUNKS LEN...    the table (pointers 0), each tensor -> each sum of squares
 //   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +25,7 @@
 #include "../attention.cu"
 #include "../gemm.cu"
 #include "../adamw.cu"
+#include "../squares.cu"
 
 static std::vector<double> read(int64_t n) {
     std::vector<double> v(n);
@@ -246,6 +248,24 @@ int main(int argc, char** argv) {
         print(w);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | gemm ...\n");
+    if (cmd == "squares" && argc >= 4) {
+        const int64_t chunks = arg(2), n = argc - 3;
+        const auto table_values = read(n + 3 * chunks + n + 1);
+        std::vector<int64_t> table(table_values.begin(), table_values.end());
+        std::vector<std::vector<double>> tensors;
+        for (int64_t t = 0; t < n; ++t) tensors.push_back(read(arg(3 + t)));
+        for (int64_t t = 0; t < n; ++t) table[t] = (int64_t)tensors[t].data();
+        std::vector<double> partials(std::max<int64_t>(chunks, 1)), out(n);
+        if (chunks > 0)
+            launch({(unsigned)chunks, 1, 1}, block, [&] {
+                chunk_squares_f64(table.data(), n, chunks, partials.data());
+            });
+        launch({1, 1, 1}, block, [&] {
+            sum_chunks_all(table.data(), n, chunks, partials.data(), out.data());
+        });
+        print(out);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | gemm ...\n");
     return 2;
 }
