@@ -179,6 +179,8 @@ impl InplaceOp3 for WeightPass {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        crate::cuda::adamw_weight((s1, l1), (s2, l2), (s3, l3), self.0)
+        let f = self.0;
+        let factors = [f.decay, f.step, f.sqrt_bias2, f.eps];
+        crate::cuda::adamw_weight((s1, l1), (s2, l2), (s3, l3), factors)
     }
 }

@@ -28,14 +28,14 @@ mod gemm;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
-mod squares;
+mod many;
 
 #[cfg(feature = "cuda")]
 pub(crate) use attention::fits as softmax_attention_fits;
 #[cfg(feature = "cuda")]
 pub(crate) use ops::{
     adamw_moment, adamw_weight, add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3,
-    cross_entropy, max_pool_2x2, project, sgd_pass, softmax_attention, sums_of_squares,
+    cross_entropy, max_pool_2x2, project, sgd_many, sgd_pass, softmax_attention, sums_of_squares,
     update_running_stats,
 };
 
@@ -58,7 +58,7 @@ mod ops {
     use super::plan::projection_products;
     use crate::cpu::with_float;
     use crate::kernel::{apply, Grad, Input, Kernel};
-    use crate::projection::Order;
+    use crate::map_order::Order;
 
     /// One of SGD's in-place passes (`crate::sgd`) on CUDA: the momentum buffer when
     /// `buffer`, else the weight; `rates` are the learning rate, momentum and weight decay.
@@ -95,17 +95,18 @@ mod ops {
         ))
     }
 
-    /// AdamW's weight pass (`crate::adamw`) on CUDA, in place on `w`.
+    /// AdamW's weight pass (`crate::adamw`) on CUDA, in place on `w`: `factors` are the
+    /// decay, the step size, sqrt(1 - b2^t) and eps.
     pub(crate) fn adamw_weight(
         (w, w_layout): (&mut CudaStorage, &candle_core::Layout),
         (m, m_layout): Input<CudaStorage>,
         (v, v_layout): Input<CudaStorage>,
-        f: crate::adamw::WeightFactors,
+        factors: [f64; 4],
     ) -> Result<()> {
         with_float!("adamw", w.dtype(), T => kernels::adamw_weight::<T>(
             (w, w_layout),
             [&view(m, m_layout)?, &view(v, v_layout)?],
-            [f.decay, f.step, f.sqrt_bias2, f.eps],
+            factors,
         ))
     }
 
@@ -115,7 +116,22 @@ mod ops {
         let Some(first) = tensors.first() else {
             return Ok(vec![]);
         };
-        with_float!("sums of squares", first.dtype(), T => super::squares::sums_of_squares::<T>(tensors))
+        with_float!("sums of squares", first.dtype(), T => super::many::sums_of_squares::<T>(tensors))
+    }
+
+    /// [`crate::sgd::apply_many`] on CUDA, for contiguous f32/f64 tensors of one dtype on one
+    /// device: each parameter's (weight, gradient, buffer) and (learning rate, weight decay).
+    pub(crate) fn sgd_many(
+        params: &[[&Tensor; 3]],
+        rates: &[[f64; 2]],
+        momentum: f64,
+        nesterov: bool,
+    ) -> Result<()> {
+        let Some([w, _, _]) = params.first() else {
+            return Ok(());
+        };
+        with_float!("sgd", w.dtype(), T =>
+            super::many::sgd_many::<T>(params, rates, momentum, nesterov))
     }
 
     fn on_cpu<R>(name: &str) -> Result<R> {

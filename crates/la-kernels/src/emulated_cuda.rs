@@ -550,14 +550,14 @@ fn adamw_kernels_match_the_cpu_passes() {
 
 #[test]
 fn sums_of_squares_kernels_match_the_candle_ops() {
-    use crate::cuda::plan::{squares_table, SQUARES_CHUNK};
+    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
     let lens = [5, SQUARES_CHUNK + 3, 1, 300];
     let tensors: Vec<Tensor> = lens
         .iter()
         .enumerate()
         .map(|(i, &n)| uniform(&[n], -2.0, 2.0, 80 + i as u64).unwrap())
         .collect();
-    let (table, chunks) = squares_table(&lens);
+    let (table, chunks) = chunk_table(&lens, 1);
     let table = Tensor::from_vec(
         table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
         table.len(),
@@ -577,5 +577,68 @@ fn sums_of_squares_kernels_match_the_candle_ops() {
             (a - b).abs() <= 1e-12 * b.abs(),
             "tensor {i}: {a} against {b}"
         );
+    }
+}
+
+#[test]
+fn sgd_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
+    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
+    let lens = [7, SQUARES_CHUNK + 5, 1];
+    let (momentum, weight_decay) = (0.9, 5e-4);
+    for nesterov in [false, true] {
+        // Each parameter its own learning rate (parameter groups), one without decay.
+        let rates = [[0.1, weight_decay], [0.05, weight_decay], [0.2, 0.0]];
+        let params: Vec<[Tensor; 3]> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let seed = 90 + 3 * i as u64;
+                [
+                    uniform(&[n], -1.0, 1.0, seed).unwrap(),
+                    uniform(&[n], -1.0, 1.0, seed + 1).unwrap(),
+                    uniform(&[n], -0.1, 0.1, seed + 2).unwrap(),
+                ]
+            })
+            .collect();
+        let (table, chunks) = chunk_table(&lens, 3);
+        let table = Tensor::from_vec(
+            table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            table.len(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rate_values: Vec<f64> = (0..2)
+            .flat_map(|c| rates.iter().map(move |r| r[c]))
+            .collect();
+        let rate_tensor = Tensor::from_vec(rate_values, 2 * lens.len(), &Device::Cpu).unwrap();
+        let args = [
+            "sgdmany".to_string(),
+            momentum.to_string(),
+            (nesterov as u8).to_string(),
+            chunks.to_string(),
+        ]
+        .into_iter()
+        .chain(lens.iter().map(|n| n.to_string()))
+        .collect::<Vec<_>>();
+        let mut inputs = vec![&table, &rate_tensor];
+        inputs.extend(params.iter().flatten());
+        let out = run(&args, &inputs);
+        let mut values = &out[..];
+        let bufs: Vec<Tensor> = lens.iter().map(|&n| take(&mut values, &[n])).collect();
+        let weights: Vec<Tensor> = lens.iter().map(|&n| take(&mut values, &[n])).collect();
+        assert!(values.is_empty());
+        for (i, ([w, grad, buf], [lr, wd])) in params.iter().zip(rates).enumerate() {
+            let (w_ref, buf_ref) = (w.copy().unwrap(), buf.copy().unwrap());
+            let step = crate::sgd::SgdStep {
+                lr,
+                momentum,
+                weight_decay: wd,
+                nesterov,
+            };
+            step.apply(&w_ref, grad, &buf_ref).unwrap();
+            let what = format!("sgd over many, parameter {i}, nesterov={nesterov}");
+            assert_close(&format!("{what}: buffer"), &bufs[i], &buf_ref);
+            assert_close(&format!("{what}: weight"), &weights[i], &w_ref);
+        }
     }
 }

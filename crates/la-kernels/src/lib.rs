@@ -37,6 +37,7 @@ mod gemm;
 mod kernel;
 pub mod linear;
 pub mod loss;
+mod map_order;
 pub mod norm;
 pub mod parity;
 pub mod pool;

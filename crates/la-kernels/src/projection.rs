@@ -15,40 +15,9 @@ use crate::cpu::{data, sum_lanes, with_float, with_slices};
 use crate::gemm::{matmul_strided, Mat};
 use crate::kernel::{apply, Grad, Input, Kernel};
 
-/// How a batch of maps is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Order {
-    /// `[b, c, n]`: each channel's n positions contiguous.
-    Channels,
-    /// `[b, n, c]`: each position's c channels contiguous.
-    Tokens,
-}
+pub use crate::map_order::Order;
 
 impl Order {
-    /// The dims of `batch` maps of `channels` x `positions` in this order.
-    fn dims(self, batch: usize, channels: usize, positions: usize) -> [usize; 3] {
-        match self {
-            Order::Channels => [batch, channels, positions],
-            Order::Tokens => [batch, positions, channels],
-        }
-    }
-
-    /// (channels, positions) of a batch of maps with `dims` in this order.
-    fn channels_positions(self, dims: &[usize]) -> (usize, usize) {
-        match self {
-            Order::Channels => (dims[1], dims[2]),
-            Order::Tokens => (dims[2], dims[1]),
-        }
-    }
-
-    /// The strides of one map's `[channels, positions]` matrix in this order.
-    fn strides(self, channels: usize, positions: usize) -> (usize, usize) {
-        match self {
-            Order::Channels => (positions, 1),
-            Order::Tokens => (1, channels),
-        }
-    }
-
     /// One map (`data`, this order) as its `[channels, positions]` matrix.
     fn matrix<T>(self, data: &[T], channels: usize, positions: usize) -> Mat<'_, T> {
         let (rs, cs) = self.strides(channels, positions);

@@ -1,6 +1,6 @@
 //! SGD with momentum's update of one parameter, in place: PyTorch's rule (dampening 0) as two
 //! passes over the parameter's memory, on the CPU (parallel chunks) and on CUDA (one kernel
-//! launch each, `cuda/sgd.cu`).
+//! launch each, `cuda/sgd.cu`); [`apply_many`] updates many parameters in one launch on CUDA.
 //!
 //! Why in place: as Candle tensor ops an SGD step was five passes over every parameter, each
 //! into a fresh allocation (on a GPU, about ten kernel launches a parameter); here it is two,
@@ -41,6 +41,41 @@ impl SgdStep {
             target,
         }
     }
+}
+
+/// One parameter's update for [`apply_many`].
+#[derive(Clone, Copy)]
+pub struct SgdUpdate<'a> {
+    pub step: SgdStep,
+    pub w: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub buf: &'a Tensor,
+}
+
+/// [`SgdStep::apply`] for many parameters (one momentum and Nesterov setting, each its own
+/// learning rate and weight decay): on CUDA one launch for all of them (PyTorch's foreach
+/// form), elsewhere each in turn. Each needs [`SgdStep::applies`].
+pub fn apply_many(updates: &[SgdUpdate]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = updates.first() {
+        let tensors: Vec<&Tensor> = updates.iter().flat_map(|u| [u.w, u.grad, u.buf]).collect();
+        let one_setting = updates.iter().all(|u| {
+            u.step.momentum == first.step.momentum && u.step.nesterov == first.step.nesterov
+        });
+        if one_setting && crate::cuda_path(&tensors)? && tensors.iter().all(|t| t.is_contiguous()) {
+            let params: Vec<[&Tensor; 3]> = updates.iter().map(|u| [u.w, u.grad, u.buf]).collect();
+            let rates: Vec<[f64; 2]> = updates
+                .iter()
+                .map(|u| [u.step.lr, u.step.weight_decay])
+                .collect();
+            let s = first.step;
+            return crate::cuda::sgd_many(&params, &rates, s.momentum, s.nesterov);
+        }
+    }
+    for u in updates {
+        u.step.apply(u.w, u.grad, u.buf)?;
+    }
+    Ok(())
 }
 
 /// One of the two passes, as a Candle in-place op.

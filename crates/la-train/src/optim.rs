@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use la_kernels::adamw::AdamWStep;
-use la_kernels::sgd::SgdStep;
+use la_kernels::sgd::{SgdStep, SgdUpdate};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -94,7 +94,9 @@ impl Optimizer {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
-        for p in &self.params {
+        // SGD with momentum's in-place updates, gathered so that a GPU runs them in one launch.
+        let mut sgd_updates: Vec<(usize, Tensor, SgdStep)> = Vec::new();
+        for (index, p) in self.params.iter().enumerate() {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
@@ -121,7 +123,7 @@ impl Optimizer {
                         weight_decay: if p.decay { weight_decay } else { 0.0 },
                         nesterov,
                     };
-                    step.apply(p.var.as_tensor(), grad, &self.state[&key])?;
+                    sgd_updates.push((index, grad.clone(), step));
                     continue;
                 }
                 OptimizerConfig::Sgd {
@@ -209,6 +211,19 @@ impl Optimizer {
             };
             p.var.set(&updated)?;
         }
+        let updates = sgd_updates
+            .iter()
+            .map(|(index, grad, step)| {
+                let p = &self.params[*index];
+                SgdUpdate {
+                    step: *step,
+                    w: p.var.as_tensor(),
+                    grad,
+                    buf: &self.state[&format!("momentum.{}", p.name)],
+                }
+            })
+            .collect::<Vec<_>>();
+        la_kernels::sgd::apply_many(&updates)?;
         Ok(())
     }
 

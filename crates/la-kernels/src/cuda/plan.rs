@@ -5,7 +5,7 @@
 // Used by the launches, which only a `cuda` build compiles; the tests run everywhere.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
-use crate::projection::Order;
+use crate::map_order::Order;
 
 /// Threads per block of every kernel here; `bias_act.cu`'s reduction assumes it (`BLOCK`).
 pub(crate) const BLOCK: u32 = 256;
@@ -201,11 +201,12 @@ pub(crate) fn projection_products(
     }
 }
 
-/// `squares.cu`'s table for tensors of `lens` elements (pointers left at 0 for the caller):
-/// each tensor split into chunks of at most `SQUARES_CHUNK` (an empty one gets none), as
-/// [pointers | chunk's tensor | chunk's start | chunk's end | first chunk of each tensor],
-/// and the number of chunks.
-pub(crate) fn squares_table(lens: &[usize]) -> (Vec<i64>, usize) {
+/// The table through which one launch reaches many tensors (`squares.cu`, `sgd.cu`'s
+/// `sgd_many`): `columns` device pointers per tensor (left at 0 for the caller: column k's
+/// pointer of tensor t at `k * lens.len() + t`), then each tensor split into chunks of at most
+/// `SQUARES_CHUNK` elements (an empty one gets none) as [chunk's tensor | chunk's start |
+/// chunk's end | first chunk of each tensor], all i64; and the number of chunks.
+pub(crate) fn chunk_table(lens: &[usize], columns: usize) -> (Vec<i64>, usize) {
     let n = lens.len();
     let (mut tensor, mut start, mut end, mut first) = (vec![], vec![], vec![], vec![0i64]);
     for (t, &len) in lens.iter().enumerate() {
@@ -217,11 +218,11 @@ pub(crate) fn squares_table(lens: &[usize]) -> (Vec<i64>, usize) {
         first.push(tensor.len() as i64);
     }
     let chunks = tensor.len();
-    let table = [vec![0; n], tensor, start, end, first].concat();
+    let table = [vec![0; columns * n], tensor, start, end, first].concat();
     (table, chunks)
 }
 
-/// Elements a block of `squares.cu` sums at most.
+/// Elements a block of `squares.cu` or `sgd_many` takes at most.
 pub(crate) const SQUARES_CHUNK: usize = 1 << 16;
 
 /// The channels of one bias launch at most: they are the grid's y dimension.
@@ -397,7 +398,7 @@ mod tests {
     #[test]
     fn the_squares_table_chunks_every_tensor_in_order() {
         let lens = [3, 0, SQUARES_CHUNK + 1, SQUARES_CHUNK];
-        let (table, chunks) = squares_table(&lens);
+        let (table, chunks) = chunk_table(&lens, 1);
         assert_eq!(chunks, 4);
         let n = lens.len();
         let part = |k: usize| &table[n + k * chunks..n + (k + 1) * chunks];
@@ -414,6 +415,9 @@ mod tests {
         );
         assert_eq!(&table[n + 3 * chunks..], [0, 1, 1, 3, 4]);
         assert_eq!(table.len(), n + 3 * chunks + n + 1);
+        // Three pointers a tensor (SGD's weight, gradient and buffer) shift the rest.
+        let (three, _) = chunk_table(&lens, 3);
+        assert_eq!(&three[3 * n..], &table[n..]);
     }
 
     #[test]

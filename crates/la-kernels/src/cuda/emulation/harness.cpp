@@ -10,6 +10,8 @@
 //   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
 //   adamw N B1 B2 EPS DECAY STEP SQRT_BIAS2 GRID   w, grad, m, v -> m, v, w
 //   squares CHUNKS LEN...    the table (pointers 0), each tensor -> each sum of squares
+//   sgdmany MOMENTUM NESTEROV CHUNKS LEN...   the table (pointers 0), rates, then each
+//        parameter's w, grad, buf -> each buf, then each w
 //   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
@@ -266,6 +268,32 @@ int main(int argc, char** argv) {
         print(out);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | gemm ...\n");
+    if (cmd == "sgdmany" && argc >= 6) {
+        const double momentum = std::atof(argv[2]);
+        const int nesterov = (int)arg(3);
+        const int64_t chunks = arg(4), n = argc - 5;
+        const auto table_values = read(3 * n + 3 * chunks + n + 1);
+        std::vector<int64_t> table(table_values.begin(), table_values.end());
+        const auto rates = read(2 * n);
+        std::vector<std::vector<double>> w, g, b;
+        for (int64_t t = 0; t < n; ++t) {
+            w.push_back(read(arg(5 + t)));
+            g.push_back(read(arg(5 + t)));
+            b.push_back(read(arg(5 + t)));
+        }
+        for (int64_t t = 0; t < n; ++t) {
+            table[t] = (int64_t)w[t].data();
+            table[n + t] = (int64_t)g[t].data();
+            table[2 * n + t] = (int64_t)b[t].data();
+        }
+        if (chunks > 0)
+            launch({(unsigned)chunks, 1, 1}, block, [&] {
+                sgd_many_f64(table.data(), rates.data(), n, chunks, momentum, nesterov);
+            });
+        for (const auto& v : b) print(v);
+        for (const auto& v : w) print(v);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | sgdmany ... | gemm ...\n");
     return 2;
 }

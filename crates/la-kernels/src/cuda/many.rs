@@ -1,0 +1,147 @@
+//! Launches that reach many tensors at once through a table of their device pointers
+//! (`plan::chunk_table`): the sums of squares of several tensors (`squares.cu`: two launches
+//! and one read) and SGD's update of many parameters (`sgd.cu`'s `sgd_many`: one launch).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, Result, Storage, Tensor};
+
+use super::kernels::{elementwise, function, grid, view, Float, Module};
+use super::plan::chunk_table;
+
+const SQUARES: Module = Module {
+    name: "la_kernels_squares",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/squares.ptx")),
+};
+
+/// The CUDA storage and layout behind each tensor, locked for reading while the guards live.
+fn cuda_storages<'a, G: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(G, &'a candle_core::Layout)],
+) -> Result<Vec<(&'a candle_core::CudaStorage, &'a candle_core::Layout)>> {
+    guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cuda(s) => Ok((s, *layout)),
+            _ => bail!("a CUDA kernel over many tensors got one that is not on a CUDA device"),
+        })
+        .collect()
+}
+
+pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>> {
+    let lens: Vec<usize> = tensors.iter().map(|t| t.elem_count()).collect();
+    let (mut table, chunks) = chunk_table(&lens, 1);
+    let n = tensors.len();
+    // The storages stay locked (read) until the kernels have been queued.
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let cuda = cuda_storages(&guards)?;
+    let Some(&(first, _)) = cuda.first() else {
+        return Ok(vec![]);
+    };
+    let dev = first.device().clone();
+    let stream = dev.cuda_stream();
+    let views = cuda
+        .iter()
+        .map(|&(s, layout)| view::<T>(s, layout))
+        .collect::<Result<Vec<_>>>()?;
+    // The pointers are only read by the kernels below, queued on this same stream.
+    let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+    for (slot, (pointer, _)) in table.iter_mut().zip(&pointers) {
+        *slot = *pointer as i64;
+    }
+    let table = stream.clone_htod(&table).w()?;
+    let (n_i, chunks_i) = (n as i64, chunks as i64);
+    let mut partials = unsafe { dev.alloc::<f64>(chunks.max(1)) }?;
+    if chunks > 0 {
+        let f = function(&dev, &SQUARES, "chunk_squares", T::SUFFIX)?;
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(&table)
+            .arg(&n_i)
+            .arg(&chunks_i)
+            .arg(&mut partials);
+        unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
+    }
+    let mut out = unsafe { dev.alloc::<f64>(n) }?;
+    let f = function(&dev, &SQUARES, "sum_chunks", "all")?;
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&table)
+        .arg(&n_i)
+        .arg(&chunks_i)
+        .arg(&partials)
+        .arg(&mut out);
+    unsafe { launch.launch(elementwise(n)) }.w()?;
+    drop(pointers);
+    stream.clone_dtoh(&out).w()
+}
+
+const SGD: Module = Module {
+    name: "la_kernels_sgd",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
+};
+
+/// [`crate::sgd::apply_many`] on CUDA: every parameter's update in one launch; `params` are
+/// (weight, gradient, buffer), `rates` (learning rate, weight decay).
+pub(crate) fn sgd_many<T: Float>(
+    params: &[[&Tensor; 3]],
+    rates: &[[f64; 2]],
+    momentum: f64,
+    nesterov: bool,
+) -> Result<()> {
+    let n = params.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let lens: Vec<usize> = params.iter().map(|[w, _, _]| w.elem_count()).collect();
+    if rates.len() != n
+        || params
+            .iter()
+            .any(|[w, g, b]| g.elem_count() != w.elem_count() || b.elem_count() != w.elem_count())
+    {
+        bail!("sgd on CUDA: a gradient, buffer or rate does not match its weight")
+    }
+    let (mut table, chunks) = chunk_table(&lens, 3);
+    // Columns: weights, gradients, buffers.
+    let tensors: Vec<&Tensor> = (0..3)
+        .flat_map(|column| params.iter().map(move |p| p[column]))
+        .collect();
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let cuda = cuda_storages(&guards)?;
+    let dev = cuda[0].0.device().clone();
+    let stream = dev.cuda_stream();
+    let views = cuda
+        .iter()
+        .map(|&(s, layout)| view::<T>(s, layout))
+        .collect::<Result<Vec<_>>>()?;
+    // SAFETY of writing through read-locked storage: the kernel below writes the weights and
+    // buffers on the stream in order, as the per-parameter in-place ops do under their write
+    // locks; no host code reads or writes these tensors' device memory meanwhile (the
+    // optimiser's step owns them), and nothing on the host holds a reference into it.
+    let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+    for (slot, (pointer, _)) in table.iter_mut().zip(&pointers) {
+        *slot = *pointer as i64;
+    }
+    let rates: Vec<f64> = (0..2)
+        .flat_map(|column| rates.iter().map(move |r| r[column]))
+        .collect();
+    let table = stream.clone_htod(&table).w()?;
+    let rates = stream.clone_htod(&rates).w()?;
+    if chunks > 0 {
+        let (n_i, chunks_i) = (n as i64, chunks as i64);
+        let momentum = T::from_f64(momentum);
+        let nesterov = nesterov as i32;
+        let f = function(&dev, &SGD, "sgd_many", T::SUFFIX)?;
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(&table)
+            .arg(&rates)
+            .arg(&n_i)
+            .arg(&chunks_i)
+            .arg(&momentum)
+            .arg(&nesterov);
+        unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
+    }
+    drop(pointers);
+    Ok(())
+}
