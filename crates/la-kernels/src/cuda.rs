@@ -482,23 +482,27 @@ mod ops {
     }
 
     /// [`crate::loss::cross_entropy`] on CUDA, for logits [rows, k] and targets of the same
-    /// shape and dtype; the targets get no gradient.
+    /// shape and dtype, or (`labels`) hard labels, u32 [rows]; the targets get no gradient.
     pub(crate) fn cross_entropy(
         logits: &Tensor,
-        targets: &Tensor,
+        against: &Tensor,
+        labels: bool,
         smoothing: f64,
     ) -> Result<Tensor> {
         let op = CrossEntropy {
             smoothing,
+            labels,
             row_stats: Arc::new(Mutex::new(None)),
         };
-        let inputs = [&logits.contiguous()?, &targets.detach().contiguous()?];
+        let inputs = [&logits.contiguous()?, &against.detach().contiguous()?];
         apply("cross-entropy-cuda", inputs, op)
     }
 
-    /// The op on (logits, targets); its forward leaves the rows' statistics for the backward.
+    /// The op on (logits, targets or labels); its forward leaves the rows' statistics for the
+    /// backward.
     struct CrossEntropy {
         smoothing: f64,
+        labels: bool,
         row_stats: Arc<Mutex<Option<Tensor>>>,
     }
 
@@ -512,7 +516,8 @@ mod ops {
             [(xs, xl), (ts, tl)]: [Input<CudaStorage>; 2],
         ) -> Result<(CudaStorage, Shape)> {
             let (rows, k) = xl.shape().dims2()?;
-            if tl.dims() != [rows, k] {
+            let expected: &[usize] = if self.labels { &[rows] } else { &[rows, k] };
+            if tl.dims() != expected {
                 bail!(
                     "cross-entropy: logits {:?}, targets {:?}",
                     xl.dims(),
@@ -521,13 +526,16 @@ mod ops {
             }
             let dev = xs.device();
             let (loss, row_stats) = with_float!("cross_entropy", xs.dtype(), T => {
-                let (loss, row_stats) = ce::forward::<T>(
-                    &view(xs, xl)?,
-                    &view(ts, tl)?,
-                    [rows, k],
-                    self.smoothing,
-                    dev,
-                )?;
+                let x = view::<T>(xs, xl)?;
+                let (loss, row_stats) = if self.labels {
+                    let labels = view::<u32>(ts, tl)?;
+                    let against = ce::Against::Labels(&labels);
+                    ce::forward::<T>(&x, &against, [rows, k], self.smoothing, dev)?
+                } else {
+                    let targets = view::<T>(ts, tl)?;
+                    let against = ce::Against::Targets(&targets);
+                    ce::forward::<T>(&x, &against, [rows, k], self.smoothing, dev)?
+                };
                 (T::wrap_cuda_slice(loss, dev.clone()), row_stats)
             });
             let row_stats = kernels::tensor(row_stats, dev, Shape::from(3 * rows));
@@ -536,7 +544,7 @@ mod ops {
         }
 
         fn backward(&self, g: Grad<2>) -> Result<[Option<Tensor>; 2]> {
-            let [logits, targets] = g.inputs;
+            let [logits, against] = g.inputs;
             let row_stats = self
                 .row_stats
                 .lock()
@@ -546,8 +554,9 @@ mod ops {
                 candle_core::Error::Msg("cross-entropy: backward before forward".into())
             })?;
             let grad = g.grad.contiguous()?;
+            let (labels, smoothing) = (self.labels, self.smoothing);
             let dlogits = with_float!("cross_entropy", logits.dtype(), T =>
-                ce::backward::<T>([logits, targets, &grad], &row_stats, self.smoothing)?);
+                ce::backward::<T>([logits, against, &grad], labels, &row_stats, smoothing)?);
             Ok([Some(dlogits), None])
         }
     }

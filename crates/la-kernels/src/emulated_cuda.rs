@@ -642,3 +642,43 @@ fn sgd_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
         }
     }
 }
+
+#[test]
+fn cross_entropy_kernels_read_hard_labels_as_one_hot_rows() {
+    for (rows, k, smoothing) in [(6, 11, 0.1), (3, 300, 0.0)] {
+        let logits = (uniform(&[rows, k], -1.0, 1.0, 45).unwrap() * 4.0).unwrap();
+        let labels: Vec<u32> = (0..rows).map(|r| ((r * 7 + 3) % k) as u32).collect();
+        let label_values = Tensor::from_vec(
+            labels.iter().map(|&l| f64::from(l)).collect::<Vec<_>>(),
+            rows,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let grad = Tensor::new(1.3f64, &Device::Cpu).unwrap();
+        let args = [
+            "celabels".to_string(),
+            rows.to_string(),
+            k.to_string(),
+            smoothing.to_string(),
+            elementwise_blocks(rows * k).min(2).to_string(),
+        ];
+        let out = run(&args, &[&logits, &label_values, &grad]);
+        let mut values = &out[..];
+        let loss = take(&mut values, &[]);
+        let dlogits = take(&mut values, &[rows, k]);
+        assert!(values.is_empty());
+
+        let var = Var::from_tensor(&logits).unwrap();
+        let labels = Tensor::from_vec(labels, rows, &Device::Cpu).unwrap();
+        let reference =
+            crate::loss::cross_entropy_labels(var.as_tensor(), &labels, smoothing).unwrap();
+        let grads = (&reference * 1.3).unwrap().backward().unwrap();
+        let what = format!("cross-entropy on labels {rows}x{k} smoothing {smoothing}");
+        assert_close(&format!("{what}: loss"), &loss, &reference);
+        assert_close(
+            &format!("{what}: gradient"),
+            &dlogits,
+            grads.get(var.as_tensor()).unwrap(),
+        );
+    }
+}

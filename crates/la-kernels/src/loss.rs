@@ -27,8 +27,44 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) ->
         && targets.dims() == logits.dims()
         && crate::cuda_path(&[logits, &targets])?
     {
-        return crate::cuda::cross_entropy(logits, &targets, label_smoothing);
+        return crate::cuda::cross_entropy(logits, &targets, false, label_smoothing);
     }
+    cross_entropy_generic(logits, &targets, label_smoothing)
+}
+
+/// [`cross_entropy`] against hard labels: `labels` is u32 [b] on the logits' device (as the
+/// data loader uploads them with the images), each below k. On CUDA the kernels read the
+/// labels themselves, so no one-hot matrix is built on the host and uploaded each step (an
+/// upload from ordinary host memory waits for the GPU); elsewhere the one-hot rows and
+/// [`cross_entropy_generic`].
+pub fn cross_entropy_labels(
+    logits: &Tensor,
+    labels: &Tensor,
+    label_smoothing: f64,
+) -> Result<Tensor> {
+    let (rows, k) = logits.dims2()?;
+    if labels.dims() != [rows] || labels.dtype() != candle_core::DType::U32 {
+        candle_core::bail!(
+            "cross-entropy: labels {:?} {:?} for logits {:?} (want u32 [{rows}])",
+            labels.dims(),
+            labels.dtype(),
+            logits.dims()
+        )
+    }
+    #[cfg(feature = "cuda")]
+    if crate::cuda_path(&[logits])? && labels.device().same_device(logits.device()) {
+        return crate::cuda::cross_entropy(logits, labels, true, label_smoothing);
+    }
+    let labels = labels.to_vec1::<u32>()?;
+    let mut one_hot = vec![0f32; rows * k];
+    for (row, &label) in labels.iter().enumerate() {
+        let label = label as usize;
+        if label >= k {
+            candle_core::bail!("label {label} is out of range for {k} classes")
+        }
+        one_hot[row * k + label] = 1.0;
+    }
+    let targets = Tensor::from_vec(one_hot, (rows, k), logits.device())?;
     cross_entropy_generic(logits, &targets, label_smoothing)
 }
 

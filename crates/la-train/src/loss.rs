@@ -36,6 +36,29 @@ pub fn cross_entropy_soft(
     )?)
 }
 
+/// Mean cross-entropy against hard labels that are already on the logits' device (`on_device`,
+/// u32 [b], as the data loader uploads them with the images), checked against their host
+/// copy `labels`: unlike [`cross_entropy`], no one-hot matrix is built and uploaded each step
+/// (on a GPU an upload from ordinary host memory waits for the work queued before it).
+pub fn cross_entropy_labels(
+    logits: &Tensor,
+    on_device: &Tensor,
+    labels: &[usize],
+    label_smoothing: f64,
+) -> Result<Tensor> {
+    let classes = logits.dim(D::Minus1)?;
+    if let Some(&l) = labels.iter().find(|&&l| l >= classes) {
+        return Err(crate::Error::Data(format!(
+            "label {l} is out of range for {classes} classes"
+        )));
+    }
+    Ok(la_kernels::loss::cross_entropy_labels(
+        logits,
+        on_device,
+        label_smoothing,
+    )?)
+}
+
 /// Mean cross-entropy against hard labels.
 pub fn cross_entropy(logits: &Tensor, labels: &[usize], label_smoothing: f64) -> Result<Tensor> {
     let targets = one_hot(labels, logits.dim(D::Minus1)?, logits.device())?;

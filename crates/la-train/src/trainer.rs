@@ -16,7 +16,7 @@ use crate::checkpoint::{self, EpochProgress, RunInfo, TrainState};
 use crate::collective::{agree, any, Collective, ReplicaSum, SingleProcess};
 use crate::data_parallel::{broadcast_running_stats, check_same_weights, GradBuckets};
 use crate::ema::ModelEma;
-use crate::loss::{cross_entropy, cross_entropy_soft, label_ranks};
+use crate::loss::{cross_entropy, cross_entropy_labels, cross_entropy_soft, label_ranks};
 use crate::optim::{layer_decay_scales, param_groups, GroupRules, Optimizer};
 use crate::record::EpochRecord;
 use crate::tensorboard::EventWriter;
@@ -734,13 +734,11 @@ impl Trainer {
         let logits = self.model.forward_t(&batch.images, true)?;
         let smoothing = self.info.train.label_smoothing;
         let loss = match &batch.targets {
-            Targets::Labels(_) => cross_entropy(&logits, &batch.labels, smoothing)?,
+            Targets::Labels(t) => cross_entropy_labels(&logits, t, &batch.labels, smoothing)?,
             Targets::Soft(t) => cross_entropy_soft(&logits, t, smoothing)?,
         };
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(self.non_finite(step, "the loss", None));
-        }
+        // The loss is read after the backward pass is queued, so that a GPU does not wait for
+        // the host in between; a non-finite loss still stops the step before the update.
         // The gradients of all ranks are summed: each contributes its share of the whole
         // batch's mean loss (all of it in one process).
         let grads = if samples == batch.global_size {
@@ -753,6 +751,10 @@ impl Trainer {
             let share = samples as f64 / batch.global_size as f64;
             (&loss * (share / group as f64))?.backward()?
         };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(self.non_finite(step, "the loss", None));
+        }
         let ranks = label_ranks(&logits, &batch.labels)?;
         Ok(MicroBatch {
             grads,

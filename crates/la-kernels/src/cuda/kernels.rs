@@ -39,7 +39,10 @@ impl Float for f64 {
 }
 
 /// The elements of contiguous CUDA storage under `layout`, from its offset on.
-pub(crate) fn view<'a, T: Float>(s: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
     if !layout.is_contiguous() {
         bail!("expected a contiguous CUDA tensor")
     }
@@ -49,7 +52,7 @@ pub(crate) fn view<'a, T: Float>(s: &'a CudaStorage, layout: &Layout) -> Result<
 }
 
 /// `f` on a contiguous CUDA tensor's elements and its device.
-pub(crate) fn with_view<T: Float, R>(
+pub(crate) fn with_view<T: CudaDType + DeviceRepr, R>(
     t: &Tensor,
     f: impl FnOnce(&CudaView<T>, &CudaDevice) -> Result<R>,
 ) -> Result<R> {

@@ -7,6 +7,7 @@
 //        -> y (training), statistics (means, variances), dx, dweight, dbias,
 //           running mean, running var (updated), y (evaluation, from the updated statistics)
 //   ce ROWS K SMOOTHING GRID   logits, targets, grad -> loss, d logits
+//   celabels ROWS K SMOOTHING GRID   logits, labels, grad -> loss, d logits
 //   attn B N D C CC SCALE      q, k, v, dout -> out, lse, dq, dk, dv
 //   adamw N B1 B2 EPS DECAY STEP SQRT_BIAS2 GRID   w, grad, m, v -> m, v, w
 //   squares CHUNKS LEN...    the table (pointers 0), each tensor -> each sum of squares
@@ -175,12 +176,13 @@ int main(int argc, char** argv) {
         const auto grad = read(1);
         std::vector<double> row_stats(3 * rows), loss(1), dlogits(rows * k);
         launch({(unsigned)rows, 1, 1}, block, [&] {
-            cross_entropy_rows_f64(logits.data(), targets.data(), row_stats.data(), k, smoothing);
+            cross_entropy_rows_f64(logits.data(), targets.data(), nullptr, row_stats.data(), k,
+                                   smoothing);
         });
         launch({1, 1, 1}, block, [&] { cross_entropy_mean_f64(row_stats.data(), loss.data(), rows); });
         launch(grid, block, [&] {
-            cross_entropy_backward_f64(logits.data(), targets.data(), row_stats.data(), grad.data(),
-                                       dlogits.data(), rows, k, smoothing);
+            cross_entropy_backward_f64(logits.data(), targets.data(), nullptr, row_stats.data(),
+                                       grad.data(), dlogits.data(), rows, k, smoothing);
         });
         print(loss);
         print(dlogits);
@@ -294,6 +296,28 @@ int main(int argc, char** argv) {
         for (const auto& v : w) print(v);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | sgdmany ... | gemm ...\n");
+    if (cmd == "celabels" && argc == 6) {
+        const int64_t rows = arg(2), k = arg(3);
+        const double smoothing = std::atof(argv[4]);
+        const dim3 grid{(unsigned)arg(5), 1, 1};
+        const auto logits = read(rows * k);
+        const auto label_values = read(rows);
+        const std::vector<uint32_t> labels(label_values.begin(), label_values.end());
+        const auto grad = read(1);
+        std::vector<double> row_stats(3 * rows), loss(1), dlogits(rows * k);
+        launch({(unsigned)rows, 1, 1}, block, [&] {
+            cross_entropy_rows_f64(logits.data(), nullptr, labels.data(), row_stats.data(), k,
+                                   smoothing);
+        });
+        launch({1, 1, 1}, block, [&] { cross_entropy_mean_f64(row_stats.data(), loss.data(), rows); });
+        launch(grid, block, [&] {
+            cross_entropy_backward_f64(logits.data(), nullptr, labels.data(), row_stats.data(),
+                                       grad.data(), dlogits.data(), rows, k, smoothing);
+        });
+        print(loss);
+        print(dlogits);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | celabels ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | sgdmany ... | gemm ...\n");
     return 2;
 }
