@@ -92,7 +92,10 @@ __device__ void attn_forward(const T* q, const T* k, const T* v, T* out, T* lse,
             }
             __syncthreads();
             if (col < cols) {
-                for (int i = 0, r = threadIdx.x / cc; r < TILE; ++i, r += row_step) {
+#pragma unroll
+                for (int i = 0; i < TILE; ++i) {
+                    const int r = threadIdx.x / cc + i * row_step;
+                    if (r >= TILE) break;
                     T a = acc[i] * rescale[r];
                     for (int j = 0; j < TILE; ++j) a += ps[r * TILE + j] * vs[j * CC + col];
                     acc[i] = a;
@@ -101,8 +104,12 @@ __device__ void attn_forward(const T* q, const T* k, const T* v, T* out, T* lse,
         }
         __syncthreads();
         if (col < cols) {
-            for (int i = 0, r = threadIdx.x / cc; r < TILE; ++i, r += row_step)
+#pragma unroll
+            for (int i = 0; i < TILE; ++i) {
+                const int r = threadIdx.x / cc + i * row_step;
+                if (r >= TILE) break;
                 if (row0 + r < n) out[(row0 + r) * c + col0 + col] = acc[i] / row_sum[r];
+            }
         }
         if (col0 == 0 && threadIdx.x < TILE && row0 + threadIdx.x < n)
             lse[row0 + threadIdx.x] = row_max[threadIdx.x] + log(row_sum[threadIdx.x]);
@@ -186,14 +193,20 @@ __device__ void attn_backward_dq(const T* q, const T* k, const T* v, const T* do
         ds[threadIdx.x] = g;
         __syncthreads();
         // The thread's entries (row, e) of the tile's dq: index t + 256 i of TILE * d.
-        for (int i = 0, idx = threadIdx.x; idx < TILE * d; ++i, idx += ATTN_THREADS) {
+#pragma unroll
+        for (int i = 0; i < TILE * D_MAX / ATTN_THREADS; ++i) {
+            const int idx = threadIdx.x + i * ATTN_THREADS;
+            if (idx >= TILE * d) break;
             const int r = idx / d, e = idx % d;
             T a = T(0);
             for (int j = 0; j < TILE; ++j) a += ds[r * TILE + j] * ks[j * D_MAX + e];
             acc[i] += a;
         }
     }
-    for (int i = 0, idx = threadIdx.x; idx < TILE * d; ++i, idx += ATTN_THREADS) {
+#pragma unroll
+    for (int i = 0; i < TILE * D_MAX / ATTN_THREADS; ++i) {
+        const int idx = threadIdx.x + i * ATTN_THREADS;
+        if (idx >= TILE * d) break;
         const int r = idx / d, e = idx % d;
         if (row0 + r < n) dq[(row0 + r) * d + e] = acc[i] * scale;
     }
@@ -233,14 +246,20 @@ __device__ void attn_backward_dkv(const T* q, const T* k, const T* v, const T* d
         ds[threadIdx.x] = g;
         __syncthreads();
         // The thread's entries (key, e) of the tile's dk.
-        for (int i = 0, idx = threadIdx.x; idx < TILE * d; ++i, idx += ATTN_THREADS) {
+#pragma unroll
+        for (int i = 0; i < TILE * D_MAX / ATTN_THREADS; ++i) {
+            const int idx = threadIdx.x + i * ATTN_THREADS;
+            if (idx >= TILE * d) break;
             const int kr = idx / d, e = idx % d;
             T a = T(0);
             for (int j = 0; j < TILE; ++j) a += ds[j * TILE + kr] * qs[j * D_MAX + e];
             acc[i] += a;
         }
     }
-    for (int i = 0, idx = threadIdx.x; idx < TILE * d; ++i, idx += ATTN_THREADS) {
+#pragma unroll
+    for (int i = 0; i < TILE * D_MAX / ATTN_THREADS; ++i) {
+        const int idx = threadIdx.x + i * ATTN_THREADS;
+        if (idx >= TILE * d) break;
         const int kr = idx / d, e = idx % d;
         if (key0 + kr < n) dk[(key0 + kr) * d + e] = acc[i] * scale;
     }
@@ -259,7 +278,10 @@ __device__ void attn_backward_dkv(const T* q, const T* k, const T* v, const T* d
                 exp(attn_score(qs, ks, d, scale, key0, n) - lse_s[threadIdx.x / TILE]);
             __syncthreads();
             if (col < cols) {
-                for (int i = 0, kr = threadIdx.x / cc; kr < TILE; ++i, kr += row_step) {
+#pragma unroll
+                for (int i = 0; i < TILE; ++i) {
+                    const int kr = threadIdx.x / cc + i * row_step;
+                    if (kr >= TILE) break;
                     T a = dv_acc[i];
                     for (int j = 0; j < TILE; ++j) a += ps[j * TILE + kr] * dos[j * CC + col];
                     dv_acc[i] = a;
@@ -267,8 +289,12 @@ __device__ void attn_backward_dkv(const T* q, const T* k, const T* v, const T* d
             }
         }
         if (col < cols) {
-            for (int i = 0, kr = threadIdx.x / cc; kr < TILE; ++i, kr += row_step)
+#pragma unroll
+            for (int i = 0; i < TILE; ++i) {
+                const int kr = threadIdx.x / cc + i * row_step;
+                if (kr >= TILE) break;
                 if (key0 + kr < n) dv[(key0 + kr) * c + col0 + col] = dv_acc[i];
+            }
         }
     }
 }
