@@ -162,6 +162,44 @@ fn training_steps(device: &Device, tally: &mut Tally) {
                 Err(e) => tally.record(false, &label, &format!("{e:#}")),
             }
         }
+        if device.is_cuda() {
+            tf32_step(&config, &name, device, tally);
+        }
+    }
+}
+
+/// One f32 step of `config` in the GPU's own kernels with TF32 products (`--precision tf32`,
+/// its default) against the CPU's f32 step and the f64 step: within 3e-2, TF32's 10-bit
+/// mantissa over a step's products (f32's own checks ask 1e-3).
+fn tf32_step(config: &VggConfig, name: &str, device: &Device, tally: &mut Tally) {
+    let label = format!("training step tf32 vgg16_bn x0.25 + {name} (fast form)");
+    let step = la_kernels::set_precision(la_kernels::Precision::Tf32).and_then(|()| {
+        let step = la_train::parity::compare_training_step_in(
+            Form::Fast,
+            config,
+            4,
+            32,
+            DType::F32,
+            device,
+        );
+        la_kernels::set_precision(la_kernels::Precision::F32)?;
+        step.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    });
+    match step {
+        Ok(s) => {
+            let tolerance = 3e-2;
+            let ok = s.loss_error <= tolerance
+                && s.grad_error <= tolerance
+                && s.generic_error_vs_f64 <= tolerance;
+            let detail = format!(
+                "loss {:.6} / {:.6} (error {:.1e}), gradients {:.1e} from the CPU's f32 (worst {}), \
+                 {:.1e} from the f64 step (tolerance {tolerance:.0e})",
+                s.loss_fast, s.loss_generic, s.loss_error, s.grad_error, s.worst_grad,
+                s.generic_error_vs_f64
+            );
+            tally.record(ok, &label, &detail);
+        }
+        Err(e) => tally.record(false, &label, &format!("{e:#}")),
     }
 }
 
