@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cpu::{contiguous_range, data};
+
 /// One step's hyper-parameters for one parameter; `step` counts from 1.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
@@ -101,18 +103,6 @@ fn weight<T: WithDType + num_traits::Float>(w: &mut [T], m: &[T], v: &[T], f: We
         });
 }
 
-/// The contiguous data of a CPU tensor.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    Ok(&T::cpu_storage_as_slice(s)?[range(l)?])
-}
-
-fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(a..b),
-        None => candle_core::bail!("adamw: expected a contiguous tensor"),
-    }
-}
-
 impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
         "adamw-moment"
@@ -125,7 +115,7 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let r = range(l1)?;
+        let r = contiguous_range(l1)?;
         match s1 {
             CpuStorage::F32(d) => moment::<f32>(&mut d[r], data(s2, l2)?, self.beta, self.square),
             CpuStorage::F64(d) => moment::<f64>(&mut d[r], data(s2, l2)?, self.beta, self.square),
@@ -160,7 +150,7 @@ impl InplaceOp3 for WeightPass {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let r = range(l1)?;
+        let r = contiguous_range(l1)?;
         match s1 {
             CpuStorage::F32(w) => weight::<f32>(&mut w[r], data(s2, l2)?, data(s3, l3)?, self.0),
             CpuStorage::F64(w) => weight::<f64>(&mut w[r], data(s2, l2)?, data(s3, l3)?, self.0),

@@ -8,8 +8,13 @@ use crate::simd::with_simd;
 
 /// The data of a contiguous CPU storage under `layout`.
 pub fn data<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    Ok(&T::cpu_storage_as_slice(storage)?[contiguous_range(layout)?])
+}
+
+/// The elements of a contiguous tensor's storage that it covers.
+pub fn contiguous_range(layout: &Layout) -> Result<std::ops::Range<usize>> {
     match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        Some((start, end)) => Ok(start..end),
         None => candle_core::bail!("expected a contiguous tensor"),
     }
 }

@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cpu::{contiguous_range, data};
+
 /// One step's hyper-parameters for one parameter.
 #[derive(Clone, Copy, Debug)]
 pub struct SgdStep {
@@ -123,18 +125,6 @@ impl SgdPass {
     }
 }
 
-/// The contiguous data of a CPU tensor.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    Ok(&T::cpu_storage_as_slice(s)?[range(l)?])
-}
-
-fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(a..b),
-        None => candle_core::bail!("sgd: expected a contiguous tensor"),
-    }
-}
-
 impl InplaceOp3 for SgdPass {
     fn name(&self) -> &'static str {
         "sgd-pass"
@@ -149,7 +139,7 @@ impl InplaceOp3 for SgdPass {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let r = range(l1)?;
+        let r = contiguous_range(l1)?;
         match s1 {
             CpuStorage::F32(v) => self.run::<f32>(&mut v[r], data(s2, l2)?, data(s3, l3)?),
             CpuStorage::F64(v) => self.run::<f64>(&mut v[r], data(s2, l2)?, data(s3, l3)?),

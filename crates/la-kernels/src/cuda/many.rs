@@ -3,8 +3,8 @@
 //! and one read) and SGD's update of many parameters (`sgd.cu`'s `sgd_many`: one launch).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, Result, Storage, Tensor};
 
 use super::kernels::{elementwise, function, grid, view, Float, Module};
@@ -28,15 +28,20 @@ fn cuda_storages<'a, G: std::ops::Deref<Target = Storage>>(
         .collect()
 }
 
-pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>> {
-    let lens: Vec<usize> = tensors.iter().map(|t| t.elem_count()).collect();
-    let (mut table, chunks) = chunk_table(&lens, 1);
-    let n = tensors.len();
-    // The storages stay locked (read) until the kernels have been queued.
+/// Runs `launch` with the device, the uploaded table of `tensors` (`plan::chunk_table`: the
+/// tensors are its pointer columns one after another, each column one tensor per entry of
+/// `lens`) and the number of chunks, while the tensors' storages stay locked.
+fn with_table<T: Float, R>(
+    tensors: &[&Tensor],
+    lens: &[usize],
+    launch: impl FnOnce(&CudaDevice, &CudaSlice<i64>, usize) -> Result<R>,
+) -> Result<R> {
+    let columns = tensors.len() / lens.len().max(1);
+    let (mut table, chunks) = chunk_table(lens, columns);
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let cuda = cuda_storages(&guards)?;
     let Some(&(first, _)) = cuda.first() else {
-        return Ok(vec![]);
+        bail!("a CUDA kernel over many tensors got none")
     };
     let dev = first.device().clone();
     let stream = dev.cuda_stream();
@@ -44,36 +49,49 @@ pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>>
         .iter()
         .map(|&(s, layout)| view::<T>(s, layout))
         .collect::<Result<Vec<_>>>()?;
-    // The pointers are only read by the kernels below, queued on this same stream.
     let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
     for (slot, (pointer, _)) in table.iter_mut().zip(&pointers) {
         *slot = *pointer as i64;
     }
     let table = stream.clone_htod(&table).w()?;
-    let (n_i, chunks_i) = (n as i64, chunks as i64);
-    let mut partials = unsafe { dev.alloc::<f64>(chunks.max(1)) }?;
-    if chunks > 0 {
-        let f = function(&dev, &SQUARES, "chunk_squares", T::SUFFIX)?;
+    let out = launch(&dev, &table, chunks);
+    drop(pointers);
+    out
+}
+
+pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>> {
+    let n = tensors.len();
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let lens: Vec<usize> = tensors.iter().map(|t| t.elem_count()).collect();
+    // The kernels only read the tensors.
+    with_table::<T, _>(tensors, &lens, |dev, table, chunks| {
+        let stream = dev.cuda_stream();
+        let (n_i, chunks_i) = (n as i64, chunks as i64);
+        let mut partials = unsafe { dev.alloc::<f64>(chunks.max(1)) }?;
+        if chunks > 0 {
+            let f = function(dev, &SQUARES, "chunk_squares", T::SUFFIX)?;
+            let mut launch = stream.launch_builder(&f);
+            launch
+                .arg(table)
+                .arg(&n_i)
+                .arg(&chunks_i)
+                .arg(&mut partials);
+            unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
+        }
+        let mut out = unsafe { dev.alloc::<f64>(n) }?;
+        let f = function(dev, &SQUARES, "sum_chunks", "all")?;
         let mut launch = stream.launch_builder(&f);
         launch
-            .arg(&table)
+            .arg(table)
             .arg(&n_i)
             .arg(&chunks_i)
-            .arg(&mut partials);
-        unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
-    }
-    let mut out = unsafe { dev.alloc::<f64>(n) }?;
-    let f = function(&dev, &SQUARES, "sum_chunks", "all")?;
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(&table)
-        .arg(&n_i)
-        .arg(&chunks_i)
-        .arg(&partials)
-        .arg(&mut out);
-    unsafe { launch.launch(elementwise(n)) }.w()?;
-    drop(pointers);
-    stream.clone_dtoh(&out).w()
+            .arg(&partials)
+            .arg(&mut out);
+        unsafe { launch.launch(elementwise(n)) }.w()?;
+        stream.clone_dtoh(&out).w()
+    })
 }
 
 const SGD: Module = Module {
@@ -101,47 +119,35 @@ pub(crate) fn sgd_many<T: Float>(
     {
         bail!("sgd on CUDA: a gradient, buffer or rate does not match its weight")
     }
-    let (mut table, chunks) = chunk_table(&lens, 3);
     // Columns: weights, gradients, buffers.
     let tensors: Vec<&Tensor> = (0..3)
         .flat_map(|column| params.iter().map(move |p| p[column]))
         .collect();
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let cuda = cuda_storages(&guards)?;
-    let dev = cuda[0].0.device().clone();
-    let stream = dev.cuda_stream();
-    let views = cuda
-        .iter()
-        .map(|&(s, layout)| view::<T>(s, layout))
-        .collect::<Result<Vec<_>>>()?;
-    // SAFETY of writing through read-locked storage: the kernel below writes the weights and
-    // buffers on the stream in order, as the per-parameter in-place ops do under their write
-    // locks; no host code reads or writes these tensors' device memory meanwhile (the
-    // optimiser's step owns them), and nothing on the host holds a reference into it.
-    let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
-    for (slot, (pointer, _)) in table.iter_mut().zip(&pointers) {
-        *slot = *pointer as i64;
-    }
     let rates: Vec<f64> = (0..2)
         .flat_map(|column| rates.iter().map(move |r| r[column]))
         .collect();
-    let table = stream.clone_htod(&table).w()?;
-    let rates = stream.clone_htod(&rates).w()?;
-    if chunks > 0 {
+    // Writing through read-locked storage: the kernel writes the weights and buffers on the
+    // stream in order, as the per-parameter in-place ops do under their write locks; no host
+    // code reads or writes these tensors' device memory meanwhile (the optimiser's step owns
+    // them), and nothing on the host holds a reference into it.
+    with_table::<T, _>(&tensors, &lens, |dev, table, chunks| {
+        if chunks == 0 {
+            return Ok(());
+        }
+        let stream = dev.cuda_stream();
+        let rates = stream.clone_htod(&rates).w()?;
         let (n_i, chunks_i) = (n as i64, chunks as i64);
-        let momentum = T::from_f64(momentum);
-        let nesterov = nesterov as i32;
-        let f = function(&dev, &SGD, "sgd_many", T::SUFFIX)?;
+        let (momentum, nesterov) = (T::from_f64(momentum), nesterov as i32);
+        let f = function(dev, &SGD, "sgd_many", T::SUFFIX)?;
         let mut launch = stream.launch_builder(&f);
         launch
-            .arg(&table)
+            .arg(table)
             .arg(&rates)
             .arg(&n_i)
             .arg(&chunks_i)
             .arg(&momentum)
             .arg(&nesterov);
         unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
-    }
-    drop(pointers);
-    Ok(())
+        Ok(())
+    })
 }
