@@ -3,8 +3,13 @@
 //! and one read) and SGD's update of many parameters (`sgd.cu`'s `sgd_many`: one launch).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use std::cell::RefCell;
+use std::collections::hash_map::{Entry, HashMap};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, PinnedHostSlice, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{bail, Result, Storage, Tensor};
 
 use super::kernels::{elementwise, function, grid, view, Float, Module};
@@ -53,10 +58,44 @@ fn with_table<T: Float, R>(
     for (slot, (pointer, _)) in table.iter_mut().zip(&pointers) {
         *slot = *pointer as i64;
     }
-    let table = stream.clone_htod(&table).w()?;
+    let table = upload(&dev, &table)?;
     let out = launch(&dev, &table, chunks);
     drop(pointers);
     out
+}
+
+thread_local! {
+    /// Page-locked staging memory for the tables, one buffer per device, reused.
+    static STAGING: RefCell<HashMap<DeviceId, PinnedHostSlice<i64>>> = RefCell::new(HashMap::new());
+}
+
+/// `values` in a new device buffer, copied from page-locked memory: an upload from ordinary
+/// host memory would first wait for all the work queued on the stream (CUDA's rule for
+/// pageable copies), a stall of the whole step, where this copy just takes its turn.
+fn upload(dev: &CudaDevice, values: &[i64]) -> Result<CudaSlice<i64>> {
+    let stream = dev.cuda_stream();
+    let mut table = unsafe { dev.alloc::<i64>(values.len()) }?;
+    STAGING.with(|staging| -> Result<()> {
+        let mut staging = staging.borrow_mut();
+        let buffer = match staging.entry(dev.id()) {
+            Entry::Occupied(e) if e.get().len() == values.len() => e.into_mut(),
+            entry => {
+                // SAFETY: filled below before any read.
+                let fresh = unsafe { stream.context().alloc_pinned::<i64>(values.len()) }.w()?;
+                match entry {
+                    Entry::Occupied(mut e) => {
+                        e.insert(fresh);
+                        e.into_mut()
+                    }
+                    Entry::Vacant(e) => e.insert(fresh),
+                }
+            }
+        };
+        // Waits for the buffer's previous copy (long done: it preceded the last launch).
+        buffer.as_mut_slice().w()?.copy_from_slice(values);
+        stream.memcpy_htod(&*buffer, &mut table).w()
+    })?;
+    Ok(table)
 }
 
 pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>> {
@@ -135,7 +174,8 @@ pub(crate) fn sgd_many<T: Float>(
             return Ok(());
         }
         let stream = dev.cuda_stream();
-        let rates = stream.clone_htod(&rates).w()?;
+        let bits: Vec<i64> = rates.iter().map(|r| r.to_bits() as i64).collect();
+        let rates = upload(dev, &bits)?;
         let (n_i, chunks_i) = (n as i64, chunks as i64);
         let (momentum, nesterov) = (T::from_f64(momentum), nesterov as i32);
         let f = function(dev, &SGD, "sgd_many", T::SUFFIX)?;

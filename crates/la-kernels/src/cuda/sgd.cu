@@ -23,10 +23,12 @@ __device__ void sgd_weight(T* w, const T* grad, const T* buf, int64_t n, T lr, T
 // Both passes for many parameters in one launch (PyTorch's foreach SGD): one block a chunk
 // of one parameter, through a table of device pointers (cuda/plan.rs's chunk_table with
 // three columns: weights, gradients, buffers) and each parameter's rates (learning rates,
-// then weight decays). Element by element the operations of the two passes above, in order.
+// then weight decays, as the bits of doubles). Element by element the operations of the two
+// passes above, in order.
 template <typename T>
-__device__ void sgd_many(const int64_t* table, const double* rates, int64_t n, int64_t chunks,
-                         T momentum, int nesterov) {
+__device__ void sgd_many(const int64_t* table, const int64_t* rate_bits, int64_t n,
+                         int64_t chunks, T momentum, int nesterov) {
+    const double* rates = (const double*)rate_bits;
     const int64_t chunk = blockIdx.x, t = table[3 * n + chunk];
     T* w = (T*)table[t];
     const T* grad = (const T*)table[n + t];
@@ -52,10 +54,10 @@ __device__ void sgd_many(const int64_t* table, const double* rates, int64_t n, i
                                                    T weight_decay, int nesterov) {           \
         sgd_weight(w, grad, buf, n, lr, momentum, weight_decay, nesterov);                   \
     }                                                                                        \
-    extern "C" __global__ void sgd_many_##SUFFIX(const int64_t* table, const double* rates,  \
-                                                 int64_t n, int64_t chunks, T momentum,      \
-                                                 int nesterov) {                             \
-        sgd_many<T>(table, rates, n, chunks, momentum, nesterov);                            \
+    extern "C" __global__ void sgd_many_##SUFFIX(const int64_t* table,                       \
+                                                 const int64_t* rate_bits, int64_t n,        \
+                                                 int64_t chunks, T momentum, int nesterov) { \
+        sgd_many<T>(table, rate_bits, n, chunks, momentum, nesterov);                        \
     }
 
 SGD(float, f32)

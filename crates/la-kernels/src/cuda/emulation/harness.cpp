@@ -16,6 +16,7 @@
 //   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <string>
 
@@ -288,9 +289,11 @@ int main(int argc, char** argv) {
             table[n + t] = (int64_t)g[t].data();
             table[2 * n + t] = (int64_t)b[t].data();
         }
+        std::vector<int64_t> rate_bits(rates.size());
+        std::memcpy(rate_bits.data(), rates.data(), rates.size() * sizeof(double));
         if (chunks > 0)
             launch({(unsigned)chunks, 1, 1}, block, [&] {
-                sgd_many_f64(table.data(), rates.data(), n, chunks, momentum, nesterov);
+                sgd_many_f64(table.data(), rate_bits.data(), n, chunks, momentum, nesterov);
             });
         for (const auto& v : b) print(v);
         for (const auto& v : w) print(v);
