@@ -464,6 +464,119 @@ pub fn compare_all(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     Ok(comparisons)
 }
 
+/// The in-place updates and reductions over many tensors (SGD for several parameters at once,
+/// AdamW, the sums of squares) in `form` on `device` against the fast form on the CPU, in
+/// `dtype`: what the optimiser and the trainer's gradient check run each step (on a GPU one
+/// launch for all the parameters). `value_error` is the largest over the updated tensors;
+/// there are no gradients.
+pub fn compare_updates(form: Form, device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
+    use crate::adamw::AdamWStep;
+    use crate::sgd::{apply_many, SgdStep, SgdUpdate};
+    // Three parameters of odd sizes (one past a chunk of the CUDA kernels), with their own
+    // rates as parameter groups give them.
+    let lens = [7, (1 << 16) + 3, 1];
+    let make = |seed: u64| -> Result<Vec<[Tensor; 3]>> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let s = seed + 3 * i as u64;
+                Ok([
+                    uniform(&[n], -1.0, 1.0, s)?.to_dtype(dtype)?,
+                    uniform(&[n], -1.0, 1.0, s + 1)?.to_dtype(dtype)?,
+                    uniform(&[n], 0.0, 0.1, s + 2)?.to_dtype(dtype)?,
+                ])
+            })
+            .collect()
+    };
+    let reference = make(200)?;
+    let on = |d: &Device| -> Result<Vec<[Tensor; 3]>> {
+        reference
+            .iter()
+            .map(|ts| {
+                Ok([
+                    ts[0].to_device(d)?,
+                    ts[1].to_device(d)?,
+                    ts[2].to_device(d)?,
+                ])
+            })
+            .collect()
+    };
+    let steps = [(0.1, 5e-4), (0.05, 5e-4), (0.2, 0.0)].map(|(lr, weight_decay)| SgdStep {
+        lr,
+        momentum: 0.9,
+        weight_decay,
+        nesterov: true,
+    });
+    let sgd = |params: &[[Tensor; 3]]| -> Result<()> {
+        let updates: Vec<SgdUpdate> = params
+            .iter()
+            .zip(steps)
+            .map(|([w, g, b], step)| SgdUpdate {
+                step,
+                w,
+                grad: g,
+                buf: b,
+            })
+            .collect();
+        apply_many(&updates)
+    };
+    let adamw = |[w, g, m]: &[Tensor; 3]| -> Result<Tensor> {
+        let v = (g.sqr()? * 0.01)?;
+        let step = AdamWStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            step: 3,
+        };
+        step.apply(w, g, m, &v)?;
+        Ok(v)
+    };
+    let run = |d: &Device, f: Form| -> Result<(Vec<Tensor>, Vec<Tensor>, Vec<f64>)> {
+        with_form(f, || {
+            let sgd_params = on(d)?;
+            sgd(&sgd_params)?;
+            let adamw_params = on(d)?;
+            let moments = adamw_params.iter().map(adamw).collect::<Result<Vec<_>>>()?;
+            let grads: Vec<&Tensor> = adamw_params.iter().map(|p| &p[1]).collect();
+            let squares = crate::squares::sums_of_squares(&grads)?;
+            let flat = |ps: &[[Tensor; 3]]| ps.iter().flat_map(|p| p.clone()).collect::<Vec<_>>();
+            let mut adamw_out = flat(&adamw_params);
+            adamw_out.extend(moments);
+            Ok((flat(&sgd_params), adamw_out, squares))
+        })
+    };
+    let (sgd_ref, adamw_ref, squares_ref) = run(&Device::Cpu, Form::Fast)?;
+    let (sgd_out, adamw_out, squares_out) = run(device, form)?;
+    let worst = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
+        let mut worst = 0f64;
+        for (a, b) in a.iter().zip(b) {
+            worst = worst.max(relative_error(a, b)?);
+        }
+        Ok(worst)
+    };
+    let squares_error = squares_out
+        .iter()
+        .zip(&squares_ref)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0f64, f64::max);
+    let comparison = |name: &str, value_error: f64| Comparison {
+        name: name.to_string(),
+        value_error,
+        grad_error: 0.0,
+        tolerance: tolerance(dtype),
+    };
+    Ok(vec![
+        comparison(
+            "sgd over 3 parameters (momentum, Nesterov, own rates)",
+            worst(&sgd_out, &sgd_ref)?,
+        ),
+        comparison("adamw", worst(&adamw_out, &adamw_ref)?),
+        comparison("sums of squares of 3 tensors", squares_error),
+    ])
+}
+
 /// The device the tests run on: `LA_TEST_DEVICE` (`cpu`, the default, or `cuda` / `cuda:N`),
 /// so that the same suite runs on a GPU.
 pub fn test_device() -> Result<Device> {

@@ -3,12 +3,15 @@
 //! by default).
 
 use candle_core::DType;
-use la_kernels::parity::{compare_all, test_device};
+use la_kernels::parity::{compare_all, compare_updates, test_device};
+use la_kernels::Form;
 
 fn check(dtype: DType) {
     let device = test_device().unwrap();
-    let comparisons = compare_all(&device, dtype).unwrap();
+    let mut comparisons = compare_all(&device, dtype).unwrap();
     assert!(comparisons.len() >= 20, "{} cases", comparisons.len());
+    // The in-place updates in the device's own kernels (the CPU's against themselves here).
+    comparisons.extend(compare_updates(Form::Fast, &device, dtype).unwrap());
     let failed: Vec<_> = comparisons.iter().filter(|c| !c.passed()).collect();
     assert!(failed.is_empty(), "{dtype:?}: {failed:#?}");
 }

@@ -100,6 +100,20 @@ fn ops(device: &Device, dtype: DType, tally: &mut Tally) {
         }
         Err(e) => tally.record(false, &format!("ops {dtype:?}"), &format!("{e:#}")),
     }
+    // The optimisers' in-place updates and the gradients' squares, in the device's own
+    // kernels (on a GPU one launch for several parameters) against the CPU's.
+    match la_kernels::parity::compare_updates(Form::Fast, device, dtype) {
+        Ok(comparisons) => {
+            for c in comparisons {
+                let detail = format!(
+                    "values {:.1e} (tolerance {:.0e})",
+                    c.value_error, c.tolerance
+                );
+                tally.record(c.passed(), &format!("update {dtype:?} {}", c.name), &detail);
+            }
+        }
+        Err(e) => tally.record(false, &format!("updates {dtype:?}"), &format!("{e:#}")),
+    }
 }
 
 /// One SGD step of VGG16_bn at width 0.25 per attention kind: in f64 the loss and the
