@@ -74,18 +74,21 @@ __device__ void attn_forward(const T* q, const T* k, const T* v, T* out, T* lse,
             attn_load(ks, D_MAX, k, n, d, key0, 0, d);
             attn_load(vs, CC, v, n, c, key0, col0, cols);
             __syncthreads();
-            ps[threadIdx.x] = attn_score(qs, ks, d, scale, key0, n);
+            // Each thread its entry (r, k) of the tile: the row's new max (every thread of a
+            // row finds the same), then its own probability, so the exponentials run in
+            // parallel; the row's first thread updates the running statistics.
+            const int r = threadIdx.x / TILE;
+            const T s = attn_score(qs, ks, d, scale, key0, n);
+            ps[threadIdx.x] = s;
             __syncthreads();
-            if (threadIdx.x < TILE) {
-                const int r = threadIdx.x;
-                T m = row_max[r];
-                for (int j = 0; j < TILE; ++j) m = max(m, ps[r * TILE + j]);
+            T m = row_max[r];
+            for (int j = 0; j < TILE; ++j) m = max(m, ps[r * TILE + j]);
+            __syncthreads();  // the scores are read before the probabilities replace them
+            ps[threadIdx.x] = exp(s - m);
+            __syncthreads();
+            if (threadIdx.x % TILE == 0) {
                 T sum = T(0);
-                for (int j = 0; j < TILE; ++j) {
-                    const T p = exp(ps[r * TILE + j] - m);
-                    ps[r * TILE + j] = p;
-                    sum += p;
-                }
+                for (int j = 0; j < TILE; ++j) sum += ps[r * TILE + j];
                 rescale[r] = exp(row_max[r] - m);  // 0 on the first tile (max -inf)
                 row_sum[r] = row_sum[r] * rescale[r] + sum;
                 row_max[r] = m;
