@@ -1,6 +1,7 @@
 //! AdamW's update of one parameter, in place: PyTorch's `torch.optim.AdamW` rule as three
 //! passes over the parameter's memory (the first moment, the second, then the weight), on the
-//! CPU (parallel chunks) and on CUDA (one launch each, `cuda/adamw.cu`).
+//! CPU (parallel chunks) and on CUDA (one launch each, `cuda/adamw.cu`); [`apply_many`]
+//! updates many parameters in one launch on CUDA.
 //!
 //! Why in place: as Candle tensor ops an AdamW step was about a dozen passes over every
 //! parameter, each into a fresh allocation (on a GPU a launch each). The caller (la-train's
@@ -58,6 +59,49 @@ impl AdamWStep {
             eps: self.eps,
         }
     }
+}
+
+/// One parameter's update for [`apply_many`].
+#[derive(Clone, Copy)]
+pub struct AdamWUpdate<'a> {
+    pub step: AdamWStep,
+    pub w: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+}
+
+/// [`AdamWStep::apply`] for many parameters (one beta1 and beta2, each its own rates): on
+/// CUDA one launch for all of them, the three passes fused element by element; elsewhere each
+/// in turn. Each needs [`AdamWStep::applies`].
+pub fn apply_many(updates: &[AdamWUpdate]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = updates.first() {
+        let tensors: Vec<&Tensor> = updates
+            .iter()
+            .flat_map(|u| [u.w, u.grad, u.m, u.v])
+            .collect();
+        let betas = [first.step.beta1, first.step.beta2];
+        let same_betas = updates
+            .iter()
+            .all(|u| [u.step.beta1, u.step.beta2] == betas);
+        if same_betas && crate::cuda_path(&tensors)? && tensors.iter().all(|t| t.is_contiguous()) {
+            let params: Vec<[&Tensor; 4]> =
+                updates.iter().map(|u| [u.w, u.grad, u.m, u.v]).collect();
+            let factors: Vec<[f64; 4]> = updates
+                .iter()
+                .map(|u| {
+                    let f = u.step.factors();
+                    [f.decay, f.step, f.sqrt_bias2, f.eps]
+                })
+                .collect();
+            return crate::cuda::adamw_many(&params, &factors, betas);
+        }
+    }
+    for u in updates {
+        u.step.apply(u.w, u.grad, u.m, u.v)?;
+    }
+    Ok(())
 }
 
 /// A moment's pass: `dst = beta dst + (1 - beta) (square ? g^2 : g)`.

@@ -34,9 +34,9 @@ mod many;
 pub(crate) use attention::fits as softmax_attention_fits;
 #[cfg(feature = "cuda")]
 pub(crate) use ops::{
-    adamw_moment, adamw_weight, add_bias, batch_norm_relu_eval, batch_norm_relu_train, conv3x3,
-    cross_entropy, max_pool_2x2, project, sgd_many, sgd_pass, softmax_attention, sums_of_squares,
-    update_running_stats,
+    adamw_many, adamw_moment, adamw_weight, add_bias, batch_norm_relu_eval, batch_norm_relu_train,
+    conv3x3, cross_entropy, max_pool_2x2, project, sgd_many, sgd_pass, softmax_attention,
+    sums_of_squares, update_running_stats,
 };
 
 #[cfg(feature = "cuda")]
@@ -132,6 +132,21 @@ mod ops {
         };
         with_float!("sgd", w.dtype(), T =>
             super::many::sgd_many::<T>(params, rates, momentum, nesterov))
+    }
+
+    /// [`crate::adamw::apply_many`] on CUDA, for contiguous f32/f64 tensors of one dtype on
+    /// one device: each parameter's (weight, gradient, moments) and (decay, step, sqrt(1 -
+    /// b2^t), eps).
+    pub(crate) fn adamw_many(
+        params: &[[&Tensor; 4]],
+        factors: &[[f64; 4]],
+        betas: [f64; 2],
+    ) -> Result<()> {
+        let Some([w, ..]) = params.first() else {
+            return Ok(());
+        };
+        with_float!("adamw", w.dtype(), T =>
+            super::many::adamw_many::<T>(params, factors, betas))
     }
 
     fn on_cpu<R>(name: &str) -> Result<R> {

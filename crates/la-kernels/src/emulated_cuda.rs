@@ -682,3 +682,76 @@ fn cross_entropy_kernels_read_hard_labels_as_one_hot_rows() {
         );
     }
 }
+
+#[test]
+fn adamw_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
+    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
+    let lens = [9, SQUARES_CHUNK + 2, 1];
+    let steps = [(0.01, 0.05), (0.002, 0.05), (0.02, 0.0)].map(|(lr, weight_decay)| {
+        crate::adamw::AdamWStep {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step: 4,
+        }
+    });
+    let params: Vec<[Tensor; 4]> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let seed = 120 + 4 * i as u64;
+            [
+                uniform(&[n], -1.0, 1.0, seed).unwrap(),
+                uniform(&[n], -1.0, 1.0, seed + 1).unwrap(),
+                uniform(&[n], -0.1, 0.1, seed + 2).unwrap(),
+                uniform(&[n], 0.0, 0.01, seed + 3).unwrap(),
+            ]
+        })
+        .collect();
+    let (table, chunks) = chunk_table(&lens, 4);
+    let table = Tensor::from_vec(
+        table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        table.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let factors: Vec<f64> = steps
+        .iter()
+        .flat_map(|s| {
+            [
+                1.0 - s.lr * s.weight_decay,
+                s.lr / (1.0 - s.beta1.powi(s.step)),
+                (1.0 - s.beta2.powi(s.step)).sqrt(),
+                s.eps,
+            ]
+        })
+        .collect();
+    let factors = Tensor::from_vec(factors, 4 * lens.len(), &Device::Cpu).unwrap();
+    let args = [
+        "adamwmany".to_string(),
+        "0.9".into(),
+        "0.999".into(),
+        chunks.to_string(),
+    ]
+    .into_iter()
+    .chain(lens.iter().map(|n| n.to_string()))
+    .collect::<Vec<_>>();
+    let mut inputs = vec![&table, &factors];
+    inputs.extend(params.iter().flatten());
+    let out = run(&args, &inputs);
+    let mut values = &out[..];
+    let mut take_all =
+        || -> Vec<Tensor> { lens.iter().map(|&n| take(&mut values, &[n])).collect() };
+    let (ms, vs, ws) = (take_all(), take_all(), take_all());
+    assert!(values.is_empty());
+    for (i, ([w, g, m, v], step)) in params.iter().zip(steps).enumerate() {
+        let (w_ref, m_ref, v_ref) = (w.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+        step.apply(&w_ref, g, &m_ref, &v_ref).unwrap();
+        let what = format!("adamw over many, parameter {i}");
+        assert_close(&format!("{what}: first moment"), &ms[i], &m_ref);
+        assert_close(&format!("{what}: second moment"), &vs[i], &v_ref);
+        assert_close(&format!("{what}: weight"), &ws[i], &w_ref);
+    }
+}

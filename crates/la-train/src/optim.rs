@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use la_kernels::adamw::AdamWStep;
+use la_kernels::adamw::{AdamWStep, AdamWUpdate};
 use la_kernels::sgd::{SgdStep, SgdUpdate};
 use serde::{Deserialize, Serialize};
 
@@ -94,8 +94,9 @@ impl Optimizer {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
-        // SGD with momentum's in-place updates, gathered so that a GPU runs them in one launch.
+        // The in-place updates, gathered so that a GPU runs each optimiser's in one launch.
         let mut sgd_updates: Vec<(usize, Tensor, SgdStep)> = Vec::new();
+        let mut adamw_updates: Vec<(usize, Tensor, AdamWStep)> = Vec::new();
         for (index, p) in self.params.iter().enumerate() {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -174,7 +175,7 @@ impl Optimizer {
                         weight_decay: if p.decay { weight_decay } else { 0.0 },
                         step: t,
                     };
-                    step.apply(p.var.as_tensor(), grad, &self.state[&k1], &self.state[&k2])?;
+                    adamw_updates.push((index, grad.clone(), step));
                     continue;
                 }
                 OptimizerConfig::AdamW {
@@ -224,6 +225,20 @@ impl Optimizer {
             })
             .collect::<Vec<_>>();
         la_kernels::sgd::apply_many(&updates)?;
+        let updates = adamw_updates
+            .iter()
+            .map(|(index, grad, step)| {
+                let p = &self.params[*index];
+                AdamWUpdate {
+                    step: *step,
+                    w: p.var.as_tensor(),
+                    grad,
+                    m: &self.state[&format!("exp_avg.{}", p.name)],
+                    v: &self.state[&format!("exp_avg_sq.{}", p.name)],
+                }
+            })
+            .collect::<Vec<_>>();
+        la_kernels::adamw::apply_many(&updates)?;
         Ok(())
     }
 

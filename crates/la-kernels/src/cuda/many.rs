@@ -1,6 +1,7 @@
 //! Launches that reach many tensors at once through a table of their device pointers
 //! (`plan::chunk_table`): the sums of squares of several tensors (`squares.cu`: two launches
-//! and one read) and SGD's update of many parameters (`sgd.cu`'s `sgd_many`: one launch).
+//! and one read) and the optimisers' updates of many parameters (`sgd.cu`'s `sgd_many`,
+//! `adamw.cu`'s `adamw_many`: one launch each).
 
 use candle_core::backend::BackendStorage;
 use std::cell::RefCell;
@@ -187,6 +188,61 @@ pub(crate) fn sgd_many<T: Float>(
             .arg(&chunks_i)
             .arg(&momentum)
             .arg(&nesterov);
+        unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
+        Ok(())
+    })
+}
+
+const ADAMW: Module = Module {
+    name: "la_kernels_adamw",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
+};
+
+/// [`crate::adamw::apply_many`] on CUDA: every parameter's update in one launch; `params` are
+/// (weight, gradient, first moment, second moment), `factors` (decay, step, sqrt_bias2, eps).
+pub(crate) fn adamw_many<T: Float>(
+    params: &[[&Tensor; 4]],
+    factors: &[[f64; 4]],
+    [beta1, beta2]: [f64; 2],
+) -> Result<()> {
+    let n = params.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let lens: Vec<usize> = params.iter().map(|p| p[0].elem_count()).collect();
+    if factors.len() != n
+        || params
+            .iter()
+            .any(|p| p.iter().any(|t| t.elem_count() != p[0].elem_count()))
+    {
+        bail!("adamw on CUDA: a gradient, moment or factor does not match its weight")
+    }
+    let tensors: Vec<&Tensor> = (0..4)
+        .flat_map(|column| params.iter().map(move |p| p[column]))
+        .collect();
+    let bits: Vec<i64> = factors
+        .iter()
+        .flatten()
+        .map(|f| f.to_bits() as i64)
+        .collect();
+    // Writes the weights and moments through read-locked storage, as `sgd_many` does.
+    with_table::<T, _>(&tensors, &lens, |dev, table, chunks| {
+        if chunks == 0 {
+            return Ok(());
+        }
+        let stream = dev.cuda_stream();
+        let factors = upload(dev, &bits)?;
+        let (n_i, chunks_i) = (n as i64, chunks as i64);
+        let (beta1, beta2) = (T::from_f64(beta1), T::from_f64(beta2));
+        let f = function(dev, &ADAMW, "adamw_many", T::SUFFIX)?;
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(table)
+            .arg(&factors)
+            .arg(&n_i)
+            .arg(&chunks_i)
+            .arg(&beta1)
+            .arg(&beta2);
         unsafe { launch.launch(grid((chunks as u32, 1), 0)) }.w()?;
         Ok(())
     })

@@ -13,6 +13,8 @@
 //   squares CHUNKS LEN...    the table (pointers 0), each tensor -> each sum of squares
 //   sgdmany MOMENTUM NESTEROV CHUNKS LEN...   the table (pointers 0), rates, then each
 //        parameter's w, grad, buf -> each buf, then each w
+//   adamwmany BETA1 BETA2 CHUNKS LEN...   the table (pointers 0), factors (4 a parameter),
+//        then each parameter's w, grad, m, v -> each m, each v, each w
 //   gemm BATCH A_LEN B_LEN C_LEN BIAS_LEN and GemmShape's 17 fields   a, b, c, bias -> c
 #include <cstdio>
 #include <cstdlib>
@@ -321,6 +323,27 @@ int main(int argc, char** argv) {
         print(dlogits);
         return 0;
     }
-    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | celabels ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | sgdmany ... | gemm ...\n");
+    if (cmd == "adamwmany" && argc >= 6) {
+        const double beta1 = std::atof(argv[2]), beta2 = std::atof(argv[3]);
+        const int64_t chunks = arg(4), n = argc - 5;
+        const auto table_values = read(4 * n + 3 * chunks + n + 1);
+        std::vector<int64_t> table(table_values.begin(), table_values.end());
+        const auto factors = read(4 * n);
+        std::vector<int64_t> factor_bits(factors.size());
+        std::memcpy(factor_bits.data(), factors.data(), factors.size() * sizeof(double));
+        std::vector<std::vector<double>> columns[4];
+        for (int64_t t = 0; t < n; ++t)
+            for (auto& column : columns) column.push_back(read(arg(5 + t)));
+        for (int c = 0; c < 4; ++c)
+            for (int64_t t = 0; t < n; ++t) table[c * n + t] = (int64_t)columns[c][t].data();
+        if (chunks > 0)
+            launch({(unsigned)chunks, 1, 1}, block, [&] {
+                adamw_many_f64(table.data(), factor_bits.data(), n, chunks, beta1, beta2);
+            });
+        for (int c : {2, 3, 0})
+            for (const auto& v : columns[c]) print(v);
+        return 0;
+    }
+    std::fprintf(stderr, "usage: harness pool B C H W GRID | bias OUTER LEN INNER RELU PER_CHUNK GRID | sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV GRID | bn B C HW PER_CHUNK GRID MOMENTUM | ce ROWS K SMOOTHING GRID | celabels ROWS K SMOOTHING GRID | attn B N D C CC SCALE | adamw ... | squares ... | sgdmany ... | adamwmany ... | gemm ...\n");
     return 2;
 }
