@@ -85,7 +85,7 @@ pub fn apply_many(updates: &[AdamWUpdate]) -> Result<()> {
         let same_betas = updates
             .iter()
             .all(|u| [u.step.beta1, u.step.beta2] == betas);
-        if same_betas && crate::cuda_path(&tensors)? && tensors.iter().all(|t| t.is_contiguous()) {
+        if same_betas && crate::form::cuda_contiguous(&tensors)? {
             let params: Vec<[&Tensor; 4]> =
                 updates.iter().map(|u| [u.w, u.grad, u.m, u.v]).collect();
             let factors: Vec<[f64; 4]> = updates

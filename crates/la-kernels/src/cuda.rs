@@ -669,13 +669,10 @@ mod ops {
     impl Project {
         /// [batch, c_in, c_out, positions] of an input of `x_dims` and a weight of `w_dims`.
         fn sizes(&self, x_dims: &[usize], w_dims: &[usize]) -> Result<[usize; 4]> {
-            let (&[batch, rows, cols], &[c_out, c_in]) = (x_dims, w_dims) else {
+            let (&[batch, _, _], &[c_out, c_in]) = (x_dims, w_dims) else {
                 bail!("project: input {x_dims:?}, weight {w_dims:?}")
             };
-            let (channels, positions) = match self.from {
-                Order::Channels => (rows, cols),
-                Order::Tokens => (cols, rows),
-            };
+            let (channels, positions) = self.from.channels_positions(x_dims);
             if channels != c_in {
                 bail!(
                     "project: input {x_dims:?} in {:?} order, weight {w_dims:?}",
@@ -683,13 +680,6 @@ mod ops {
                 )
             }
             Ok([batch, c_in, c_out, positions])
-        }
-
-        fn dims(order: Order, [batch, channels, positions]: [usize; 3]) -> Shape {
-            match order {
-                Order::Channels => Shape::from((batch, channels, positions)),
-                Order::Tokens => Shape::from((batch, positions, channels)),
-            }
         }
     }
 
@@ -711,7 +701,10 @@ mod ops {
                 gemm([&w, &x], &mut y, Some(&view(bs, bl)?), products.forward, batch, dev)?;
                 T::wrap_cuda_slice(y, dev.clone())
             });
-            Ok((y, Self::dims(self.to, [batch, c_out, positions])))
+            Ok((
+                y,
+                Shape::from(self.to.dims(batch, c_out, positions).to_vec()),
+            ))
         }
 
         fn backward(&self, g: Grad<3>) -> Result<[Option<Tensor>; 3]> {

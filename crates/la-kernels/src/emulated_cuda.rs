@@ -403,6 +403,15 @@ fn attention_kernels_match_the_cpu_kernel() {
     }
 }
 
+/// `plan::chunk_table` for tensors of `lens` as harness input (the harness fills in its own
+/// pointers), and the number of chunks.
+fn table_for_harness(lens: &[usize], columns: usize) -> (Tensor, usize) {
+    let (table, chunks) = crate::cuda::plan::chunk_table(lens, columns);
+    let values: Vec<f64> = table.iter().map(|&v| v as f64).collect();
+    let len = values.len();
+    (Tensor::from_vec(values, len, &Device::Cpu).unwrap(), chunks)
+}
+
 /// Runs `gemm.cu`'s product `shape` over `batch` on the harness: `c` holds C's start.
 fn gemm(shape: GemmShape, batch: usize, [a, b, c, bias]: [&Tensor; 4]) -> Tensor {
     let s = shape;
@@ -550,20 +559,14 @@ fn adamw_kernels_match_the_cpu_passes() {
 
 #[test]
 fn sums_of_squares_kernels_match_the_candle_ops() {
-    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
+    use crate::cuda::plan::SQUARES_CHUNK;
     let lens = [5, SQUARES_CHUNK + 3, 1, 300];
     let tensors: Vec<Tensor> = lens
         .iter()
         .enumerate()
         .map(|(i, &n)| uniform(&[n], -2.0, 2.0, 80 + i as u64).unwrap())
         .collect();
-    let (table, chunks) = chunk_table(&lens, 1);
-    let table = Tensor::from_vec(
-        table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-        table.len(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (table, chunks) = table_for_harness(&lens, 1);
     let args = ["squares".to_string(), chunks.to_string()]
         .into_iter()
         .chain(lens.iter().map(|n| n.to_string()))
@@ -582,7 +585,7 @@ fn sums_of_squares_kernels_match_the_candle_ops() {
 
 #[test]
 fn sgd_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
-    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
+    use crate::cuda::plan::SQUARES_CHUNK;
     let lens = [7, SQUARES_CHUNK + 5, 1];
     let (momentum, weight_decay) = (0.9, 5e-4);
     for nesterov in [false, true] {
@@ -600,13 +603,7 @@ fn sgd_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
                 ]
             })
             .collect();
-        let (table, chunks) = chunk_table(&lens, 3);
-        let table = Tensor::from_vec(
-            table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-            table.len(),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (table, chunks) = table_for_harness(&lens, 3);
         let rate_values: Vec<f64> = (0..2)
             .flat_map(|c| rates.iter().map(move |r| r[c]))
             .collect();
@@ -685,7 +682,7 @@ fn cross_entropy_kernels_read_hard_labels_as_one_hot_rows() {
 
 #[test]
 fn adamw_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
-    use crate::cuda::plan::{chunk_table, SQUARES_CHUNK};
+    use crate::cuda::plan::SQUARES_CHUNK;
     let lens = [9, SQUARES_CHUNK + 2, 1];
     let steps = [(0.01, 0.05), (0.002, 0.05), (0.02, 0.0)].map(|(lr, weight_decay)| {
         crate::adamw::AdamWStep {
@@ -710,13 +707,7 @@ fn adamw_over_many_parameters_in_one_launch_matches_the_cpu_passes() {
             ]
         })
         .collect();
-    let (table, chunks) = chunk_table(&lens, 4);
-    let table = Tensor::from_vec(
-        table.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-        table.len(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (table, chunks) = table_for_harness(&lens, 4);
     let factors: Vec<f64> = steps
         .iter()
         .flat_map(|s| {

@@ -138,3 +138,9 @@ pub fn cuda_path(tensors: &[&Tensor]) -> Result<bool> {
                 && t.elem_count() > 0
         }))
 }
+
+/// [`cuda_path`] for tensors a CUDA kernel reads or writes in place: also all contiguous.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn cuda_contiguous(tensors: &[&Tensor]) -> Result<bool> {
+    Ok(cuda_path(tensors)? && tensors.iter().all(|t| t.is_contiguous()))
+}

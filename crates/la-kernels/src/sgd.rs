@@ -64,7 +64,7 @@ pub fn apply_many(updates: &[SgdUpdate]) -> Result<()> {
         let one_setting = updates.iter().all(|u| {
             u.step.momentum == first.step.momentum && u.step.nesterov == first.step.nesterov
         });
-        if one_setting && crate::cuda_path(&tensors)? && tensors.iter().all(|t| t.is_contiguous()) {
+        if one_setting && crate::form::cuda_contiguous(&tensors)? {
             let params: Vec<[&Tensor; 3]> = updates.iter().map(|u| [u.w, u.grad, u.buf]).collect();
             let rates: Vec<[f64; 2]> = updates
                 .iter()

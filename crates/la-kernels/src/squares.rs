@@ -11,7 +11,7 @@ use candle_core::{DType, Result, Tensor};
 /// `sum(t^2)` of each tensor, in f64 (NaN and infinities propagate).
 pub fn sums_of_squares(tensors: &[&Tensor]) -> Result<Vec<f64>> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_path(tensors)? && tensors.iter().all(|t| t.is_contiguous()) {
+    if crate::form::cuda_contiguous(tensors)? {
         return crate::cuda::sums_of_squares(tensors);
     }
     tensors

@@ -273,7 +273,7 @@ pub(crate) fn bias_act_backward<T: Float>(
     })
 }
 
-const SGD: Module = Module {
+pub(super) const SGD: Module = Module {
     name: "la_kernels_sgd",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
 };
@@ -323,7 +323,7 @@ pub(crate) fn sgd_pass<T: Float>(
     Ok(())
 }
 
-const ADAMW: Module = Module {
+pub(super) const ADAMW: Module = Module {
     name: "la_kernels_adamw",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
 };

@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{bail, Result, Storage, Tensor};
 
-use super::kernels::{elementwise, function, grid, view, Float, Module};
+use super::kernels::{elementwise, function, grid, view, Float, Module, ADAMW, SGD};
 use super::plan::chunk_table;
 
 const SQUARES: Module = Module {
@@ -134,11 +134,6 @@ pub(crate) fn sums_of_squares<T: Float>(tensors: &[&Tensor]) -> Result<Vec<f64>>
     })
 }
 
-const SGD: Module = Module {
-    name: "la_kernels_sgd",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
-};
-
 /// [`crate::sgd::apply_many`] on CUDA: every parameter's update in one launch; `params` are
 /// (weight, gradient, buffer), `rates` (learning rate, weight decay).
 pub(crate) fn sgd_many<T: Float>(
@@ -192,11 +187,6 @@ pub(crate) fn sgd_many<T: Float>(
         Ok(())
     })
 }
-
-const ADAMW: Module = Module {
-    name: "la_kernels_adamw",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
-};
 
 /// [`crate::adamw::apply_many`] on CUDA: every parameter's update in one launch; `params` are
 /// (weight, gradient, first moment, second moment), `factors` (decay, step, sqrt_bias2, eps).
