@@ -33,7 +33,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) ->
 }
 
 /// [`cross_entropy`] against hard labels: `labels` is u32 [b] on the logits' device (as the
-/// data loader uploads them with the images), each below k. On CUDA the kernels read the
+/// data loader uploads them with the images), each below k. The CPU form says which label is
+/// out of range; the CUDA kernels cannot without a wait for the device, so a caller on a GPU
+/// checks its host copy first (la-train's `cross_entropy_labels` does). On CUDA the kernels read the
 /// labels themselves, so no one-hot matrix is built on the host and uploaded each step (an
 /// upload from ordinary host memory waits for the GPU); elsewhere the one-hot rows and
 /// [`cross_entropy_generic`].
